@@ -1,0 +1,111 @@
+//! The `proxy.toml` shape exactly as written: strings and numbers, no meaning yet.
+//!
+//! Every table denies unknown fields so a typo is an error, not a silently ignored setting.
+//! Durations, rates and addresses stay strings here so that `validate` can report every bad
+//! value with its field path instead of stopping at the first.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    pub upstream: Option<RawUpstream>,
+    pub redis: Option<RawRedis>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub shutdown_grace: Option<String>,
+    pub max_header_bytes: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub tls: Option<RawServerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub key_prefix: Option<String>,
+    pub op_timeout: Option<String>,
+    pub breaker_failures: Option<i64>,
+    pub breaker_cooldown: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub path: String,
+    pub methods: Option<Vec<String>>,
+    pub cache: Option<RawCache>,
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub ttl: Option<String>,
+    pub vary: Option<Vec<String>>,
+    pub query: Option<RawQuery>,
+    pub stale_while_revalidate: Option<String>,
+    pub stale_if_error: Option<String>,
+    pub statuses: Option<Vec<i64>>,
+    pub max_body: Option<i64>,
+    pub respect_origin: Option<bool>,
+}
+
+/// `query = "sorted"` or `query = ["page", "limit"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawQuery {
+    Mode(String),
+    Keep(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub burst: i64,
+    pub rate: String,
+    pub key: Option<String>,
+    pub on_redis_error: Option<String>,
+}

@@ -1,0 +1,70 @@
+//! The `sidecache` binary: CLI, exit codes, runtime, telemetry, signals.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sidecache::{telemetry, tls, Config};
+
+/// A sidecar caching and rate-limiting reverse proxy.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Path of the configuration file.
+    #[arg(long, short, default_value = "proxy.toml", env = "SIDECACHE_CONFIG")]
+    config: PathBuf,
+    /// Validate the configuration, print a summary, and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check: bool,
+}
+
+/// Exit code for an invalid configuration (as `--check` documents).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{}: invalid configuration:", cli.config.display());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check {
+        println!("ok: {}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    tls::install_crypto_provider();
+    telemetry::init(&config.log);
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "sidecache stopped");
+            eprintln!("sidecache: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = config.summary(), "starting");
+        sidecache::run(config, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+}

@@ -1,0 +1,230 @@
+//! Every metric name as a constant, described once, and small typed recorders for the hot path.
+//!
+//! Each running proxy owns its own Prometheus recorder instead of installing a global one: the
+//! handles are registered once at start-up (the request path only does atomic adds) and several
+//! proxies can run in one test process without sharing counters. Labels are bounded: route names
+//! from the config, status classes and error kinds from enums; never a raw path or client address.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// `sidecache_requests_total{route,status_class}`: answered requests.
+pub const REQUESTS_TOTAL: &str = "sidecache_requests_total";
+/// `sidecache_request_duration_seconds{route}`: time to the response head.
+pub const REQUEST_DURATION: &str = "sidecache_request_duration_seconds";
+/// `sidecache_upstream_duration_seconds`: upstream time to the response head.
+pub const UPSTREAM_DURATION: &str = "sidecache_upstream_duration_seconds";
+/// `sidecache_upstream_errors_total{kind}`: failed upstream exchanges.
+pub const UPSTREAM_ERRORS_TOTAL: &str = "sidecache_upstream_errors_total";
+/// `sidecache_inflight_requests`: requests being handled now.
+pub const INFLIGHT_REQUESTS: &str = "sidecache_inflight_requests";
+
+/// The `route` label of requests no route matched.
+pub const NO_ROUTE: &str = "-";
+
+/// Latency buckets (seconds): sub-millisecond cache hits up to the 30 s default response timeout.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// How a failed upstream exchange failed; also the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// Connection refused, reset or unreachable.
+    Connect,
+    /// `connect_timeout` ran out.
+    ConnectTimeout,
+    /// `response_timeout` ran out.
+    Timeout,
+    /// The backend broke the exchange (closed, malformed response).
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 4] = [Self::Connect, Self::ConnectTimeout, Self::Timeout, Self::Protocol];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// Per-route handles, indexed like the route table; the last entry is for unmatched requests.
+struct RouteMetrics {
+    requests_by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+/// The proxy's metrics: pre-registered handles plus the renderer for `/metrics`.
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    routes: Vec<RouteMetrics>,
+    upstream_duration: Histogram,
+    upstream_errors: [Counter; 4],
+    inflight: Gauge,
+}
+
+impl Metrics {
+    /// Describe every metric and register the handles for these route names.
+    pub fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Metrics {
+        let recorder =
+            PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS).expect("bucket list is non-empty").build_recorder();
+        let handle = recorder.handle();
+        let recorder = Arc::new(recorder);
+        describe(&recorder);
+        let reg = Registrar(&recorder);
+
+        let mut names: Vec<&str> = route_names.into_iter().collect();
+        names.push(NO_ROUTE);
+        let routes = names
+            .iter()
+            .map(|route| RouteMetrics {
+                requests_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                    .map(|class| reg.counter(REQUESTS_TOTAL, &[("route", route), ("status_class", class)])),
+                duration: reg.histogram(REQUEST_DURATION, &[("route", route)]),
+            })
+            .collect();
+        Metrics {
+            routes,
+            upstream_duration: reg.histogram(UPSTREAM_DURATION, &[]),
+            upstream_errors: UpstreamErrorKind::ALL
+                .map(|k| reg.counter(UPSTREAM_ERRORS_TOTAL, &[("kind", k.as_str())])),
+            inflight: reg.gauge(INFLIGHT_REQUESTS, &[]),
+            recorder,
+            handle,
+        }
+    }
+
+    /// Count one answered request of the route at `route_index` (`None`: no route matched).
+    pub fn request(&self, route_index: Option<usize>, status: http::StatusCode, elapsed: Duration) {
+        let m = &self.routes[route_index.unwrap_or(self.routes.len() - 1)];
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        m.requests_by_class[class].increment(1);
+        m.duration.record(elapsed.as_secs_f64());
+    }
+
+    /// Record the upstream's time to the response head.
+    pub fn upstream(&self, elapsed: Duration) {
+        self.upstream_duration.record(elapsed.as_secs_f64());
+    }
+
+    /// Count one failed upstream exchange.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].increment(1);
+    }
+
+    /// Mark a request in flight until the guard drops.
+    pub fn inflight(&self) -> InflightGuard {
+        self.inflight.increment(1.0);
+        InflightGuard(self.inflight.clone())
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drain histogram samples into their buckets. Without this, samples recorded between scrapes
+    /// accumulate without bound, so the server runs it periodically.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// A registrar for modules that add their own metrics.
+    pub fn registrar(&self) -> Registrar<'_> {
+        Registrar(&self.recorder)
+    }
+}
+
+/// Decrements `inflight_requests` on drop, so every exit path of a request counts.
+pub struct InflightGuard(Gauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Registers handles on one proxy's recorder.
+pub struct Registrar<'a>(&'a PrometheusRecorder);
+
+impl Registrar<'_> {
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect();
+        Key::from_parts(name, labels)
+    }
+
+    /// A counter with these labels.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.0.register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    /// A gauge with these labels.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.0.register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    /// A histogram with these labels.
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.0.register_histogram(&Self::key(name, labels), &METADATA)
+    }
+}
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+fn describe(r: &PrometheusRecorder) {
+    let text = |s: &'static str| SharedString::const_str(s);
+    r.describe_counter(
+        KeyName::from_const_str(REQUESTS_TOTAL),
+        None,
+        text("Requests answered, by route and status class."),
+    );
+    r.describe_histogram(
+        KeyName::from_const_str(REQUEST_DURATION),
+        Some(Unit::Seconds),
+        text("Time from request head to response head, by route."),
+    );
+    r.describe_histogram(
+        KeyName::from_const_str(UPSTREAM_DURATION),
+        Some(Unit::Seconds),
+        text("Upstream time from sending the request to the response head."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(UPSTREAM_ERRORS_TOTAL),
+        None,
+        text("Upstream exchanges that failed, by kind (connect, connect_timeout, timeout, protocol)."),
+    );
+    r.describe_gauge(KeyName::from_const_str(INFLIGHT_REQUESTS), None, text("Requests being handled now."));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_series_with_labels() {
+        let m = Metrics::new(["catalog"]);
+        m.request(Some(0), http::StatusCode::OK, Duration::from_millis(3));
+        m.request(None, http::StatusCode::BAD_GATEWAY, Duration::from_millis(1));
+        m.upstream_error(UpstreamErrorKind::Timeout);
+        {
+            let _g = m.inflight();
+        }
+        m.upkeep();
+        let text = m.render();
+        assert!(text.contains(r#"sidecache_requests_total{route="catalog",status_class="2xx"} 1"#), "{text}");
+        assert!(text.contains(r#"sidecache_requests_total{route="-",status_class="5xx"} 1"#), "{text}");
+        assert!(text.contains(r#"sidecache_upstream_errors_total{kind="timeout"} 1"#), "{text}");
+        assert!(text.contains(r#"sidecache_request_duration_seconds_bucket{route="catalog",le="0.005"} 1"#), "{text}");
+        assert!(text.contains("sidecache_inflight_requests 0"), "{text}");
+        assert!(text.contains("# HELP sidecache_requests_total"), "{text}");
+    }
+}

@@ -1,0 +1,184 @@
+//! Header rules of a forwarding proxy: hop-by-hop removal (RFC 9110 7.6.1), `Via` (7.6.3) and the
+//! de-facto `X-Forwarded-*` headers.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Fields that describe one connection, never forwarded (RFC 9110 7.6.1, plus the legacy
+/// `Proxy-Connection` and `Keep-Alive` that old clients still send).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Remove hop-by-hop fields, including every field the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Fields named in Connection are hop-by-hop too; collect first (the map is borrowed).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Whether the request asks for a protocol switch (WebSocket and other HTTP/1.1 upgrades).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether the peer is one of the proxies whose forwarding headers are believed.
+pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = canonical(peer);
+    trusted.iter().any(|net| net.contains(&peer))
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, as dual-stack listeners report) as IPv4.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Set the forwarding headers on a request going upstream. `X-Forwarded-For` gets the peer
+/// appended to what came before; `-Proto` and `-Host` describe this hop unless a trusted proxy
+/// already described the original one.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted_peer: bool) {
+    let peer = canonical(peer).to_string();
+    // All earlier hops go into one field line: many backends read only the first line.
+    let prior: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let xff = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if tls { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(&X_FORWARDED_HOST, host),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
+}
+
+/// Append this proxy to `Via` (RFC 9110 7.6.3) with the protocol version it received.
+pub fn append_via(headers: &mut HeaderMap, version: http::Version) {
+    let via = match version {
+        http::Version::HTTP_2 => "2 sidecache",
+        http::Version::HTTP_10 => "1.0 sidecache",
+        _ => "1.1 sidecache",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "*/*"),
+            ("x-end-to-end", "kept"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        assert!(is_upgrade(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])));
+        assert!(!is_upgrade(&map(&[("connection", "upgrade")])));
+        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn forwarded_headers_from_an_untrusted_peer() {
+        let mut h = map(&[
+            ("host", "shop.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        set_forwarded(&mut h, "192.0.2.7".parse().unwrap(), false, false);
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn forwarded_headers_from_a_trusted_peer_are_kept_and_lines_joined() {
+        let mut h = map(&[
+            ("host", "internal:8080"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+        ]);
+        set_forwarded(&mut h, "::ffff:10.0.0.3".parse().unwrap(), false, true);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2, 10.0.0.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn trust_matches_networks_and_mapped_addresses() {
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(is_trusted("10.1.2.3".parse().unwrap(), &nets));
+        assert!(is_trusted("::ffff:10.1.2.3".parse().unwrap(), &nets));
+        assert!(!is_trusted("11.0.0.1".parse().unwrap(), &nets));
+        assert!(!is_trusted("10.0.0.1".parse().unwrap(), &[]));
+    }
+}

@@ -1,0 +1,169 @@
+//! The one backend: a pooled keep-alive HTTP/1.1 client, the forwarding header rules, protocol
+//! upgrades, and the time budgets, with failures typed as [`UpstreamError`].
+
+pub mod headers;
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::UpstreamErrorKind;
+use crate::Body;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TCP connection could not be made.
+    #[error("upstream connect failed")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    /// The TCP connect ran out of `connect_timeout`.
+    #[error("upstream connect timed out")]
+    ConnectTimeout(#[source] hyper_util::client::legacy::Error),
+    /// No response head within `response_timeout`.
+    #[error("upstream response timed out")]
+    Timeout,
+    /// The backend broke the exchange.
+    #[error("upstream closed or broke the connection")]
+    Protocol(#[source] hyper_util::client::legacy::Error),
+}
+
+impl UpstreamError {
+    /// The metric label and the family of HTTP answer.
+    pub fn kind(&self) -> UpstreamErrorKind {
+        match self {
+            Self::Connect(_) => UpstreamErrorKind::Connect,
+            Self::ConnectTimeout(_) => UpstreamErrorKind::ConnectTimeout,
+            Self::Timeout => UpstreamErrorKind::Timeout,
+            Self::Protocol(_) => UpstreamErrorKind::Protocol,
+        }
+    }
+
+    fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
+        if !e.is_connect() {
+            return Self::Protocol(e);
+        }
+        // HttpConnector reports its connect timeout as an io::Error of kind TimedOut.
+        let mut source: Option<&(dyn StdError + 'static)> = e.source();
+        while let Some(s) = source {
+            if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+                return Self::ConnectTimeout(e);
+            }
+            source = s.source();
+        }
+        Self::Connect(e)
+    }
+}
+
+/// The backend client.
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    response_timeout: Duration,
+}
+
+/// A forwarded exchange: the response and how long the upstream took to its head.
+pub struct Forwarded {
+    /// The upstream's response, headers already rewritten for the client.
+    pub response: Response<Incoming>,
+    /// Time from sending to the response head.
+    pub elapsed: Duration,
+}
+
+impl Upstream {
+    /// Build the pooled client for the configured backend.
+    pub fn new(config: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            // Below the usual 60-75 s keep-alive of backends, so we rarely reuse a connection the
+            // backend is closing (which hyper retries only for requests it never sent).
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Upstream {
+            client,
+            scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: config.url.authority().cloned().expect("validated upstream URL has a host"),
+            response_timeout: config.response_timeout,
+        }
+    }
+
+    /// Point a request prepared by [`prepare`] at the backend and send it. The response head must
+    /// arrive within `response_timeout`; the body then streams without a total deadline (a
+    /// download may legitimately take long). Dropping the returned future cancels the exchange.
+    pub async fn forward(&self, mut req: Request<Body>) -> Result<Forwarded, UpstreamError> {
+        let path_and_query = req.uri().path_and_query().cloned();
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = path_and_query.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+        *req.version_mut() = Version::HTTP_11;
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let elapsed = started.elapsed();
+        match result {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(Err(e)) => Err(UpstreamError::classify(e)),
+            Ok(Ok(mut response)) => {
+                if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    headers::remove_hop_by_hop(response.headers_mut());
+                }
+                headers::append_via(response.headers_mut(), Version::HTTP_11);
+                Ok(Forwarded { response, elapsed })
+            }
+        }
+    }
+}
+
+/// Rewrite a client request's headers for the backend: keep `Host` as the client sent it (h2
+/// clients send `:authority` instead), drop hop-by-hop fields (keeping an upgrade's own
+/// `Connection: upgrade` + `Upgrade`), set `X-Forwarded-*` and `Via`.
+pub fn prepare<B>(req: &mut Request<B>, peer: std::net::IpAddr, tls: bool, trusted_peer: bool, upgrade: bool) {
+    let version = req.version();
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let upgrade_to = if upgrade { req.headers().get(header::UPGRADE).cloned() } else { None };
+    let h = req.headers_mut();
+    headers::remove_hop_by_hop(h);
+    if let Some(protocol) = upgrade_to {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, protocol);
+    }
+    headers::set_forwarded(h, peer, tls, trusted_peer);
+    headers::append_via(h, version);
+}
+
+/// Join an upgraded client connection to the upgraded upstream connection and copy bytes both
+/// ways until either side closes.
+pub async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}

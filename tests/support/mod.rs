@@ -1,0 +1,461 @@
+//! Test fixtures: a real upstream (hyper on port 0), the proxy in-process through the library,
+//! the proxy as the real binary, and a small client. Every fixture stops what it started on drop.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+// ---------------------------------------------------------------- deterministic streamed bodies
+
+/// A body of `len` bytes where byte i is `i % 251`, produced in 64 KiB frames (never held whole).
+pub struct PatternBody {
+    sent: u64,
+    len: u64,
+}
+
+impl PatternBody {
+    pub fn new(len: u64) -> PatternBody {
+        PatternBody { sent: 0, len }
+    }
+}
+
+fn pattern_chunk() -> &'static Bytes {
+    static CHUNK: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    // 64 KiB rounded to a multiple of 251 so every chunk starts at pattern offset 0.
+    CHUNK.get_or_init(|| Bytes::from((0..251 * 261).map(|i| (i % 251) as u8).collect::<Vec<u8>>()))
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.sent >= self.len {
+            return Poll::Ready(None);
+        }
+        let chunk = pattern_chunk();
+        let n = (self.len - self.sent).min(chunk.len() as u64) as usize;
+        self.sent += n as u64;
+        Poll::Ready(Some(Ok(Frame::data(chunk.slice(..n)))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.len - self.sent)
+    }
+}
+
+/// Streams a body through, checking it is the pattern; returns (length, pattern intact).
+pub async fn consume_pattern<B>(mut body: B) -> (u64, bool)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut len = 0u64;
+    let mut intact = true;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("body frame");
+        if let Ok(data) = frame.into_data() {
+            for (i, b) in data.iter().enumerate() {
+                intact &= *b == ((len + i as u64) % 251) as u8;
+            }
+            len += data.len() as u64;
+        }
+    }
+    (len, intact)
+}
+
+// ---------------------------------------------------------------- the test upstream
+
+/// What the upstream saw.
+#[derive(Default)]
+pub struct UpstreamState {
+    pub requests: AtomicUsize,
+    pub cancelled: AtomicUsize,
+    pub completed_slow: AtomicUsize,
+}
+
+/// A real HTTP/1.1 backend on 127.0.0.1:0. Paths:
+/// `/echo*` echoes the body (streamed) with the request's content-type; `/headers` answers the
+/// request head as JSON; `/slow/{ms}` answers after a delay (counting cancellations);
+/// `/download/{bytes}` streams a pattern body; `/upload` answers "{len} {intact}" of a pattern
+/// body; `/status/{code}`; `/hop` answers with hop-by-hop headers; `/ws` is a WebSocket echo.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestUpstream {
+    pub async fn spawn() -> TestUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(upstream_handle(req, st).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        TestUpstream { addr, state, task }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+/// Counts the request as cancelled if dropped before `done` is set.
+struct CancelGuard {
+    state: Arc<UpstreamState>,
+    done: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> Response<TestBody> {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    let mut resp = Response::new(full(""));
+    if path.starts_with("/echo") {
+        let ct = req.headers().get("content-type").cloned();
+        let method = req.method().to_string();
+        let body = req.into_body().map_err(|e| Box::new(e) as BoxError).boxed();
+        resp = Response::new(body);
+        if let Some(ct) = ct {
+            resp.headers_mut().insert("content-type", ct);
+        }
+        resp.headers_mut().insert("x-echo-method", method.parse().unwrap());
+    } else if path == "/headers" {
+        let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in req.headers() {
+            headers.entry(k.to_string()).or_default().push(v.to_str().unwrap_or("<binary>").to_string());
+        }
+        let json = serde_json::json!({
+            "method": req.method().as_str(),
+            "uri": req.uri().to_string(),
+            "version": format!("{:?}", req.version()),
+            "headers": headers,
+        });
+        resp = Response::new(full(json.to_string()));
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
+        let mut guard = CancelGuard { state: st.clone(), done: false };
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        guard.done = true;
+        st.completed_slow.fetch_add(1, Ordering::SeqCst);
+        resp = Response::new(full("slow"));
+    } else if let Some(n) = path.strip_prefix("/download/") {
+        resp = Response::new(PatternBody::new(n.parse().unwrap()).map_err(|e| match e {}).boxed());
+    } else if path == "/upload" {
+        let (len, intact) = consume_pattern(req.into_body()).await;
+        resp = Response::new(full(format!("{len} {intact}")));
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        *resp.status_mut() = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+    } else if path == "/hop" {
+        let h = resp.headers_mut();
+        h.insert("connection", "x-hop-secret".parse().unwrap());
+        h.insert("x-hop-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        resp = Response::from_parts(resp.into_parts().0, full("hop"));
+    } else if path == "/ws" {
+        let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let io = TokioIo::new(on_upgrade.await.unwrap());
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                io,
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            use futures_util::{SinkExt, StreamExt};
+            let (mut tx, mut rx) = ws.split();
+            while let Some(Ok(msg)) = rx.next().await {
+                if msg.is_text() || msg.is_binary() {
+                    let _ = tx.send(msg).await;
+                } else if msg.is_close() {
+                    break;
+                }
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(full(""))
+            .unwrap();
+    }
+    resp
+}
+
+// ---------------------------------------------------------------- the proxy, in-process
+
+/// `proxy.toml` text for a proxy on loopback port 0 in front of `upstream`, plus `extra` TOML:
+/// lines before the first table header go into `[server]`, the rest after `[upstream]`.
+pub fn config_text(upstream: SocketAddr, extra: &str) -> String {
+    let split = extra.find("\n[").map_or(extra.len(), |i| i + 1);
+    let split = if extra.trim_start().starts_with('[') { 0 } else { split };
+    config_full(upstream, &extra[..split], "", &extra[split..])
+}
+
+/// `proxy.toml` text with extra lines for `[server]`, for `[upstream]`, and after both.
+pub fn config_full(upstream: SocketAddr, server: &str, upstream_extra: &str, rest: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [upstream]\nurl = \"http://{upstream}\"\n{upstream_extra}\n{rest}\n"
+    )
+}
+
+/// The proxy running in this test process through the library API.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    pub async fn start(toml: &str) -> TestProxy {
+        Self::start_with_env(toml, &HashMap::new()).await
+    }
+
+    pub async fn start_with_env(toml: &str, env: &HashMap<String, String>) -> TestProxy {
+        let config = sidecache::Config::from_sources(toml, env).unwrap_or_else(|e| panic!("config: {e}\n{toml}"));
+        let server = sidecache::Sidecache::bind(config).await.expect("bind");
+        let (addr, admin) = (server.proxy_addr(), server.admin_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestProxy { addr, admin, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Begin shutdown; the returned task ends when the drain is over.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.task.take().expect("running")
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the proxy, as the real binary
+
+/// A unique temporary file path for this process.
+pub fn temp_path(name: &str) -> std::path::PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!("sidecache-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// The release or debug `sidecache` binary, started with a config file; its JSON log is read
+/// until it says where it listens.
+pub struct BinaryProxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    config_path: std::path::PathBuf,
+}
+
+impl BinaryProxy {
+    pub fn spawn(toml: &str) -> BinaryProxy {
+        let config_path = temp_path("proxy.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sidecache"))
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sidecache");
+        let stdout = child.stdout.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("\"listening\"") {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send((addr("proxy"), addr("admin")));
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let (addr, admin) = rx.recv_timeout(Duration::from_secs(10)).expect("sidecache logged its listen addresses");
+        BinaryProxy { child, addr, admin, log, config_path }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Peak resident memory (VmHWM) of the process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmHWM:")
+    }
+
+    /// Current resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS:")
+    }
+
+    /// Wait for exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        for _ in 0..limit.as_millis().div_ceil(20) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.try_wait().unwrap()
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+impl Drop for BinaryProxy {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+// ---------------------------------------------------------------- a small client
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+/// Send a request with a whole body and read the whole answer (10 s limit).
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(full(body)).unwrap();
+    let fut = async {
+        let resp = client().request(req).await.expect("request");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Answer { status: parts.status, headers: parts.headers, body }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await.expect("answer within 10 s")
+}
+
+pub async fn get(url: &str) -> Answer {
+    send(Method::GET, url, &[], Bytes::new()).await
+}
+
+/// The value of one sample line in a Prometheus text exposition, e.g.
+/// `sidecache_requests_total{route="a",status_class="2xx"}`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+pub fn boxed<B>(body: B) -> TestBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
