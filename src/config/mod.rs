@@ -568,10 +568,13 @@ impl Validator {
                 .filter_map(|(j, s)| {
                     u16::try_from(*s)
                         .ok()
+                        .filter(|s| (200..=599).contains(s))
                         .and_then(|s| StatusCode::from_u16(s).ok())
-                        .filter(|s| !s.is_informational())
                         .ok_or_else(|| {
-                            self.err(format!("{at}.cache.statuses[{j}]"), format!("{s} is not a final HTTP status"))
+                            self.err(
+                                format!("{at}.cache.statuses[{j}]"),
+                                format!("{s} is not a final HTTP status (200-599)"),
+                            )
                         })
                         .ok()
                 })

@@ -1,1 +1,248 @@
+use super::*;
 
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn ok(text: &str) -> Config {
+    Config::from_sources(text, &HashMap::new()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The errors of an invalid config, as `field: message` lines.
+fn errors(text: &str) -> Vec<String> {
+    errors_with(text, &HashMap::new())
+}
+
+fn errors_with(text: &str, env: &HashMap<String, String>) -> Vec<String> {
+    match Config::from_sources(text, env) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// Asserts that exactly one error names `field` and its message contains `needle`.
+fn assert_error(text: &str, field: &str, needle: &str) {
+    let errs = errors(text);
+    assert!(
+        errs.iter().any(|e| e.starts_with(&format!("{field}: ")) && e.contains(needle)),
+        "expected {field}: …{needle}… in {errs:#?}"
+    );
+}
+
+const UP: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+#[test]
+fn minimal_config_takes_every_default() {
+    let c = ok(UP);
+    assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.admin.listen, "0.0.0.0:9090".parse().unwrap());
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
+    assert_eq!(c.server.max_header_bytes, 65536);
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(1));
+    assert_eq!(c.upstream.response_timeout, Duration::from_secs(30));
+    assert!(c.redis.is_none(), "no [redis] means the embedded store");
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert!(c.routes.is_empty());
+    assert!(c.cache_enabled && c.rate_limit_enabled);
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let c = ok(include_str!("../../proxy.toml"));
+    assert_eq!(c.routes.len(), 2);
+}
+
+#[test]
+fn full_shape_is_typed() {
+    let c = ok(r#"
+[server]
+listen = "127.0.0.1:8081"
+trusted_proxies = ["10.0.0.0/8", "192.168.1.1"]
+shutdown_grace = "5s"
+tls = { cert = "/tls/tls.crt", key = "/tls/tls.key" }
+[admin]
+listen = "127.0.0.1:9091"
+[upstream]
+url = "https://backend:3443"
+connect_timeout = "250ms"
+response_timeout = "2m"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+key_prefix = "sc:"
+op_timeout = "20ms"
+breaker_failures = 5
+breaker_cooldown = "1s"
+[log]
+format = "pretty"
+level = "sidecache=debug,info"
+[[route]]
+name = "catalog"
+path = "/api/models/*"
+cache = { ttl = "5m", vary = ["Accept-Encoding"], query = ["page", "limit"], stale_while_revalidate = "30s", stale_if_error = "10m", statuses = [200, 404], max_body = 2048, respect_origin = false }
+rate_limit = { burst = 100, rate = "100/1m", key = "header:X-Api-Key", on_redis_error = "local" }
+"#);
+    assert_eq!(c.server.trusted_proxies.len(), 2);
+    assert_eq!(c.upstream.url.scheme_str(), Some("https"));
+    let redis = c.redis.unwrap();
+    assert_eq!((redis.op_timeout, redis.breaker_failures.get()), (Duration::from_millis(20), 5));
+    let r = &c.routes[0];
+    let cache = r.cache.as_ref().unwrap();
+    assert_eq!(cache.ttl, Some(Duration::from_secs(300)));
+    assert_eq!(cache.vary, vec![HeaderName::from_static("accept-encoding")]);
+    assert_eq!(cache.query, QueryMode::Only(vec!["limit".into(), "page".into()]));
+    assert_eq!(cache.statuses, vec![StatusCode::OK, StatusCode::NOT_FOUND]);
+    assert_eq!((cache.max_body, cache.respect_origin), (2048, false));
+    let rl = r.rate_limit.as_ref().unwrap();
+    assert_eq!(rl.burst.get(), 100);
+    assert_eq!(rl.rate.per, Duration::from_secs(60));
+    assert_eq!(rl.key, ClientKey::Header(HeaderName::from_static("x-api-key")));
+    assert_eq!(rl.on_redis_error, OnRedisError::Local);
+    assert_eq!(r.methods, vec![Method::GET, Method::HEAD]);
+}
+
+#[test]
+fn structural_errors_name_their_field() {
+    assert_error(&format!("{UP}[server]\nlisen = \"x\"\n"), "server.lisen", "unknown field `lisen`");
+    assert_error(&format!("{UP}[bogus]\n"), "bogus", "unknown field `bogus`");
+    assert_error(
+        &format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {{ ttl = 5 }}\n"),
+        "route[0].cache.ttl",
+        "invalid type",
+    );
+    assert_error(
+        &format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {{ tll = \"5m\" }}\n"),
+        "route[0].cache.tll",
+        "unknown field",
+    );
+    assert_error(&format!("{UP}[[route]]\nname = \"a\"\n"), "route[0]", "missing field `path`");
+    assert_error("[upstream\n", "proxy.toml", "TOML parse error");
+}
+
+#[test]
+fn value_errors_are_all_reported_with_fields() {
+    let errs = errors(
+        r#"
+[server]
+listen = "nowhere"
+trusted_proxies = ["10.0.0.0/99"]
+shutdown_grace = "soon"
+max_header_bytes = 10
+[upstream]
+url = "ftp://x"
+connect_timeout = "0s"
+[redis]
+url = "http://redis"
+op_timeout = "5x"
+breaker_failures = 0
+[log]
+format = "xml"
+level = "=bad=="
+[[route]]
+name = "a"
+path = "api"
+methods = ["GET", "G E T", "GET"]
+cache = { ttl = "5x", vary = ["bad header"], query = "shuffle", statuses = [99, 700], max_body = -1 }
+rate_limit = { burst = 0, rate = "fast", key = "cookie", on_redis_error = "panic" }
+[[route]]
+name = "a"
+path = "/b/*/c"
+"#,
+    );
+    let fields: Vec<&str> = errs.iter().map(|e| e.split(": ").next().unwrap()).collect();
+    for expected in [
+        "server.listen",
+        "server.trusted_proxies[0]",
+        "server.shutdown_grace",
+        "server.max_header_bytes",
+        "upstream.url",
+        "upstream.connect_timeout",
+        "redis.url",
+        "redis.op_timeout",
+        "redis.breaker_failures",
+        "log.format",
+        "log.level",
+        "route[0].path",
+        "route[0].methods[1]",
+        "route[0].methods[2]",
+        "route[0].cache.ttl",
+        "route[0].cache.vary[0]",
+        "route[0].cache.query",
+        "route[0].cache.statuses[0]",
+        "route[0].cache.statuses[1]",
+        "route[0].cache.max_body",
+        "route[0].rate_limit.burst",
+        "route[0].rate_limit.rate",
+        "route[0].rate_limit.key",
+        "route[0].rate_limit.on_redis_error",
+        "route[1].name",
+        "route[1].path",
+    ] {
+        assert!(fields.contains(&expected), "no error for {expected} in {errs:#?}");
+    }
+    assert_eq!(fields.len(), 26, "{errs:#?}");
+}
+
+#[test]
+fn specific_messages() {
+    assert_error("", "upstream.url", "is required");
+    assert_error("[upstream]\nurl = \"127.0.0.1:3000\"\n", "upstream.url", "http:// or https://");
+    assert_error("[upstream]\nurl = \"http://\"\n", "upstream.url", "");
+    assert_error("[upstream]\nurl = \"http://x:3000/base\"\n", "upstream.url", "must not have a path");
+    assert_error(
+        &format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\n[[route]]\nname = \"a\"\npath = \"/b\"\n"),
+        "route[1].name",
+        "used by an earlier route",
+    );
+    assert_error(&format!("{UP}[[route]]\nname = \"has space\"\npath = \"/a\"\n"), "route[0].name", "characters");
+    assert_error(&format!("{UP}[[route]]\nname = \"a\"\npath = \"/a/{{x\"\n"), "route[0].path", "whole segment");
+    assert_error(
+        &format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\nmethods = [\"POST\"]\ncache = {{ ttl = \"1m\" }}\n"),
+        "route[0].cache",
+        "no GET",
+    );
+    assert_error(
+        &format!("{UP}[server]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n"),
+        "admin.listen",
+        "same address",
+    );
+    let secret = errors("[upstream]\nurl = \"http://x\"\n[redis]\nurl = \"memcached://user:hunter2@h\"\n");
+    assert!(!secret.iter().any(|e| e.contains("hunter2")), "passwords never reach error text: {secret:?}");
+}
+
+#[test]
+fn environment_overrides_and_kill_switches() {
+    let text = format!(
+        "{UP}[redis]\nurl = \"redis://file:6379\"\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {{ ttl = \"1m\" }}\nrate_limit = {{ burst = 1, rate = \"1/s\" }}\n"
+    );
+    let c = Config::from_sources(
+        &text,
+        &env(&[
+            ("SIDECACHE_UPSTREAM_URL", "http://env-backend:8000"),
+            ("SIDECACHE_REDIS_URL", "redis://env-redis:6379"),
+            ("SIDECACHE_CACHE_ENABLED", "false"),
+            ("SIDECACHE_RATE_LIMIT_ENABLED", "0"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.upstream.url.to_string(), "http://env-backend:8000/");
+    assert_eq!(c.redis.as_ref().unwrap().url, "redis://env-redis:6379");
+    assert!(!c.cache_enabled && !c.rate_limit_enabled);
+    assert!(c.routes[0].cache.is_none() && c.routes[0].rate_limit.is_none());
+
+    let c = Config::from_sources(&text, &env(&[("SIDECACHE_REDIS_URL", "")])).unwrap();
+    assert!(c.redis.is_none(), "an empty SIDECACHE_REDIS_URL selects the embedded store");
+    let c = Config::from_sources("", &env(&[("SIDECACHE_UPSTREAM_URL", "http://only-env:1")])).unwrap();
+    assert_eq!(c.upstream.url.host(), Some("only-env"));
+
+    let errs =
+        errors_with(&text, &env(&[("SIDECACHE_CACHE_ENABLED", "maybe"), ("SIDECACHE_UPSTREAM_URL", "gopher://x")]));
+    assert!(errs.iter().any(|e| e.starts_with("SIDECACHE_CACHE_ENABLED: ")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.starts_with("SIDECACHE_UPSTREAM_URL: ")), "{errs:?}");
+}
+
+#[test]
+fn summary_hides_redis_passwords() {
+    let c = ok("[upstream]\nurl = \"http://x\"\n[redis]\nurl = \"rediss://app:hunter2@redis:6380\"\n");
+    let s = c.summary();
+    assert!(s.contains("rediss://app:***@redis:6380") && !s.contains("hunter2"), "{s}");
+}
