@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::respond;
 use crate::route::Routes;
+use crate::tls::TlsError;
 use crate::upstream::{self, headers, Upstream};
 use crate::Body;
 
@@ -37,13 +38,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// Build the request path from the validated configuration.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Proxy {
-        Proxy {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Proxy, TlsError> {
+        Ok(Proxy {
             routes: Routes::new(&config.routes),
-            upstream: Upstream::new(&config.upstream),
+            upstream: Upstream::new(&config.upstream)?,
             metrics,
             trusted_proxies: config.server.trusted_proxies.clone(),
-        }
+        })
     }
 
     /// Handle one request. Never fails: every error is a response.

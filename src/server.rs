@@ -89,7 +89,7 @@ impl Sidecache {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
         let state = Arc::new(ServerState { started: Instant::now(), draining: AtomicBool::new(false) });
-        let proxy = Arc::new(Proxy::new(&config, metrics.clone()));
+        let proxy = Arc::new(Proxy::new(&config, metrics.clone())?);
         let admin = Arc::new(Admin::new(config.clone(), metrics.clone(), state.clone()));
         Ok(Sidecache { config, proxy_listener, admin_listener, tls, proxy, admin, metrics, state })
     }

@@ -103,3 +103,48 @@ async fn unusable_tls_files_fail_start_up_with_the_field_named() {
     let text = err.to_string();
     assert!(text.starts_with("server.tls: cannot load /nonexistent.key"), "{text}");
 }
+
+/// A TLS upstream on 127.0.0.1:0 that answers every request with "secure <path>".
+async fn tls_upstream(cert: &Cert) -> std::net::SocketAddr {
+    sidecache::tls::install_crypto_provider();
+    let files = sidecache::config::TlsFiles { cert: cert.cert_path.clone(), key: cert.key_path.clone() };
+    let acceptor = sidecache::tls::acceptor(&files).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let body = format!("secure {}", req.uri().path());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(body),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstream_is_verified_against_ca_file() {
+    let cert = self_signed();
+    let upstream = tls_upstream(&cert).await;
+    let https = |extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"https://localhost:{}\"\n{extra}\n",
+            upstream.port()
+        )
+    };
+    let trusted = TestProxy::start(&https(&format!("ca_file = \"{}\"", cert.cert_path.display()))).await;
+    let a = get(&trusted.url("/over/tls")).await;
+    assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "secure /over/tls"));
+
+    let untrusted = TestProxy::start(&https("")).await;
+    let a = get(&untrusted.url("/over/tls")).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "an unverifiable upstream certificate is refused");
+}

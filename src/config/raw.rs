@@ -51,6 +51,7 @@ pub struct RawUpstream {
     pub url: Option<String>,
     pub connect_timeout: Option<String>,
     pub response_timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -194,6 +194,7 @@ fn specific_messages() {
         "used by an earlier route",
     );
     assert_error(&format!("{UP}[[route]]\nname = \"has space\"\npath = \"/a\"\n"), "route[0].name", "characters");
+    assert_error(&format!("{UP}[[route]]\nname = \"-\"\npath = \"/a\"\n"), "route[0].name", "starting with");
     assert_error(&format!("{UP}[[route]]\nname = \"a\"\npath = \"/a/{{x\"\n"), "route[0].path", "whole segment");
     assert_error(
         &format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\nmethods = [\"POST\"]\ncache = {{ ttl = \"1m\" }}\n"),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::UpstreamErrorKind;
+use crate::tls::{self, TlsError};
 use crate::Body;
 
 /// Why an upstream exchange failed.
@@ -64,7 +66,7 @@ impl UpstreamError {
 
 /// The backend client.
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
     scheme: Scheme,
     authority: Authority,
     response_timeout: Duration,
@@ -79,12 +81,18 @@ pub struct Forwarded {
 }
 
 impl Upstream {
-    /// Build the pooled client for the configured backend.
-    pub fn new(config: &UpstreamConfig) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    /// Build the pooled client for the configured backend (TLS when the URL is `https://`).
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, TlsError> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls::upstream_client_config(config.ca_file.as_deref())?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -93,12 +101,12 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(50))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Upstream {
+        Ok(Upstream {
             client,
             scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: config.url.authority().cloned().expect("validated upstream URL has a host"),
             response_timeout: config.response_timeout,
-        }
+        })
     }
 
     /// Point a request prepared by [`prepare`] at the backend and send it. The response head must
