@@ -29,6 +29,5 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// Bind, serve until `shutdown` resolves, drain, return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    Sidecache::bind(config).await?.run(shutdown).await;
-    Ok(())
+    Sidecache::bind(config).await?.run(shutdown).await
 }

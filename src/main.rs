@@ -50,7 +50,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The proxy's own worker threads carry the traffic; this runtime only runs the admin
+    // listener, signals and background work.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async {
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = config.summary(), "starting");
         sidecache::run(config, shutdown_signal()).await?;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use ipnet::IpNet;
@@ -20,12 +20,21 @@ use crate::upstream::{self, headers, Upstream};
 use crate::Body;
 
 /// What the request path knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     /// The TCP peer.
     pub peer: SocketAddr,
+    /// The peer's address as a header value, made once per connection.
+    pub peer_value: HeaderValue,
     /// Whether the client connection is TLS.
     pub tls: bool,
+}
+
+impl Conn {
+    /// Describe a newly accepted connection.
+    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+        Conn { peer, peer_value: headers::peer_value(peer.ip()), tls }
+    }
 }
 
 /// Everything a request needs, shared by all connections.
@@ -62,7 +71,7 @@ impl Proxy {
             let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
             let trusted = headers::is_trusted(conn.peer.ip(), &self.trusted_proxies);
-            upstream::prepare(&mut req, conn.peer.ip(), conn.tls, trusted, upgrade);
+            upstream::prepare(&mut req, &conn.peer_value, conn.tls, trusted, upgrade);
 
             let response = match self.upstream.forward(req.map(Either::Left)).await {
                 Ok(forwarded) => {

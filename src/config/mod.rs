@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Open client connections at most; further connections wait in the accept queue.
     pub max_connections: usize,
+    /// Proxy worker threads, each with its own event loop and upstream pool.
+    pub workers: usize,
     /// Serve HTTPS with these PEM files instead of plain HTTP.
     pub tls: Option<TlsFiles>,
 }

@@ -29,6 +29,7 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,
+    pub workers: Option<i64>,
     pub tls: Option<RawServerTls>,
 }
 

@@ -38,6 +38,7 @@ fn minimal_config_takes_every_default() {
     assert_eq!(c.admin.listen, "0.0.0.0:9090".parse().unwrap());
     assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
     assert_eq!(c.server.max_header_bytes, 65536);
+    assert_eq!(c.server.workers, std::thread::available_parallelism().unwrap().get(), "one worker per core");
     assert_eq!(c.upstream.connect_timeout, Duration::from_secs(1));
     assert_eq!(c.upstream.response_timeout, Duration::from_secs(30));
     assert!(c.redis.is_none(), "no [redis] means the embedded store");
@@ -127,6 +128,7 @@ listen = "nowhere"
 trusted_proxies = ["10.0.0.0/99"]
 shutdown_grace = "soon"
 max_header_bytes = 10
+workers = 0
 [upstream]
 url = "ftp://x"
 connect_timeout = "0s"
@@ -154,6 +156,7 @@ path = "/b/*/c"
         "server.trusted_proxies[0]",
         "server.shutdown_grace",
         "server.max_header_bytes",
+        "server.workers",
         "upstream.url",
         "upstream.connect_timeout",
         "redis.url",
@@ -179,7 +182,7 @@ path = "/b/*/c"
     ] {
         assert!(fields.contains(&expected), "no error for {expected} in {errs:#?}");
     }
-    assert_eq!(fields.len(), 26, "{errs:#?}");
+    assert_eq!(fields.len(), 27, "{errs:#?}");
 }
 
 #[test]

@@ -72,6 +72,9 @@ impl Validator {
         let max_header_bytes =
             self.int("server.max_header_bytes", s.max_header_bytes, 64 * 1024, 8 * 1024, 1024 * 1024) as usize;
         let max_connections = self.int("server.max_connections", s.max_connections, 10_000, 1, 1_000_000) as usize;
+        // Default: one worker per core (a thread-per-core design, like nginx's worker_processes auto).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let workers = self.int("server.workers", s.workers, cores, 1, 256) as usize;
         let tls = s.tls.map(|t| TlsFiles { cert: t.cert.into(), key: t.key.into() });
 
         let admin_listen = self.field(
@@ -103,7 +106,15 @@ impl Validator {
         let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
 
         Some(Config {
-            server: ServerConfig { listen, trusted_proxies, shutdown_grace, max_header_bytes, max_connections, tls },
+            server: ServerConfig {
+                listen,
+                trusted_proxies,
+                shutdown_grace,
+                max_header_bytes,
+                max_connections,
+                workers,
+                tls,
+            },
             admin: AdminConfig { listen: admin_listen },
             upstream: upstream?,
             redis,

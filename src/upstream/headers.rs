@@ -27,17 +27,38 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Remove hop-by-hop fields, including every field the `Connection` header names.
+///
+/// On the hot path for every request and response: one pass over the names finds which
+/// hop-by-hop fields are present, and only those are removed (a removal hashes the name).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Fields named in Connection are hop-by-hop too; collect first (the map is borrowed).
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    let mut present = 0u32;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // Fields named in Connection are hop-by-hop too. The usual tokens name no field to remove.
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !["keep-alive", "close", "upgrade", ""].iter().any(|c| t.eq_ignore_ascii_case(c)))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -66,11 +87,16 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The client address as a header value, made once per connection so that a request without
+/// an earlier `X-Forwarded-For` costs no allocation.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&canonical(peer).to_string()).expect("an IP address is a valid header value")
+}
+
 /// Set the forwarding headers on a request going upstream. `X-Forwarded-For` gets the peer
 /// appended to what came before; `-Proto` and `-Host` describe this hop unless a trusted proxy
 /// already described the original one.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted_peer: bool) {
-    let peer = canonical(peer).to_string();
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, trusted_peer: bool) {
     // All earlier hops go into one field line: many backends read only the first line.
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -79,10 +105,13 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, tls: bool, trusted_p
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let xff = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
+    let xff = if prior.is_empty() {
+        peer.clone()
+    } else {
+        let joined = format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or_default());
+        HeaderValue::from_str(&joined).unwrap_or_else(|_| peer.clone())
+    };
+    headers.insert(&X_FORWARDED_FOR, xff);
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
         let proto = if tls { "https" } else { "http" };
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -134,6 +163,10 @@ mod tests {
         remove_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept", "x-end-to-end"]);
+
+        let mut untouched = map(&[("accept", "*/*"), ("content-length", "3")]);
+        remove_hop_by_hop(&mut untouched);
+        assert_eq!(untouched.len(), 2);
     }
 
     #[test]
@@ -151,7 +184,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil.example"),
         ]);
-        set_forwarded(&mut h, "192.0.2.7".parse().unwrap(), false, false);
+        set_forwarded(&mut h, &peer_value("192.0.2.7".parse().unwrap()), false, false);
         assert_eq!(h["x-forwarded-for"], "6.6.6.6, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example");
@@ -166,7 +199,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "shop.example"),
         ]);
-        set_forwarded(&mut h, "::ffff:10.0.0.3".parse().unwrap(), false, true);
+        set_forwarded(&mut h, &peer_value("::ffff:10.0.0.3".parse().unwrap()), false, true);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2, 10.0.0.3");
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -141,7 +141,7 @@ impl Upstream {
 /// Rewrite a client request's headers for the backend: keep `Host` as the client sent it (h2
 /// clients send `:authority` instead), drop hop-by-hop fields (keeping an upgrade's own
 /// `Connection: upgrade` + `Upgrade`), set `X-Forwarded-*` and `Via`.
-pub fn prepare<B>(req: &mut Request<B>, peer: std::net::IpAddr, tls: bool, trusted_peer: bool, upgrade: bool) {
+pub fn prepare<B>(req: &mut Request<B>, peer: &HeaderValue, tls: bool, trusted_peer: bool, upgrade: bool) {
     let version = req.version();
     if !req.headers().contains_key(header::HOST) {
         if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {

@@ -275,9 +275,10 @@ impl TestProxy {
         let server = sidecache::Sidecache::bind(config).await.expect("bind");
         let (addr, admin) = (server.proxy_addr(), server.admin_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
+        let run = server.run(async {
             let _ = stopped.await;
-        }));
+        });
+        let task = tokio::spawn(async move { run.await.expect("proxy ran") });
         TestProxy { addr, admin, stop: Some(stop), task: Some(task) }
     }
 
