@@ -174,12 +174,17 @@ impl Sidecache {
         if started.is_ok() {
             shutdown.await;
         }
+        let _ = stop.send(true);
+        for worker in &mut workers {
+            let _ = (&mut worker.listening).await;
+        }
+        // Only now is the listening socket closed in every worker: from here on new connections
+        // are refused, and /readyz says so.
         state.draining.store(true, Ordering::SeqCst);
         tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: stopped accepting, draining");
-        let _ = stop.send(true);
         let mut clean = true;
-        for done in workers {
-            clean &= done.await.unwrap_or(false);
+        for worker in workers {
+            clean &= worker.drained.await.unwrap_or(false);
         }
         if clean {
             tracing::info!("drained");
@@ -214,20 +219,29 @@ struct Worker {
     grace: Duration,
 }
 
+/// A running worker's two milestones during shutdown.
+struct WorkerHandle {
+    /// Resolves once the worker has closed its listening socket.
+    listening: tokio::sync::oneshot::Receiver<()>,
+    /// Yields `true` when the worker drained within the grace.
+    drained: tokio::sync::oneshot::Receiver<bool>,
+}
+
 impl Worker {
-    /// Start the thread. The receiver yields `true` when the worker drained within the grace.
-    fn spawn(self, index: usize) -> std::io::Result<tokio::sync::oneshot::Receiver<bool>> {
+    /// Start the thread.
+    fn spawn(self, index: usize) -> std::io::Result<WorkerHandle> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (done, finished) = tokio::sync::oneshot::channel();
+        let (stopped_listening, listening) = tokio::sync::oneshot::channel();
+        let (done, drained) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name(format!("sidecache-w{index}")).spawn(move || {
-            let drained = runtime.block_on(self.serve());
+            let clean = runtime.block_on(self.serve(stopped_listening));
             // Dropping the runtime here ends what the grace left: upgraded tunnels, stragglers.
-            let _ = done.send(drained);
+            let _ = done.send(clean);
         })?;
-        Ok(finished)
+        Ok(WorkerHandle { listening, drained })
     }
 
-    async fn serve(self) -> bool {
+    async fn serve(self, stopped_listening: tokio::sync::oneshot::Sender<()>) -> bool {
         let Worker { listener, tls, builder, proxy, limit, mut stop, grace } = self;
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -239,7 +253,9 @@ impl Worker {
         let shutdown = async move {
             let _ = stop.wait_for(|stopping| *stopping).await;
         };
+        // accept_loop owns the listener and closes it when it returns.
         let graceful = accept_loop(listener, tls, builder, proxy, limit, shutdown).await;
+        let _ = stopped_listening.send(());
         tokio::time::timeout(grace, graceful.shutdown()).await.is_ok()
     }
 }

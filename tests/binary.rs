@@ -70,7 +70,14 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     proxy.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let readyz = format!("http://{}/readyz", proxy.admin);
+    for _ in 0..500 {
+        if get(&readyz).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(get(&readyz).await.status, StatusCode::SERVICE_UNAVAILABLE, "draining shows in /readyz");
     assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err(), "no new connections after SIGTERM");
     let a = slow.await.unwrap();
     assert_eq!((a.status, a.text().as_str()), (StatusCode::OK, "slow"));
