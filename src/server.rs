@@ -135,6 +135,8 @@ impl Sidecache {
             }
         });
 
+        warn_unapplied(&config);
+
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_builder = Arc::new(http_builder(&config));
         let admin_task = tokio::spawn(async move {
@@ -195,6 +197,24 @@ impl Sidecache {
         let _ = admin_task.await;
         upkeep.abort();
         started
+    }
+}
+
+/// This version validates `cache`, `rate_limit` and `[redis]` but does not apply them yet: say
+/// so once at start-up, so nobody believes a limit is enforced.
+fn warn_unapplied(config: &Config) {
+    for route in &config.routes {
+        if route.cache.is_some() || route.rate_limit.is_some() {
+            tracing::warn!(
+                route = %route.name,
+                cache = route.cache.is_some(),
+                rate_limit = route.rate_limit.is_some(),
+                "route has cache/rate_limit settings that this version validates but does not apply yet; requests pass through"
+            );
+        }
+    }
+    if config.redis.is_some() {
+        tracing::warn!("[redis] is configured but not used by this version yet");
     }
 }
 
