@@ -337,3 +337,91 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn head_and_bodiless_statuses_pass_through() {
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let head = send(Method::HEAD, &proxy.url("/download/5000"), &[], Bytes::new()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    for code in [204u16, 304, 404, 500, 503] {
+        let a = get(&proxy.url(&format!("/status/{code}"))).await;
+        assert_eq!(a.status.as_u16(), code);
+        assert!(a.body.is_empty());
+    }
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    assert_eq!(metric(&metrics, r#"sidecache_requests_total{route="-",status_class="5xx"}"#), Some(2.0));
+    assert_eq!(
+        metric(&metrics, r#"sidecache_upstream_errors_total{kind="protocol"}"#),
+        Some(0.0),
+        "a 5xx answer is not an upstream error"
+    );
+}
+
+#[tokio::test]
+async fn chunked_upload_of_unknown_length_streams_through() {
+    // No size hint: the body goes out with Transfer-Encoding: chunked on both hops.
+    struct Unsized(PatternBody);
+    impl hyper::body::Body for Unsized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::pin::Pin::new(&mut self.get_mut().0).poll_frame(cx)
+        }
+    }
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let req = Request::post(proxy.url("/upload")).body(boxed(Unsized(PatternBody::new(3_000_000)))).unwrap();
+    let resp = client().request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "3000000 true");
+}
+
+#[tokio::test]
+async fn an_upstream_speaking_garbage_gives_502() {
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = garbage.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"this is not HTTP\r\n\r\n").await;
+        }
+    });
+    let proxy = TestProxy::start(&config_text(addr, "")).await;
+    let a = get(&proxy.url("/x")).await;
+    assert_eq!((a.status, a.text().as_str()), (StatusCode::BAD_GATEWAY, "upstream closed the connection\n"));
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    assert_eq!(metric(&metrics, r#"sidecache_upstream_errors_total{kind="protocol"}"#), Some(1.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_accepts_gives_504_at_connect_timeout() {
+    // A listener with a backlog of 1 that never accepts: once its queue is full the kernel drops
+    // further SYNs, so a connect hangs as it would to a dead host, all on loopback.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(1).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let proxy = TestProxy::start(&config_full(addr, "", "connect_timeout = \"300ms\"", "")).await;
+    let started = Instant::now();
+    let a = get(&proxy.url("/x")).await;
+    let elapsed = started.elapsed();
+    assert_eq!((a.status, a.text().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out\n"));
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    assert_eq!(metric(&metrics, r#"sidecache_upstream_errors_total{kind="connect_timeout"}"#), Some(1.0), "{metrics}");
+    drop(full);
+}
