@@ -37,7 +37,7 @@ impl Admin {
     pub fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
         let known = matches!(req.uri().path(), "/healthz" | "/readyz" | "/status" | "/metrics");
         if known && !matches!(*req.method(), Method::GET | Method::HEAD) {
-            let mut resp = respond::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            let mut resp = respond::method_not_allowed("method not allowed\n");
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return resp;
         }

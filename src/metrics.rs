@@ -19,7 +19,7 @@ pub const REQUEST_DURATION: &str = "sidecache_request_duration_seconds";
 pub const UPSTREAM_DURATION: &str = "sidecache_upstream_duration_seconds";
 /// `sidecache_upstream_errors_total{kind}`: failed upstream exchanges.
 pub const UPSTREAM_ERRORS_TOTAL: &str = "sidecache_upstream_errors_total";
-/// `sidecache_inflight_requests`: requests being handled now.
+/// `sidecache_inflight_requests`: requests between request head in and response head out.
 pub const INFLIGHT_REQUESTS: &str = "sidecache_inflight_requests";
 
 /// The `route` label of requests no route matched.

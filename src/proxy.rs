@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use ipnet::IpNet;
@@ -67,6 +67,13 @@ impl Proxy {
         let span = tracing::debug_span!("request", method = %req.method(), path = req.uri().path(), route = route_name);
 
         async move {
+            // A reverse proxy has no tunnel to offer: CONNECT is refused here, never forwarded.
+            if req.method() == Method::CONNECT {
+                let response = respond::method_not_allowed("CONNECT is not supported\n");
+                self.metrics.request(route.map(|r| r.index), response.status(), started.elapsed());
+                return response;
+            }
+
             // 2. Forward, keeping an HTTP/1.1 upgrade's handshake headers so the backend can accept it.
             let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

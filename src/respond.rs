@@ -15,6 +15,13 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
+/// `405` with an `Allow` header naming what is accepted instead.
+pub fn method_not_allowed(body: &'static str) -> Response<Body> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, body);
+    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+    resp
+}
+
 /// A JSON response.
 pub fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));

@@ -152,25 +152,23 @@ impl Sidecache {
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
         let builder = Arc::new(http_builder(&config));
         let mut workers = Vec::with_capacity(proxies.len());
-        let mut started = Ok(());
-        for (i, proxy) in proxies.into_iter().enumerate() {
-            let worker = Worker {
-                listener: proxy_listener.try_clone().map_err(StartError::Worker)?,
-                tls: tls.clone(),
-                builder: builder.clone(),
-                proxy,
-                limit: limit.clone(),
-                stop: stopped.clone(),
-                grace: config.server.shutdown_grace,
-            };
-            match worker.spawn(i) {
-                Ok(done) => workers.push(done),
-                Err(e) => {
-                    started = Err(StartError::Worker(e));
-                    break;
-                }
+        let spawn_all = || -> std::io::Result<()> {
+            for (i, proxy) in proxies.into_iter().enumerate() {
+                let worker = Worker {
+                    listener: proxy_listener.try_clone()?,
+                    tls: tls.clone(),
+                    builder: builder.clone(),
+                    proxy,
+                    limit: limit.clone(),
+                    stop: stopped.clone(),
+                    grace: config.server.shutdown_grace,
+                };
+                workers.push(worker.spawn(i)?);
             }
-        }
+            Ok(())
+        };
+        // On failure, the workers that did start are stopped below like on a normal shutdown.
+        let started = spawn_all().map_err(StartError::Worker);
         drop(proxy_listener);
 
         if started.is_ok() {

@@ -425,3 +425,17 @@ async fn an_upstream_that_never_accepts_gives_504_at_connect_timeout() {
     assert_eq!(metric(&metrics, r#"sidecache_upstream_errors_total{kind="connect_timeout"}"#), Some(1.0), "{metrics}");
     drop(full);
 }
+
+#[tokio::test]
+async fn connect_is_refused_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(upstream.requests(), 0);
+}

@@ -38,6 +38,23 @@ impl Validator {
         }
     }
 
+    /// Parse every item of an optional list, recording each failure as `field[i]`.
+    fn list<T>(
+        &mut self,
+        field: &str,
+        items: Option<Vec<String>>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        let mut out = Vec::new();
+        for (i, item) in items.unwrap_or_default().iter().enumerate() {
+            match parse(item) {
+                Ok(v) => out.push(v),
+                Err(msg) => self.err(format!("{field}[{i}]"), format!("{item:?} {msg}")),
+            }
+        }
+        out
+    }
+
     fn int(&mut self, field: &str, value: Option<i64>, default: u64, min: u64, max: u64) -> u64 {
         match value {
             None => default,
@@ -52,17 +69,7 @@ impl Validator {
     pub(super) fn config(&mut self, raw: RawConfig, env: &HashMap<String, String>) -> Option<Config> {
         let s = raw.server;
         let listen = self.field("server.listen", s.listen.as_deref(), units::addr(DEFAULT_LISTEN), units::parse_addr);
-        let trusted_proxies = s
-            .trusted_proxies
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| {
-                units::parse_net(p)
-                    .map_err(|m| self.err(format!("server.trusted_proxies[{i}]"), format!("{p:?} {m}")))
-                    .ok()
-            })
-            .collect();
+        let trusted_proxies = self.list("server.trusted_proxies", s.trusted_proxies, units::parse_net);
         let shutdown_grace = self.field(
             "server.shutdown_grace",
             s.shutdown_grace.as_deref(),
@@ -264,17 +271,9 @@ impl Validator {
             .ttl
             .as_deref()
             .and_then(|s| units::parse_duration(s).map_err(|m| self.err(f("ttl"), format!("{s:?} {m}"))).ok());
-        let vary = c
-            .vary
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .filter_map(|(j, h)| {
-                HeaderName::from_bytes(h.as_bytes())
-                    .map_err(|_| self.err(format!("{at}.cache.vary[{j}]"), format!("{h:?} is not a header name")))
-                    .ok()
-            })
-            .collect();
+        let vary = self.list(&f("vary"), c.vary, |h| {
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| "is not a header name".to_string())
+        });
         let query = match c.query {
             None => QueryMode::Sorted,
             Some(RawQuery::Mode(m)) => match m.as_str() {

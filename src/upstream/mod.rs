@@ -96,8 +96,8 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            // Below the usual 60-75 s keep-alive of backends, so we rarely reuse a connection the
-            // backend is closing (which hyper retries only for requests it never sent).
+            // hyper drops a pooled connection once the backend closes it; a close that races a
+            // reuse is retried by hyper when the request was not sent yet.
             .pool_idle_timeout(Duration::from_secs(50))
             .pool_max_idle_per_host(256)
             .build(connector);
