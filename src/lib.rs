@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod respond;
 pub mod route;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -22,6 +22,13 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "sidecache_upstream_errors_total";
 /// `sidecache_inflight_requests`: requests between request head in and response head out.
 pub const INFLIGHT_REQUESTS: &str = "sidecache_inflight_requests";
 
+/// `sidecache_redis_up`: 1 while Redis is connected and the breaker is closed.
+pub const REDIS_UP: &str = "sidecache_redis_up";
+/// `sidecache_redis_op_duration_seconds{op}`: latency of operations actually sent.
+pub const REDIS_OP_DURATION: &str = "sidecache_redis_op_duration_seconds";
+/// `sidecache_redis_errors_total{op,kind}`: operations that produced no value, by why.
+pub const REDIS_ERRORS_TOTAL: &str = "sidecache_redis_errors_total";
+
 /// The `route` label of requests no route matched.
 pub const NO_ROUTE: &str = "-";
 
@@ -203,6 +210,21 @@ fn describe(r: &PrometheusRecorder) {
         text("Upstream exchanges that failed, by kind (connect, connect_timeout, timeout, protocol)."),
     );
     r.describe_gauge(KeyName::from_const_str(INFLIGHT_REQUESTS), None, text("Requests being handled now."));
+    r.describe_gauge(
+        KeyName::from_const_str(REDIS_UP),
+        None,
+        text("1 while Redis is connected and the breaker is closed."),
+    );
+    r.describe_histogram(
+        KeyName::from_const_str(REDIS_OP_DURATION),
+        Some(Unit::Seconds),
+        text("Latency of Redis operations actually sent, by op."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(REDIS_ERRORS_TOTAL),
+        None,
+        text("Redis operations that produced no value, by op and kind (breaker_open, not_connected, saturated, timeout, error)."),
+    );
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ use tokio::net::TcpListener;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = BoxBody<Bytes, BoxError>;
 
+pub mod redis;
+
 // ---------------------------------------------------------------- deterministic streamed bodies
 
 /// A body of `len` bytes where byte i is `i % 251`, produced in 64 KiB frames (never held whole).

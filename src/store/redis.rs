@@ -1,0 +1,316 @@
+//! Redis through fred, behind the gate of DESIGN.md 3: a failing Redis produces a fast
+//! [`StoreError`], never a wait.
+//!
+//! fred is configured as `shared/REDIS_NOTES.md` measured it must be: unlimited reconnect
+//! attempts with backoff (a finite policy, or none, leaves every later command hanging after the
+//! first drop), one attempt per command (a replay after reconnect would charge a rate-limit token
+//! twice), a bounded command queue (unbounded grows through an outage), the command timeout set
+//! to the budget, and `connect()` without awaiting `init()` so start-up never waits for Redis.
+//! On top of that the gate adds what fred lacks: checks that cost no await (breaker, connected,
+//! in-flight cap), an outer `tokio::time::timeout` as the hard guarantee (fred ignores per-call
+//! timeouts for EVALSHA), and a background prober that closes the breaker and turns a hung
+//! server into a reconnect (fred's own detector never fires under steady traffic).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::Client;
+use fred::error::{Error as FredError, ErrorKind};
+use fred::interfaces::{ClientLike, EventInterface, KeysInterface};
+use fred::types::config::{Config as FredConfig, ReconnectPolicy};
+use fred::types::{Builder, Expiration};
+use metrics::{Counter, Gauge, Histogram};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::breaker::{Breaker, BreakerState};
+use super::StoreError;
+use crate::config::RedisConfig;
+use crate::metrics::{Registrar, REDIS_ERRORS_TOTAL, REDIS_OP_DURATION, REDIS_UP};
+
+/// Operations sent at most concurrently per client; more are skipped, never queued.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Commands fred may queue while (re)connecting; past it fred answers Backpressure at once.
+const COMMAND_BUFFER: usize = 1024;
+/// Reconnect backoff: from this...
+const RECONNECT_MIN_MS: u32 = 20;
+/// ...doubling up to this (fred adds jitter).
+const RECONNECT_MAX_MS: u32 = 1_000;
+/// TCP connect budget of a (re)connection. Background only: no request waits for it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// An operation the gate sends; also the `op` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// GET
+    Get,
+    /// SET with expiry
+    Set,
+    /// DEL
+    Del,
+    /// INCR
+    Incr,
+    /// PING (the prober)
+    Ping,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Set => "set",
+            Op::Del => "del",
+            Op::Incr => "incr",
+            Op::Ping => "ping",
+        }
+    }
+}
+
+/// Pre-registered handles per operation.
+struct OpMetrics {
+    duration: Histogram,
+    /// Indexed like [`StoreError::kind_index`].
+    errors: [Counter; StoreError::KINDS.len()],
+}
+
+struct Inner {
+    client: Client,
+    budget: Duration,
+    cooldown: Duration,
+    breaker: Breaker,
+    permits: Semaphore,
+    opened: Arc<Notify>,
+    ops: Vec<OpMetrics>,
+    up: Gauge,
+    /// fred's connection task and our watcher and prober, ended when the store is dropped.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    connection: std::sync::Mutex<Option<fred::types::ConnectHandle>>,
+}
+
+/// A Redis client behind the gate. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl RedisStore {
+    /// Build the client and start connecting in the background (never waits for Redis).
+    /// Must be called inside a tokio runtime: fred's tasks and the prober run on it.
+    pub fn start(config: &RedisConfig, registrar: &Registrar<'_>) -> Result<RedisStore, StoreError> {
+        let mut fred_config = FredConfig::from_url(&config.url).map_err(StoreError::Redis)?;
+        // Commands fail at once when fred knows it is disconnected.
+        fred_config.fail_fast = true;
+        let client = Builder::from_config(fred_config)
+            .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))
+            .with_connection_config(|c| {
+                c.connection_timeout = CONNECT_TIMEOUT;
+                c.internal_command_timeout = CONNECT_TIMEOUT;
+                c.max_command_attempts = 1;
+                c.max_command_buffer_len = COMMAND_BUFFER;
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| p.default_command_timeout = config.op_timeout)
+            .build()
+            .map_err(StoreError::Redis)?;
+
+        let ops = Op::ALL
+            .iter()
+            .map(|op| OpMetrics {
+                duration: registrar.histogram(REDIS_OP_DURATION, &[("op", op.as_str())]),
+                errors: StoreError::KINDS
+                    .map(|kind| registrar.counter(REDIS_ERRORS_TOTAL, &[("op", op.as_str()), ("kind", kind)])),
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            budget: config.op_timeout,
+            cooldown: config.breaker_cooldown,
+            breaker: Breaker::new(config.breaker_failures.get()),
+            permits: Semaphore::new(MAX_IN_FLIGHT),
+            opened: Arc::new(Notify::new()),
+            ops,
+            up: registrar.gauge(REDIS_UP, &[]),
+            tasks: std::sync::Mutex::new(Vec::new()),
+            connection: std::sync::Mutex::new(None),
+            client,
+        });
+        inner.up.set(0.0);
+        *inner.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(inner.client.connect());
+        let watcher = tokio::spawn(watch_connection(Arc::downgrade(&inner)));
+        let prober = tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone()));
+        inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).extend([watcher, prober]);
+        Ok(RedisStore { inner })
+    }
+
+    /// The breaker state.
+    pub fn state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// Whether fred holds a connection now.
+    pub fn connected(&self) -> bool {
+        self.inner.client.is_connected()
+    }
+
+    /// GET; `None` when the key is absent.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.call(Op::Get, |c| c.get::<Option<Bytes>, _>(key)).await
+    }
+
+    /// SET with a millisecond expiry.
+    pub async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError> {
+        let ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+        self.call(Op::Set, |c| c.set::<(), _, _>(key, value, Some(Expiration::PX(ms)), None, false)).await
+    }
+
+    /// DEL.
+    pub async fn del(&self, key: &str) -> Result<(), StoreError> {
+        self.call(Op::Del, |c| c.del::<(), _>(key)).await
+    }
+
+    /// INCR, returning the new value.
+    pub async fn incr(&self, key: &str) -> Result<i64, StoreError> {
+        self.call(Op::Incr, |c| c.incr::<i64, _>(key)).await
+    }
+
+    /// The gate: every operation passes here.
+    async fn call<'a, T, F, Fut>(&'a self, op: Op, send: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&'a Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, FredError>> + 'a,
+    {
+        let inner = &self.inner;
+        let result = gate(inner, op, send).await;
+        if let Err(e) = &result {
+            inner.ops[op as usize].errors[e.kind_index()].increment(1);
+        }
+        result
+    }
+}
+
+async fn gate<'a, T, F, Fut>(inner: &'a Inner, op: Op, send: F) -> Result<T, StoreError>
+where
+    F: FnOnce(&'a Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, FredError>> + 'a,
+{
+    // Checks that cost no await: the breaker, the connection, the in-flight cap.
+    if !inner.breaker.allows() {
+        return Err(StoreError::BreakerOpen);
+    }
+    if !inner.client.is_connected() {
+        inner.failure();
+        return Err(StoreError::NotConnected);
+    }
+    let Ok(_permit) = inner.permits.try_acquire() else {
+        return Err(StoreError::Saturated);
+    };
+    let started = Instant::now();
+    let result = tokio::time::timeout(inner.budget, send(&inner.client)).await;
+    inner.ops[op as usize].duration.record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(Ok(value)) => {
+            inner.breaker.success();
+            Ok(value)
+        }
+        Ok(Err(e)) => {
+            // A server's reply error (wrong type, OOM under noeviction) says Redis is alive;
+            // only failures to reach it feed the breaker.
+            if is_unreachable(&e) {
+                inner.failure();
+            }
+            // fred's own timeout is set to the same budget and may fire first: same outcome.
+            if *e.kind() == ErrorKind::Timeout {
+                return Err(StoreError::Timeout);
+            }
+            Err(StoreError::Redis(e))
+        }
+        Err(_) => {
+            inner.failure();
+            Err(StoreError::Timeout)
+        }
+    }
+}
+
+fn is_unreachable(e: &FredError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled | ErrorKind::Backpressure | ErrorKind::Routing
+    )
+}
+
+impl Inner {
+    fn failure(&self) {
+        if self.breaker.failure() {
+            // The one transition to down: log once, tell the prober.
+            self.up.set(0.0);
+            tracing::warn!(cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
+            self.opened.notify_one();
+        }
+    }
+}
+
+/// Logs and reflects fred's (re)connections. Holds only a weak reference, so dropping the store
+/// ends it.
+async fn watch_connection(inner: Weak<Inner>) {
+    let Some(mut reconnects) = inner.upgrade().map(|i| i.client.reconnect_rx()) else { return };
+    while reconnects.recv().await.is_ok() {
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.breaker.allows() {
+            inner.up.set(1.0);
+        }
+        tracing::debug!("redis connection established");
+    }
+}
+
+/// The prober: after the breaker opens, waits the cool-down, then PINGs with the budget; success
+/// closes the breaker. When the breaker opened although fred still reports a connection, the
+/// server is hung (SIGSTOP, network black hole): force a reconnection so later calls fail fast.
+async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.breaker.state() == BreakerState::Up {
+            drop(inner);
+            opened.notified().await;
+            continue;
+        }
+        if inner.client.is_connected() {
+            let client = inner.client.clone();
+            let budget = inner.budget;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(budget.max(CONNECT_TIMEOUT), client.force_reconnection()).await;
+            });
+        }
+        let cooldown = inner.cooldown;
+        drop(inner);
+        tokio::time::sleep(cooldown).await;
+
+        let Some(inner) = weak.upgrade() else { return };
+        if !inner.breaker.begin_probe() {
+            continue;
+        }
+        let started = Instant::now();
+        let ping = tokio::time::timeout(inner.budget, inner.client.ping::<String>(None)).await;
+        inner.ops[Op::Ping as usize].duration.record(started.elapsed().as_secs_f64());
+        let healthy = matches!(ping, Ok(Ok(_)));
+        inner.breaker.end_probe(healthy);
+        if healthy {
+            inner.up.set(1.0);
+            tracing::info!(down_for_at_least = ?cooldown, "redis back: using it again");
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            task.abort();
+        }
+        if let Some(connection) = self.connection.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            connection.abort();
+        }
+    }
+}

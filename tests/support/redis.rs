@@ -1,0 +1,142 @@
+//! A `redis-server` of the test's own, on a free loopback port with its own directory and
+//! configuration, so the test can kill, pause (SIGSTOP) and restart it. Never the machine's
+//! shared Redis on 6379. Dropping it resumes (if paused), kills and cleans up.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct TestRedis {
+    pub port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl TestRedis {
+    /// Start on a free port with the default test configuration.
+    pub fn start() -> TestRedis {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra `redis-server` arguments, e.g. `["--maxmemory", "1mb"]`.
+    pub fn start_with(extra: &[&str]) -> TestRedis {
+        for _ in 0..5 {
+            let mut redis = Self::on_port(free_port(), extra);
+            if redis.spawn() {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start (is it installed?)");
+    }
+
+    /// A server that is not running yet, for a given port (see [`TestRedis::spawn`]).
+    pub fn on_port(port: u16, extra: &[&str]) -> TestRedis {
+        let dir = super::temp_path(&format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TestRedis { port, dir, extra: extra.iter().map(|s| s.to_string()).collect(), child: None, paused: false }
+    }
+
+    /// Start the process; `true` once it answers PING (within 5 s).
+    pub fn spawn(&mut self) -> bool {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--logfile", "redis.log", "--protected-mode", "no"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.child = Some(child);
+        for _ in 0..250 {
+            if self.try_command(&["PING"]).is_some_and(|r| r == "+PONG") {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.paused {
+                self.signal(&child, "CONT");
+                self.paused = false;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port with an empty dataset.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server restarted on port {}", self.port);
+    }
+
+    /// SIGSTOP: the server hangs, its sockets stay open, nothing is answered.
+    pub fn pause(&mut self) {
+        let child = self.child.as_ref().expect("running");
+        self.signal(child, "STOP");
+        self.paused = true;
+    }
+
+    /// SIGCONT after [`TestRedis::pause`].
+    pub fn resume(&mut self) {
+        let child = self.child.as_ref().expect("running");
+        self.signal(child, "CONT");
+        self.paused = false;
+    }
+
+    fn signal(&self, child: &Child, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+        assert!(ok.success(), "kill -{sig}");
+    }
+
+    /// One command over RESP; the first reply line (e.g. `+OK`, `:3`, `$5`), panicking on failure.
+    pub fn command(&self, args: &[&str]) -> String {
+        self.try_command(args).unwrap_or_else(|| panic!("redis command {args:?} failed"))
+    }
+
+    fn try_command(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).ok()?;
+        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+        reply.split("\r\n").next().map(str::to_string)
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
