@@ -1,0 +1,167 @@
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+use super::*;
+use crate::config::{CacheConfig, QueryMode};
+
+fn cfg(ttl: Option<u64>) -> CacheConfig {
+    CacheConfig {
+        ttl: ttl.map(Duration::from_secs),
+        vary: vec![HeaderName::from_static("accept-encoding")],
+        query: QueryMode::Sorted,
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        statuses: vec![StatusCode::OK, StatusCode::NOT_FOUND],
+        max_body: 1 << 20,
+        respect_origin: true,
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+    }
+    h
+}
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_790_000_000)
+}
+
+fn lifetime(pairs: &[(&str, &str)], ttl: Option<u64>) -> Result<Duration, NotStorable> {
+    storable(StatusCode::OK, &headers(pairs), &cfg(ttl), now()).map(|f| f.lifetime)
+}
+
+#[test]
+fn requests_with_credentials_bypass_unless_keyed() {
+    let c = cfg(Some(60));
+    assert_eq!(request_bypass(&Method::POST, &HeaderMap::new(), &c), Some(Bypass::Method));
+    assert_eq!(request_bypass(&Method::GET, &HeaderMap::new(), &c), None);
+    assert_eq!(request_bypass(&Method::HEAD, &headers(&[("cookie", "a=1")]), &c), Some(Bypass::Cookie));
+    assert_eq!(
+        request_bypass(&Method::GET, &headers(&[("authorization", "Bearer x")]), &c),
+        Some(Bypass::Authorization)
+    );
+    let mut keyed = c.clone();
+    keyed.vary.push(http::header::AUTHORIZATION);
+    assert_eq!(request_bypass(&Method::GET, &headers(&[("authorization", "Bearer x")]), &keyed), None);
+}
+
+#[test]
+fn responses_that_must_not_be_stored() {
+    let c = cfg(Some(60));
+    let check = |status: StatusCode, pairs: &[(&str, &str)]| storable(status, &headers(pairs), &c, now()).err();
+    assert_eq!(check(StatusCode::INTERNAL_SERVER_ERROR, &[]), Some(NotStorable::Status));
+    assert_eq!(check(StatusCode::NOT_FOUND, &[]), None, "404 is listed for this route");
+    assert_eq!(check(StatusCode::OK, &[("set-cookie", "s=1")]), Some(NotStorable::SetCookie));
+    assert_eq!(check(StatusCode::OK, &[("cache-control", "max-age=60, no-store")]), Some(NotStorable::NoStore));
+    assert_eq!(check(StatusCode::OK, &[("cache-control", "Private")]), Some(NotStorable::Private));
+    assert_eq!(check(StatusCode::OK, &[("cache-control", "private=\"x-user\"")]), Some(NotStorable::Private));
+    assert_eq!(check(StatusCode::OK, &[("vary", "*")]), Some(NotStorable::VaryStar));
+    assert_eq!(check(StatusCode::OK, &[("vary", "Accept-Encoding, User-Agent")]), Some(NotStorable::VaryOutside));
+    assert_eq!(check(StatusCode::OK, &[("vary", "accept-encoding")]), None);
+}
+
+#[test]
+fn without_a_route_ttl_the_origin_decides_alone() {
+    assert_eq!(lifetime(&[("cache-control", "max-age=60, s-maxage=120")], None), Ok(Duration::from_secs(120)));
+    assert_eq!(lifetime(&[("cache-control", "public, max-age=60")], None), Ok(Duration::from_secs(60)));
+    let date = httpdate::fmt_http_date(now());
+    let expires = httpdate::fmt_http_date(now() + Duration::from_secs(90));
+    assert_eq!(lifetime(&[("date", &date), ("expires", &expires)], None), Ok(Duration::from_secs(90)));
+    assert_eq!(
+        lifetime(&[("expires", &expires), ("cache-control", "max-age=10")], None),
+        Ok(Duration::from_secs(10)),
+        "max-age wins over Expires"
+    );
+    assert_eq!(lifetime(&[("expires", "0")], None), Err(NotStorable::NoFreshness), "invalid Expires is expired");
+    assert_eq!(lifetime(&[], None), Err(NotStorable::NoFreshness), "no explicit freshness: not stored");
+    assert_eq!(lifetime(&[("cache-control", "max-age=0")], None), Err(NotStorable::NoFreshness));
+}
+
+#[test]
+fn a_route_ttl_is_the_default_and_the_cap() {
+    assert_eq!(lifetime(&[], Some(300)), Ok(Duration::from_secs(300)));
+    assert_eq!(lifetime(&[("cache-control", "max-age=600")], Some(300)), Ok(Duration::from_secs(300)));
+    assert_eq!(lifetime(&[("cache-control", "max-age=60")], Some(300)), Ok(Duration::from_secs(60)));
+    let mut ignore = cfg(Some(300));
+    ignore.respect_origin = false;
+    let f = |pairs: &[(&str, &str)]| storable(StatusCode::OK, &headers(pairs), &ignore, now());
+    assert_eq!(f(&[("cache-control", "max-age=5"), ("age", "4")]).unwrap().lifetime, Duration::from_secs(300));
+    assert_eq!(f(&[("cache-control", "max-age=5"), ("age", "4")]).unwrap().initial_age, Duration::ZERO);
+    assert_eq!(f(&[("cache-control", "no-store")]).err(), Some(NotStorable::NoStore), "always honoured");
+    assert_eq!(f(&[("cache-control", "private")]).err(), Some(NotStorable::Private), "always honoured");
+}
+
+#[test]
+fn no_cache_stores_for_revalidation_and_must_revalidate_forbids_stale() {
+    let c = cfg(Some(300));
+    let f = storable(StatusCode::OK, &headers(&[("cache-control", "no-cache"), ("etag", "\"a\"")]), &c, now()).unwrap();
+    assert_eq!((f.lifetime, f.must_revalidate), (Duration::ZERO, true));
+    assert_eq!((f.stale_while_revalidate, f.stale_if_error), (Duration::ZERO, Duration::ZERO));
+    assert_eq!(
+        storable(StatusCode::OK, &headers(&[("cache-control", "no-cache")]), &c, now()).err(),
+        Some(NotStorable::NoFreshness),
+        "nothing to revalidate with"
+    );
+    let f = storable(StatusCode::OK, &headers(&[("cache-control", "max-age=60, must-revalidate")]), &c, now()).unwrap();
+    assert!(f.must_revalidate);
+    assert_eq!(f.stale_if_error, Duration::ZERO);
+    let f = storable(StatusCode::OK, &headers(&[("cache-control", "max-age=60")]), &c, now()).unwrap();
+    assert_eq!((f.stale_while_revalidate, f.stale_if_error), (Duration::from_secs(30), Duration::from_secs(600)));
+}
+
+#[test]
+fn age_on_arrival_and_how_long_to_keep() {
+    let c = cfg(None);
+    let f = storable(StatusCode::OK, &headers(&[("cache-control", "max-age=100"), ("age", "40")]), &c, now()).unwrap();
+    assert_eq!(f.initial_age, Duration::from_secs(40));
+    assert_eq!(f.keep_for(false), Duration::from_secs(60 + 600));
+    assert_eq!(f.keep_for(true), Duration::from_secs(60 + 600 + 60));
+}
+
+fn entry(lifetime: u64, stored_ago: u64, must_revalidate: bool, pairs: &[(&str, &str)]) -> Entry {
+    Entry {
+        status: StatusCode::OK,
+        headers: headers(pairs),
+        body: Bytes::new(),
+        stored_at: now() - Duration::from_secs(stored_ago),
+        lifetime: Duration::from_secs(lifetime),
+        initial_age: Duration::ZERO,
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        must_revalidate,
+    }
+}
+
+#[test]
+fn phases_and_stale_windows() {
+    assert_eq!(phase(&entry(60, 10, false, &[]), now()), Phase::Fresh(Duration::from_secs(50)));
+    let stale = entry(60, 80, false, &[]);
+    assert_eq!(phase(&stale, now()), Phase::Stale(Duration::from_secs(20)));
+    assert!(serve_while_revalidating(&stale, Duration::from_secs(20)));
+    assert!(!serve_while_revalidating(&stale, Duration::from_secs(31)));
+    assert!(serve_on_error(&stale, Duration::from_secs(599)));
+    assert!(!serve_on_error(&entry(60, 80, true, &[]), Duration::from_secs(20)), "must-revalidate");
+}
+
+#[test]
+fn conditional_requests_against_an_entry() {
+    let lm = httpdate::fmt_http_date(now() - Duration::from_secs(3600));
+    let e = entry(60, 0, false, &[("etag", "W/\"v7\""), ("last-modified", &lm)]);
+    let nm = |pairs: &[(&str, &str)]| not_modified(&headers(pairs), &e);
+    assert!(nm(&[("if-none-match", "\"v7\"")]), "weak comparison");
+    assert!(nm(&[("if-none-match", "\"v1\", W/\"v7\"")]));
+    assert!(nm(&[("if-none-match", "*")]));
+    assert!(!nm(&[("if-none-match", "\"v8\"")]));
+    let later = httpdate::fmt_http_date(now());
+    let earlier = httpdate::fmt_http_date(now() - Duration::from_secs(7200));
+    assert!(nm(&[("if-modified-since", &later)]));
+    assert!(!nm(&[("if-modified-since", &earlier)]));
+    assert!(!nm(&[("if-none-match", "\"v8\""), ("if-modified-since", &later)]), "If-None-Match takes precedence");
+    assert!(!nm(&[]));
+    assert!(!not_modified(&headers(&[("if-none-match", "*")]), &entry(60, 0, false, &[])), "no ETag to match");
+}
