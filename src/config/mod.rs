@@ -40,6 +40,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `SIDECACHE_CACHE_ENABLED=false` turns every cache table off.
     pub cache_enabled: bool,
+    /// Bytes the embedded store may hold (`[cache] memory_max`).
+    pub cache_memory_max: u64,
     /// `SIDECACHE_RATE_LIMIT_ENABLED=false` turns every rate limit off.
     pub rate_limit_enabled: bool,
 }

@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub redis: Option<RawRedis>,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub cache: RawCacheSettings,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
 }
@@ -63,6 +65,13 @@ pub struct RawRedis {
     pub op_timeout: Option<String>,
     pub breaker_failures: Option<i64>,
     pub breaker_cooldown: Option<String>,
+}
+
+/// The top-level `[cache]` table (settings of the store, not of a route).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheSettings {
+    pub memory_max: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

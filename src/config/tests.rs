@@ -45,6 +45,7 @@ fn minimal_config_takes_every_default() {
     assert_eq!(c.log.format, LogFormat::Json);
     assert!(c.routes.is_empty());
     assert!(c.cache_enabled && c.rate_limit_enabled);
+    assert_eq!(c.cache_memory_max, 64 << 20);
 }
 
 #[test]
@@ -139,6 +140,8 @@ breaker_failures = 0
 [log]
 format = "xml"
 level = "=bad=="
+[cache]
+memory_max = 10
 [[route]]
 name = "a"
 path = "api"
@@ -164,6 +167,7 @@ path = "/b/*/c"
         "redis.breaker_failures",
         "log.format",
         "log.level",
+        "cache.memory_max",
         "route[0].path",
         "route[0].methods[1]",
         "route[0].methods[2]",
@@ -182,7 +186,7 @@ path = "/b/*/c"
     ] {
         assert!(fields.contains(&expected), "no error for {expected} in {errs:#?}");
     }
-    assert_eq!(fields.len(), 27, "{errs:#?}");
+    assert_eq!(fields.len(), 28, "{errs:#?}");
 }
 
 #[test]

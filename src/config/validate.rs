@@ -109,6 +109,7 @@ impl Validator {
         });
 
         let cache_enabled = self.env_bool(env, "SIDECACHE_CACHE_ENABLED");
+        let cache_memory_max = self.int("cache.memory_max", raw.cache.memory_max, 64 << 20, 1 << 20, 1 << 40);
         let rate_limit_enabled = self.env_bool(env, "SIDECACHE_RATE_LIMIT_ENABLED");
         let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
 
@@ -128,6 +129,7 @@ impl Validator {
             log: LogConfig { format, level },
             routes,
             cache_enabled,
+            cache_memory_max,
             rate_limit_enabled,
         })
     }

@@ -1,11 +1,86 @@
-//! The only code that talks to Redis (or, later, the embedded store). Callers get values or a
+//! The only code that talks to Redis or the embedded store. Callers get values or a
 //! [`StoreError`] quickly; they turn it into their `Unavailable` fallback and never see fred.
 
 pub mod breaker;
+pub mod memory;
 pub mod redis;
 
+use std::time::Duration;
+
+use bytes::Bytes;
+
 pub use breaker::BreakerState;
+pub use memory::MemoryStore;
 pub use redis::RedisStore;
+
+/// Where cache entries live. In Redis, one hash per path key holds that path's variants as
+/// fields, so a one-path purge is one DEL and every operation touches a single key (cluster-safe);
+/// a route's generation is a counter key of its own.
+pub enum CacheStore {
+    /// Shared by every replica.
+    Redis(RedisStore),
+    /// This process only.
+    Memory(MemoryStore),
+}
+
+impl CacheStore {
+    /// One variant of a path.
+    pub async fn get(&self, path_key: &str, variant: &str) -> Result<Option<Bytes>, StoreError> {
+        match self {
+            Self::Redis(r) => r.hget(path_key, variant).await,
+            Self::Memory(m) => Ok(m.get(path_key, variant)),
+        }
+    }
+
+    /// Store one variant; the path's key lives at least `keep_for`.
+    pub async fn put(&self, path_key: &str, variant: &str, value: Bytes, keep_for: Duration) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => r.hset_keep(path_key, variant, value, keep_for).await,
+            Self::Memory(m) => {
+                m.put(path_key, variant, value, keep_for);
+                Ok(())
+            }
+        }
+    }
+
+    /// Remove one variant (an entry that failed to decode).
+    pub async fn remove(&self, path_key: &str, variant: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => r.hdel(path_key, variant).await,
+            Self::Memory(m) => {
+                m.remove(path_key, variant);
+                Ok(())
+            }
+        }
+    }
+
+    /// Remove every variant of a path.
+    pub async fn purge_path(&self, path_key: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => r.del(path_key).await,
+            Self::Memory(m) => {
+                m.purge_path(path_key);
+                Ok(())
+            }
+        }
+    }
+
+    /// A route's generation, read from `key`.
+    pub async fn generation(&self, key: &str) -> Result<u64, StoreError> {
+        match self {
+            Self::Redis(r) => r.get_counter(key).await,
+            Self::Memory(m) => Ok(m.generation(key)),
+        }
+    }
+
+    /// Increment the generation at `key`: every entry of the route is gone at once.
+    pub async fn bump_generation(&self, key: &str) -> Result<u64, StoreError> {
+        match self {
+            Self::Redis(r) => r.incr(key).await.map(|g| g.max(0) as u64),
+            Self::Memory(m) => Ok(m.bump_generation(key)),
+        }
+    }
+}
 
 /// Why a store operation produced no value. Every variant arrives within the time budget.
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
-use fred::interfaces::{ClientLike, EventInterface, KeysInterface};
+use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
 use fred::types::config::{Config as FredConfig, ReconnectPolicy};
+use fred::types::scripts::Script;
 use fred::types::{Builder, Expiration};
 use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{Notify, Semaphore};
@@ -54,10 +55,16 @@ pub enum Op {
     Incr,
     /// PING (the prober)
     Ping,
+    /// HGET
+    Hget,
+    /// HSET + extend expiry (one script)
+    Hset,
+    /// HDEL
+    Hdel,
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping];
+    const ALL: [Op; 8] = [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping, Op::Hget, Op::Hset, Op::Hdel];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -67,6 +74,9 @@ impl Op {
             Op::Del => "del",
             Op::Incr => "incr",
             Op::Ping => "ping",
+            Op::Hget => "hget",
+            Op::Hset => "hset",
+            Op::Hdel => "hdel",
         }
     }
 }
@@ -175,6 +185,38 @@ impl RedisStore {
     /// INCR, returning the new value.
     pub async fn incr(&self, key: &str) -> Result<i64, StoreError> {
         self.call(Op::Incr, |c| c.incr::<i64, _>(key)).await
+    }
+
+    /// HGET of one field.
+    pub async fn hget(&self, key: &str, field: &str) -> Result<Option<Bytes>, StoreError> {
+        self.call(Op::Hget, |c| c.hget::<Option<Bytes>, _, _>(key, field)).await
+    }
+
+    /// HSET one field and make sure the key lives at least `keep_for`, atomically (one key, so
+    /// cluster-safe). PEXPIRE's own GT option cannot do this: it treats a key without expiry
+    /// as infinite and would never set one on a new key.
+    pub async fn hset_keep(&self, key: &str, field: &str, value: Bytes, keep_for: Duration) -> Result<(), StoreError> {
+        static HSET_KEEP: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+            Script::from_lua(
+                "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
+                 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end \
+                 return 1",
+            )
+        });
+        let ms = keep_for.as_millis().clamp(1, i64::MAX as u128) as i64;
+        let args: Vec<fred::types::Value> = vec![field.into(), value.into(), ms.into()];
+        // EVALSHA, loading the script again after NOSCRIPT (a restarted or failed-over server).
+        self.call(Op::Hset, |c| HSET_KEEP.evalsha_with_reload::<(), _, _>(c, key, args)).await
+    }
+
+    /// HDEL of one field.
+    pub async fn hdel(&self, key: &str, field: &str) -> Result<(), StoreError> {
+        self.call(Op::Hdel, |c| c.hdel::<(), _, _>(key, field)).await
+    }
+
+    /// GET of an integer counter; 0 when absent.
+    pub async fn get_counter(&self, key: &str) -> Result<u64, StoreError> {
+        self.call(Op::Get, |c| c.get::<Option<u64>, _>(key)).await.map(Option::unwrap_or_default)
     }
 
     /// The gate: every operation passes here.

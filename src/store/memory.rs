@@ -1,0 +1,149 @@
+//! The embedded store: the cache's storage in this process when no Redis is configured. Bounded
+//! by `cache.memory_max` bytes (moka evicts the least useful entries past it), each entry
+//! expiring after its own keep-for time. Per instance only: replicas do not share it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use moka::sync::Cache;
+use moka::Expiry;
+
+#[derive(Clone)]
+struct Item {
+    value: Bytes,
+    keep_for: Duration,
+}
+
+struct KeepFor;
+
+// moka's trait names std's Instant in its signature; the value is not used here.
+#[allow(clippy::disallowed_types)]
+impl Expiry<String, Item> for KeepFor {
+    fn expire_after_create(&self, _key: &String, item: &Item, _now: std::time::Instant) -> Option<Duration> {
+        Some(item.keep_for)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        item: &Item,
+        _now: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(item.keep_for)
+    }
+}
+
+/// In-process storage for cache entries and route generations.
+pub struct MemoryStore {
+    entries: Cache<String, Item>,
+    generations: Mutex<HashMap<String, u64>>,
+}
+
+impl MemoryStore {
+    /// A store holding at most about `memory_max` bytes of keys and values.
+    pub fn new(memory_max: u64) -> MemoryStore {
+        let entries = Cache::builder()
+            .max_capacity(memory_max)
+            .weigher(|key: &String, item: &Item| (key.len() + item.value.len()).try_into().unwrap_or(u32::MAX))
+            .expire_after(KeepFor)
+            .support_invalidation_closures()
+            .build();
+        MemoryStore { entries, generations: Mutex::new(HashMap::new()) }
+    }
+
+    fn key(path_key: &str, variant: &str) -> String {
+        let mut k = String::with_capacity(path_key.len() + 1 + variant.len());
+        k.push_str(path_key);
+        k.push('\0');
+        k.push_str(variant);
+        k
+    }
+
+    /// One variant of a path.
+    pub fn get(&self, path_key: &str, variant: &str) -> Option<Bytes> {
+        self.entries.get(&Self::key(path_key, variant)).map(|item| item.value)
+    }
+
+    /// Store one variant for `keep_for`.
+    pub fn put(&self, path_key: &str, variant: &str, value: Bytes, keep_for: Duration) {
+        self.entries.insert(Self::key(path_key, variant), Item { value, keep_for });
+    }
+
+    /// Remove one variant.
+    pub fn remove(&self, path_key: &str, variant: &str) {
+        self.entries.invalidate(&Self::key(path_key, variant));
+    }
+
+    /// Remove every variant of a path.
+    pub fn purge_path(&self, path_key: &str) {
+        let prefix = format!("{path_key}\0");
+        // Lazy and O(entries) in moka's background, but purges are rare and the bound is small.
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.starts_with(&prefix));
+    }
+
+    /// A route's generation (0 until bumped).
+    pub fn generation(&self, route: &str) -> u64 {
+        self.generations.lock().unwrap_or_else(|p| p.into_inner()).get(route).copied().unwrap_or(0)
+    }
+
+    /// Increment a route's generation, returning the new one.
+    pub fn bump_generation(&self, route: &str) -> u64 {
+        let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        let g = generations.entry(route.to_string()).or_insert(0);
+        *g += 1;
+        *g
+    }
+
+    /// Bytes held now (approximate: moka applies evictions asynchronously).
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_purges_and_generations() {
+        let m = MemoryStore::new(1 << 20);
+        m.put("p1", "a", Bytes::from_static(b"A"), Duration::from_secs(60));
+        m.put("p1", "b", Bytes::from_static(b"B"), Duration::from_secs(60));
+        m.put("p10", "a", Bytes::from_static(b"other path"), Duration::from_secs(60));
+        assert_eq!(m.get("p1", "a"), Some(Bytes::from_static(b"A")));
+        m.remove("p1", "a");
+        assert_eq!(m.get("p1", "a"), None);
+        m.purge_path("p1");
+        assert_eq!(m.get("p1", "b"), None);
+        assert_eq!(m.get("p10", "a"), Some(Bytes::from_static(b"other path")), "a path that merely shares a prefix");
+        assert_eq!(m.generation("r"), 0);
+        assert_eq!(m.bump_generation("r"), 1);
+        assert_eq!(m.generation("r"), 1);
+    }
+
+    #[test]
+    fn entries_expire_after_their_own_time() {
+        let m = MemoryStore::new(1 << 20);
+        m.put("short", "-", Bytes::from_static(b"x"), Duration::from_millis(50));
+        m.put("long", "-", Bytes::from_static(b"y"), Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(m.get("short", "-"), None);
+        assert_eq!(m.get("long", "-"), Some(Bytes::from_static(b"y")));
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let m = MemoryStore::new(256 * 1024);
+        let value = Bytes::from(vec![7u8; 16 * 1024]);
+        for i in 0..100 {
+            m.put(&format!("path{i}"), "-", value.clone(), Duration::from_secs(60));
+        }
+        let size = m.weighted_size();
+        assert!(size <= 256 * 1024 + 17 * 1024, "holds {size} bytes");
+        assert!(size >= 128 * 1024, "keeps using what it is allowed ({size} bytes)");
+    }
+}
