@@ -1,4 +1,4 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`, `POST /purge`.
 //!
 //! Readiness never depends on Redis: a Redis outage must not take pods out of the Service. It
 //! turns 503 only while the proxy drains for shutdown, so the pod leaves endpoints first.
@@ -9,32 +9,53 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use crate::cache::{Cache, PurgeError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Conn;
 use crate::respond;
 use crate::server::{Handler, ServerState};
+use crate::store::CacheStore;
 use crate::Body;
+
+/// Largest `/purge` body accepted.
+const PURGE_BODY_MAX: usize = 64 * 1024;
+/// How long a `/purge` body may take to arrive.
+const PURGE_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The admin endpoints and what they report on.
 pub struct Admin {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     state: Arc<ServerState>,
+    cache: Option<Arc<Cache>>,
 }
 
 impl Admin {
     /// Build the admin endpoints.
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, state: Arc<ServerState>) -> Admin {
-        Admin { config, metrics, state }
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        state: Arc<ServerState>,
+        cache: Option<Arc<Cache>>,
+    ) -> Admin {
+        Admin { config, metrics, state, cache }
     }
 
     /// Answer one admin request.
-    pub fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == "/purge" {
+            if req.method() != Method::POST {
+                let mut resp = respond::method_not_allowed("method not allowed\n");
+                resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+                return resp;
+            }
+            return self.purge(req).await;
+        }
         let known = matches!(req.uri().path(), "/healthz" | "/readyz" | "/status" | "/metrics");
         if known && !matches!(*req.method(), Method::GET | Method::HEAD) {
             let mut resp = respond::method_not_allowed("method not allowed\n");
@@ -54,7 +75,54 @@ impl Admin {
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
                 resp
             }
-            _ => respond::text(StatusCode::NOT_FOUND, "not found (try /healthz, /readyz, /status, /metrics)\n"),
+            _ => respond::text(StatusCode::NOT_FOUND, "not found (try /healthz, /readyz, /status, /metrics, /purge)\n"),
+        }
+    }
+
+    /// `POST /purge` with `{"route": "catalog"}` (the whole route) or
+    /// `{"route": "catalog", "path": "/api/models?limit=10"}` (one target, every variant).
+    async fn purge(&self, req: Request<Incoming>) -> Response<Body> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Purge {
+            route: String,
+            path: Option<String>,
+        }
+        let error =
+            |status: StatusCode, message: String| respond::json(status, json!({ "error": message }).to_string());
+        let Some(cache) = &self.cache else {
+            return error(StatusCode::NOT_FOUND, "no route has a cache".into());
+        };
+        let body = Limited::new(req.into_body(), PURGE_BODY_MAX).collect();
+        let body = match tokio::time::timeout(PURGE_BODY_DEADLINE, body).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "body unreadable or over 64 KiB".into()),
+            Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time".into()),
+        };
+        let purge: Purge = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return error(StatusCode::BAD_REQUEST, format!("expected {{\"route\": \"…\", \"path\": \"…\"}}: {e}"))
+            }
+        };
+        let result = match &purge.path {
+            None => cache
+                .purge_route(&purge.route)
+                .await
+                .map(|g| json!({ "purged": "route", "route": purge.route, "generation": g })),
+            Some(path) => cache
+                .purge_path(&purge.route, path)
+                .await
+                .map(|()| json!({ "purged": "path", "route": purge.route, "path": path })),
+        };
+        match result {
+            Ok(done) => {
+                tracing::info!(route = %purge.route, path = purge.path.as_deref().unwrap_or("*"), "cache purged");
+                respond::json(StatusCode::OK, done.to_string())
+            }
+            Err(e @ PurgeError::UnknownRoute(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e @ PurgeError::BadPath(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e @ PurgeError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 
@@ -80,7 +148,15 @@ impl Admin {
             "listen": c.server.listen.to_string(),
             "tls": c.server.tls.is_some(),
             "upstream": c.upstream.url.to_string(),
-            "store": if c.redis.is_some() { "redis" } else { "embedded" },
+            "cache_store": match self.cache.as_ref().map(|c| c.store()) {
+                Some(CacheStore::Redis(_)) => "redis",
+                Some(CacheStore::Memory(_)) => "embedded",
+                None => "none",
+            },
+            "redis": match self.cache.as_ref().map(|c| c.store()) {
+                Some(CacheStore::Redis(r)) => json!({ "state": r.state().as_str(), "connected": r.connected() }),
+                _ => serde_json::Value::Null,
+            },
             "cache_enabled": c.cache_enabled,
             "rate_limit_enabled": c.rate_limit_enabled,
             "routes": routes,
@@ -90,6 +166,6 @@ impl Admin {
 
 impl Handler for Admin {
     fn call(&self, req: Request<Incoming>, _conn: Conn) -> impl Future<Output = Response<Body>> + Send {
-        std::future::ready(self.handle(&req))
+        self.handle(req)
     }
 }

@@ -20,14 +20,14 @@ use std::future::Future;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 pub use config::Config;
 pub use server::{Sidecache, StartError};
 
-/// Every body the proxy sends or receives: streamed from a peer, or written whole by the proxy.
-/// An enum rather than a boxed body, so pass-through costs no allocation for it.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// Every body the proxy sends or receives: streamed from a peer (and perhaps recorded for the
+/// cache), or written whole by the proxy. An enum rather than a boxed body, so pass-through costs
+/// no allocation for it.
+pub type Body = Either<cache::body::RecordingBody, Full<Bytes>>;
 
 /// Bind, serve until `shutdown` resolves, drain, return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {

@@ -29,6 +29,11 @@ pub const REDIS_OP_DURATION: &str = "sidecache_redis_op_duration_seconds";
 /// `sidecache_redis_errors_total{op,kind}`: operations that produced no value, by why.
 pub const REDIS_ERRORS_TOTAL: &str = "sidecache_redis_errors_total";
 
+/// `sidecache_cache_lookups_total{route,result}`: hit, miss, stale, bypass, error.
+pub const CACHE_LOOKUPS_TOTAL: &str = "sidecache_cache_lookups_total";
+/// `sidecache_cache_stores_total{route,result}`: stored, not_storable, too_large, dropped, error.
+pub const CACHE_STORES_TOTAL: &str = "sidecache_cache_stores_total";
+
 /// The `route` label of requests no route matched.
 pub const NO_ROUTE: &str = "-";
 
@@ -210,6 +215,16 @@ fn describe(r: &PrometheusRecorder) {
         text("Upstream exchanges that failed, by kind (connect, connect_timeout, timeout, protocol)."),
     );
     r.describe_gauge(KeyName::from_const_str(INFLIGHT_REQUESTS), None, text("Requests being handled now."));
+    r.describe_counter(
+        KeyName::from_const_str(CACHE_LOOKUPS_TOTAL),
+        None,
+        text("Cache lookups by route and result (hit, miss, stale, bypass, error)."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(CACHE_STORES_TOTAL),
+        None,
+        text("Responses offered to the cache by route and result (stored, not_storable, too_large, dropped, error)."),
+    );
     r.describe_gauge(
         KeyName::from_const_str(REDIS_UP),
         None,

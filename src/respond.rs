@@ -1,9 +1,13 @@
 //! Every response the proxy writes itself, and the one place where typed errors become HTTP.
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use crate::cache::entry::Entry;
+use crate::cache::policy;
 use crate::upstream::UpstreamError;
 use crate::Body;
 
@@ -39,4 +43,74 @@ pub fn upstream_error(e: &UpstreamError) -> Response<Body> {
         UpstreamError::Connect(_) => text(StatusCode::BAD_GATEWAY, "upstream unreachable\n"),
         UpstreamError::Protocol(_) => text(StatusCode::BAD_GATEWAY, "upstream closed the connection\n"),
     }
+}
+
+/// How the cache took part in a response; decides `Cache-Status` (RFC 9211) and `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// The route does not cache.
+    None,
+    /// Served from a fresh entry.
+    Hit,
+    /// Served from an expired entry because the upstream failed.
+    StaleOnError,
+    /// Forwarded: nothing usable was stored.
+    Miss,
+    /// Forwarded: the request may not use the cache.
+    Bypass,
+}
+
+/// `Cache-Status` and `X-Cache` for a forwarded response.
+pub fn cache_headers(headers: &mut HeaderMap, outcome: CacheOutcome) {
+    let (status, x_cache) = match outcome {
+        CacheOutcome::Miss => ("sidecache; fwd=miss", "MISS"),
+        CacheOutcome::Bypass => ("sidecache; fwd=bypass", "BYPASS"),
+        _ => return,
+    };
+    headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(status));
+    headers.insert(X_CACHE.clone(), HeaderValue::from_static(x_cache));
+}
+
+/// `Cache-Status` (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// `X-Cache`, for older dashboards.
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// Headers a 304 carries over from the stored response (RFC 9110 15.4.5).
+const NOT_MODIFIED_HEADERS: [HeaderName; 6] =
+    [header::CACHE_CONTROL, header::CONTENT_LOCATION, header::DATE, header::ETAG, header::EXPIRES, header::VARY];
+
+/// A response from a stored entry: its status, end-to-end headers and body unchanged, plus `Age`
+/// and the cache headers. A fresh entry answers a matching conditional request with 304; HEAD
+/// gets the headers without the body.
+pub fn from_entry(entry: &Entry, head: bool, request: Option<&HeaderMap>, outcome: CacheOutcome) -> Response<Body> {
+    let now = SystemTime::now();
+    let age = entry.age(now).as_secs();
+    let conditional_hit = outcome == CacheOutcome::Hit && request.is_some_and(|r| policy::not_modified(r, entry));
+    let mut resp = if conditional_hit {
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in &NOT_MODIFIED_HEADERS {
+            for value in entry.headers.get_all(name) {
+                resp.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        resp
+    } else {
+        let body = if head { Bytes::new() } else { entry.body.clone() };
+        let mut resp = Response::new(Either::Right(Full::new(body)));
+        *resp.status_mut() = entry.status;
+        *resp.headers_mut() = entry.headers.clone();
+        resp
+    };
+    let h = resp.headers_mut();
+    h.insert(header::AGE, HeaderValue::from(age));
+    let ttl = entry.lifetime.as_secs() as i64 - age as i64;
+    let (status, x_cache) = match outcome {
+        CacheOutcome::StaleOnError => (format!("sidecache; hit; ttl={ttl}; detail=stale-if-error"), "STALE"),
+        _ => (format!("sidecache; hit; ttl={ttl}"), "HIT"),
+    };
+    h.insert(CACHE_STATUS.clone(), HeaderValue::from_str(&status).expect("ASCII"));
+    h.insert(X_CACHE.clone(), HeaderValue::from_static(x_cache));
+    resp
 }

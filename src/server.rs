@@ -28,9 +28,11 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
+use crate::store::{CacheStore, MemoryStore, RedisStore};
 use crate::{tls, Body};
 
 /// A client has this long to finish the TLS handshake.
@@ -63,6 +65,9 @@ pub enum StartError {
     /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The Redis client could not be built (its URL was rejected).
+    #[error("redis.url cannot be used")]
+    Redis(#[source] crate::store::StoreError),
     /// A worker thread or its runtime could not be created.
     #[error("cannot start proxy worker threads")]
     Worker(#[source] std::io::Error),
@@ -86,6 +91,26 @@ pub struct Sidecache {
     admin: Arc<Admin>,
     metrics: Arc<Metrics>,
     state: Arc<ServerState>,
+    cache: Option<Arc<Cache>>,
+}
+
+/// The cache of the routes that have one: on Redis when configured, else the embedded store.
+/// Never waits for Redis: the client connects in the background.
+fn build_cache(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Cache>>, StartError> {
+    if !config.routes.iter().any(|r| r.cache.is_some()) {
+        return Ok(None);
+    }
+    let store = match &config.redis {
+        Some(redis) => CacheStore::Redis(RedisStore::start(redis, &metrics.registrar()).map_err(StartError::Redis)?),
+        None => {
+            tracing::info!(
+                memory_max = config.cache_memory_max,
+                "no [redis] url: the cache uses the embedded store, per instance only (replicas do not share it)"
+            );
+            CacheStore::Memory(MemoryStore::new(config.cache_memory_max))
+        }
+    };
+    Ok(Some(Arc::new(Cache::new(config, store, &metrics.registrar()))))
 }
 
 impl Sidecache {
@@ -100,11 +125,12 @@ impl Sidecache {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
         let state = Arc::new(ServerState { started: Instant::now(), draining: AtomicBool::new(false) });
+        let cache = build_cache(&config, &metrics)?;
         let proxies = (0..config.server.workers)
-            .map(|_| Proxy::new(&config, metrics.clone()).map(Arc::new))
+            .map(|_| Proxy::new(&config, metrics.clone(), cache.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let admin = Arc::new(Admin::new(config.clone(), metrics.clone(), state.clone()));
-        Ok(Sidecache { config, proxy_listener, admin_listener, tls, proxies, admin, metrics, state })
+        let admin = Arc::new(Admin::new(config.clone(), metrics.clone(), state.clone(), cache.clone()));
+        Ok(Sidecache { config, proxy_listener, admin_listener, tls, proxies, admin, metrics, state, cache })
     }
 
     /// The bound proxy address.
@@ -120,7 +146,7 @@ impl Sidecache {
     /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish within
     /// `server.shutdown_grace`, and return.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-        let Sidecache { config, proxy_listener, admin_listener, tls, proxies, admin, metrics, state } = self;
+        let Sidecache { config, proxy_listener, admin_listener, tls, proxies, admin, metrics, state, cache } = self;
         tracing::info!(
             proxy = %proxy_listener.local_addr().expect("bound"),
             admin = %admin_listener.local_addr().expect("bound"),
@@ -136,6 +162,16 @@ impl Sidecache {
         });
 
         warn_unapplied(&config);
+        // Another replica's route purge reaches this one within a refresh interval.
+        let generations = cache.filter(|c| matches!(c.store(), CacheStore::Redis(_))).map(|cache| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::cache::GENERATION_REFRESH);
+                loop {
+                    tick.tick().await;
+                    cache.refresh_generations().await;
+                }
+            })
+        });
 
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_builder = Arc::new(http_builder(&config));
@@ -194,25 +230,21 @@ impl Sidecache {
         let _ = admin_stop.send(());
         let _ = admin_task.await;
         upkeep.abort();
+        if let Some(task) = generations {
+            task.abort();
+        }
         started
     }
 }
 
-/// This version validates `cache`, `rate_limit` and `[redis]` but does not apply them yet: say
-/// so once at start-up, so nobody believes a limit is enforced.
+/// This version validates `rate_limit` but does not apply it yet: say so once at start-up, so
+/// nobody believes a limit is enforced.
 fn warn_unapplied(config: &Config) {
-    for route in &config.routes {
-        if route.cache.is_some() || route.rate_limit.is_some() {
-            tracing::warn!(
-                route = %route.name,
-                cache = route.cache.is_some(),
-                rate_limit = route.rate_limit.is_some(),
-                "route has cache/rate_limit settings that this version validates but does not apply yet; requests pass through"
-            );
-        }
-    }
-    if config.redis.is_some() {
-        tracing::warn!("[redis] is configured but not used by this version yet");
+    for route in config.routes.iter().filter(|r| r.rate_limit.is_some()) {
+        tracing::warn!(
+            route = %route.name,
+            "route has rate_limit settings that this version validates but does not apply yet; requests are not limited"
+        );
     }
 }
 

@@ -78,6 +78,8 @@ async fn redis_never_started_costs_no_wait_and_is_used_once_it_appears() {
     }
     assert!(started.elapsed() < BUDGET, "200 skipped calls took {:?}", started.elapsed());
     assert_eq!(store.state(), BreakerState::Down);
+    // Long after fred's first connection attempt failed: it must keep trying.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let mut redis = TestRedis::on_port(port, &[]);
     assert!(redis.spawn());

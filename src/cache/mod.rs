@@ -1,6 +1,344 @@
-//! The response cache (DESIGN.md 4): keys, the storing and freshness policy, and the stored
-//! entry's encoding. Not wired into the request path yet.
+//! The response cache (DESIGN.md 4): lookups that never fail a request, stores that never make
+//! the client wait, and purges. `key`, `policy` and `entry` hold the rules; this file holds the
+//! per-route state and talks to the store.
 
+pub mod body;
 pub mod entry;
 pub mod key;
 pub mod policy;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use metrics::Counter;
+use tokio::sync::Semaphore;
+
+use crate::config::{CacheConfig, Config};
+use crate::metrics::{Registrar, CACHE_LOOKUPS_TOTAL, CACHE_STORES_TOTAL};
+use crate::store::{CacheStore, StoreError};
+use body::Finish;
+use entry::Entry;
+use key::CacheKey;
+use policy::{Bypass, Phase};
+
+/// Store writes in flight at most; past it, writes are dropped and counted, never queued.
+const MAX_PENDING_WRITES: usize = 256;
+/// How often each replica re-reads the route generations (a route purge reaches the other
+/// replicas within this).
+pub const GENERATION_REFRESH: Duration = Duration::from_secs(1);
+
+/// What a lookup found.
+pub enum Lookup {
+    /// The request may not use the cache.
+    Bypass(Bypass),
+    /// A fresh entry.
+    Fresh(Box<Entry>, CacheKey),
+    /// An expired entry, expired this long ago.
+    Stale(Box<Entry>, CacheKey, Duration),
+    /// Nothing stored.
+    Miss(CacheKey),
+    /// The store could not answer in time: a miss.
+    Unavailable(CacheKey),
+}
+
+/// Lookup outcomes; also the `result` label of `cache_lookups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    /// Served from a fresh entry.
+    Hit,
+    /// Forwarded: nothing usable stored.
+    Miss,
+    /// Served from an expired entry.
+    Stale,
+    /// The request may not use the cache.
+    Bypass,
+    /// The store failed; forwarded.
+    Error,
+}
+
+impl LookupResult {
+    const ALL: [LookupResult; 5] = [Self::Hit, Self::Miss, Self::Stale, Self::Bypass, Self::Error];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+            Self::Bypass => "bypass",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Store outcomes; the `result` label of `cache_stores_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreResult {
+    /// Written.
+    Stored,
+    /// The response may not be stored (any policy reason).
+    NotStorable,
+    /// The body exceeded `max_body`.
+    TooLarge,
+    /// Too many writes in flight: dropped.
+    Dropped,
+    /// The store failed.
+    Error,
+}
+
+impl StoreResult {
+    const ALL: [StoreResult; 5] = [Self::Stored, Self::NotStorable, Self::TooLarge, Self::Dropped, Self::Error];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::NotStorable => "not_storable",
+            Self::TooLarge => "too_large",
+            Self::Dropped => "dropped",
+            Self::Error => "error",
+        }
+    }
+}
+
+struct RouteCache {
+    name: String,
+    config: CacheConfig,
+    generation: AtomicU64,
+    generation_key: String,
+    lookups: [Counter; 5],
+    stores: [Counter; 5],
+}
+
+impl RouteCache {
+    fn count_lookup(&self, r: LookupResult) {
+        self.lookups[r as usize].increment(1);
+    }
+
+    fn count_store(&self, r: StoreResult) {
+        self.stores[r as usize].increment(1);
+    }
+}
+
+/// Why a purge did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// No route of that name has a cache.
+    #[error("no cached route named {0:?}")]
+    UnknownRoute(String),
+    /// The path is not a valid request target.
+    #[error("path {0:?} is not a request target like \"/api/models?limit=10\"")]
+    BadPath(String),
+    /// The store failed.
+    #[error("the cache store could not be reached")]
+    Store(#[source] StoreError),
+}
+
+/// The cache of every route that has one.
+pub struct Cache {
+    store: Arc<CacheStore>,
+    prefix: String,
+    /// Indexed like the route table; `None` for routes without a cache.
+    routes: Vec<Option<Arc<RouteCache>>>,
+    writes: Arc<Semaphore>,
+}
+
+impl Cache {
+    /// The cache for the configured routes (those whose `cache` is set and enabled).
+    pub fn new(config: &Config, store: CacheStore, registrar: &Registrar<'_>) -> Cache {
+        let prefix = config.redis.as_ref().map_or_else(|| "sidecache:".to_string(), |r| r.key_prefix.clone());
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.cache.as_ref().map(|c| {
+                    let name = r.name.as_str();
+                    Arc::new(RouteCache {
+                        name: name.to_string(),
+                        config: c.clone(),
+                        generation: AtomicU64::new(0),
+                        generation_key: key::generation_key(&prefix, name),
+                        lookups: LookupResult::ALL.map(|l| {
+                            registrar.counter(CACHE_LOOKUPS_TOTAL, &[("route", name), ("result", l.as_str())])
+                        }),
+                        stores: StoreResult::ALL
+                            .map(|s| registrar.counter(CACHE_STORES_TOTAL, &[("route", name), ("result", s.as_str())])),
+                    })
+                })
+            })
+            .collect();
+        Cache { store: Arc::new(store), prefix, routes, writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)) }
+    }
+
+    /// Whether the route at `index` caches.
+    pub fn caches(&self, index: usize) -> bool {
+        self.routes.get(index).is_some_and(Option::is_some)
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &CacheStore {
+        &self.store
+    }
+
+    /// Look a request up. Never fails: a store error is [`Lookup::Unavailable`], a stored entry
+    /// that does not decode is a miss (and is deleted).
+    pub async fn lookup(&self, index: usize, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Lookup> {
+        let route = self.routes.get(index)?.as_ref()?;
+        if let Some(reason) = policy::request_bypass(method, headers, &route.config) {
+            return Some(Lookup::Bypass(reason));
+        }
+        let generation = route.generation.load(Ordering::Relaxed);
+        let key = key::cache_key(&self.prefix, &route.name, generation, uri, headers, &route.config);
+        let bytes = match self.store.get(&key.path_key, &key.variant).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Some(Lookup::Miss(key)),
+            Err(e) => {
+                tracing::debug!(route = %route.name, error = %e, "cache lookup failed; forwarding");
+                return Some(Lookup::Unavailable(key));
+            }
+        };
+        match Entry::decode(&bytes) {
+            Ok(entry) => Some(match policy::phase(&entry, SystemTime::now()) {
+                Phase::Fresh(_) => Lookup::Fresh(Box::new(entry), key),
+                Phase::Stale(by) => Lookup::Stale(Box::new(entry), key, by),
+            }),
+            Err(e) => {
+                tracing::debug!(route = %route.name, error = %e, "stored entry does not decode; deleting it");
+                let (store, doomed) = (self.store.clone(), key.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.remove(&doomed.path_key, &doomed.variant).await {
+                        tracing::debug!(error = %e, "could not delete an undecodable entry");
+                    }
+                });
+                Some(Lookup::Miss(key))
+            }
+        }
+    }
+
+    /// Count a lookup's outcome: the request path decides it (a stale entry may be served, or
+    /// be a miss).
+    pub fn count_lookup(&self, index: usize, result: LookupResult) {
+        if let Some(Some(route)) = self.routes.get(index) {
+            route.count_lookup(result);
+        }
+    }
+
+    /// A recorder for a GET response on a miss, or why the response is not stored.
+    pub fn recorder(
+        &self,
+        index: usize,
+        key: CacheKey,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<(usize, Box<dyn Finish>)> {
+        let route = self.routes.get(index)?.as_ref()?;
+        match policy::storable(status, headers, &route.config, SystemTime::now()) {
+            Ok(freshness) => {
+                let declared = headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok());
+                if declared.is_some_and(|n| n > route.config.max_body) {
+                    route.count_store(StoreResult::TooLarge);
+                    return None;
+                }
+                let pending = Pending {
+                    store: self.store.clone(),
+                    writes: self.writes.clone(),
+                    route: route.clone(),
+                    key,
+                    status,
+                    headers: headers.clone(),
+                    freshness,
+                };
+                Some((route.config.max_body, Box::new(pending)))
+            }
+            Err(reason) => {
+                tracing::debug!(route = %route.name, reason = reason.as_str(), "response not stored");
+                route.count_store(StoreResult::NotStorable);
+                None
+            }
+        }
+    }
+
+    /// Purge a whole route: bump its generation (O(1), every replica within a second).
+    pub async fn purge_route(&self, name: &str) -> Result<u64, PurgeError> {
+        let route = self.route_named(name)?;
+        let generation = self.store.bump_generation(&route.generation_key).await.map_err(PurgeError::Store)?;
+        route.generation.fetch_max(generation, Ordering::Relaxed);
+        Ok(generation)
+    }
+
+    /// Purge one request target of a route, every vary variant of it.
+    pub async fn purge_path(&self, name: &str, target: &str) -> Result<(), PurgeError> {
+        let route = self.route_named(name)?;
+        let uri: Uri = target.parse().map_err(|_| PurgeError::BadPath(target.to_string()))?;
+        if !target.starts_with('/') {
+            return Err(PurgeError::BadPath(target.to_string()));
+        }
+        let generation = route.generation.load(Ordering::Relaxed);
+        let path_key = key::path_key(&self.prefix, &route.name, generation, &uri, &route.config.query);
+        self.store.purge_path(&path_key).await.map_err(PurgeError::Store)
+    }
+
+    fn route_named(&self, name: &str) -> Result<&Arc<RouteCache>, PurgeError> {
+        self.routes.iter().flatten().find(|r| r.name == name).ok_or_else(|| PurgeError::UnknownRoute(name.to_string()))
+    }
+
+    /// Re-read every route's generation from the store (another replica may have purged).
+    pub async fn refresh_generations(&self) {
+        for route in self.routes.iter().flatten() {
+            match self.store.generation(&route.generation_key).await {
+                Ok(g) => {
+                    route.generation.fetch_max(g, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(route = %route.name, error = %e, "generation not refreshed"),
+            }
+        }
+    }
+}
+
+/// A storable response whose body is being recorded; written when the body is complete.
+struct Pending {
+    store: Arc<CacheStore>,
+    writes: Arc<Semaphore>,
+    route: Arc<RouteCache>,
+    key: CacheKey,
+    status: StatusCode,
+    headers: HeaderMap,
+    freshness: policy::Freshness,
+}
+
+impl Finish for Pending {
+    fn complete(self: Box<Self>, body: Bytes) {
+        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
+            self.route.count_store(StoreResult::Dropped);
+            return;
+        };
+        let keep_for = self.freshness.keep_for(policy::has_validators(&self.headers));
+        let entry = Entry {
+            status: self.status,
+            headers: self.headers,
+            body,
+            stored_at: SystemTime::now(),
+            lifetime: self.freshness.lifetime,
+            initial_age: self.freshness.initial_age,
+            stale_while_revalidate: self.freshness.stale_while_revalidate,
+            stale_if_error: self.freshness.stale_if_error,
+            must_revalidate: self.freshness.must_revalidate,
+        };
+        let (store, route, key) = (self.store, self.route, self.key);
+        tokio::spawn(async move {
+            let result = store.put(&key.path_key, &key.variant, entry.encode(), keep_for).await;
+            route.count_store(if result.is_ok() { StoreResult::Stored } else { StoreResult::Error });
+            drop(permit);
+        });
+    }
+
+    fn too_large(self: Box<Self>) {
+        self.route.count_store(StoreResult::TooLarge);
+    }
+}

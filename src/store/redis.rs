@@ -113,8 +113,10 @@ impl RedisStore {
     /// Must be called inside a tokio runtime: fred's tasks and the prober run on it.
     pub fn start(config: &RedisConfig, registrar: &Registrar<'_>) -> Result<RedisStore, StoreError> {
         let mut fred_config = FredConfig::from_url(&config.url).map_err(StoreError::Redis)?;
-        // Commands fail at once when fred knows it is disconnected.
-        fred_config.fail_fast = true;
+        // `true` would end fred's connection task at the first failed connect (Redis not up yet
+        // at start-up) and never retry: the reconnect policy must cover the first connection
+        // too. Requests never wait for it: the gate skips Redis while fred is not connected.
+        fred_config.fail_fast = false;
         let client = Builder::from_config(fred_config)
             .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))
             .with_connection_config(|c| {

@@ -208,6 +208,33 @@ async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> 
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-end-to-end", "kept".parse().unwrap());
         resp = Response::from_parts(resp.into_parts().0, full("hop"));
+    } else if path.starts_with("/gen") {
+        // A generated answer: "<target> #<n>" (n counts this upstream's requests), optionally with
+        // every byte value after it; status and headers from the `x-reply` request header, a JSON
+        // object like {"status": 200, "cache-control": "max-age=60"}.
+        let n = st.requests.load(Ordering::SeqCst);
+        let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+        let mut body = format!("{target} #{n}").into_bytes();
+        if req.headers().contains_key("x-reply-binary") {
+            body.extend((0..=255u8).cycle().take(1024));
+        }
+        if let Some(size) = req.headers().get("x-reply-size").and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+            body.resize(size, b'.');
+        }
+        resp = Response::new(full(body));
+        if let Some(reply) = req.headers().get("x-reply").and_then(|v| v.to_str().ok()) {
+            let reply: serde_json::Value = serde_json::from_str(reply).expect("x-reply is JSON");
+            for (name, value) in reply.as_object().expect("x-reply is an object") {
+                if name == "status" {
+                    *resp.status_mut() = StatusCode::from_u16(value.as_u64().unwrap() as u16).unwrap();
+                } else {
+                    resp.headers_mut().append(
+                        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        value.as_str().unwrap().parse().unwrap(),
+                    );
+                }
+            }
+        }
     } else if path == "/ws" {
         let key = req.headers().get("sec-websocket-key").cloned().unwrap();
         let on_upgrade = hyper::upgrade::on(&mut req);

@@ -1,0 +1,272 @@
+//! The response cache through the real server: headers and bodies of hits, misses and bypasses,
+//! every storing rule, key isolation, expiry, 304 and HEAD, purges, corrupt entries, the kill
+//! switch; on the embedded store and on a redis-server of the test's own.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::redis::TestRedis;
+use support::*;
+
+const ROUTES: &str = r#"
+[[route]]
+name = "cached"
+path = "/gen/*"
+cache = { ttl = "60s", vary = ["Accept-Encoding"], max_body = 4096 }
+[[route]]
+name = "short"
+path = "/short/*"
+cache = { ttl = "1s" }
+[[route]]
+name = "plain"
+path = "/gen2/*"
+cache = { ttl = "60s" }
+"#;
+
+struct Setup {
+    upstream: TestUpstream,
+    proxy: TestProxy,
+    _redis: Option<TestRedis>,
+}
+
+async fn embedded() -> Setup {
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, ROUTES)).await;
+    Setup { upstream, proxy, _redis: None }
+}
+
+async fn on_redis() -> Setup {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let extra = format!("{ROUTES}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
+    let proxy = TestProxy::start(&config_text(upstream.addr, &extra)).await;
+    wait_for_redis(&proxy).await;
+    Setup { upstream, proxy, _redis: Some(redis) }
+}
+
+async fn wait_for_redis(proxy: &TestProxy) {
+    for _ in 0..250 {
+        let status = get(&proxy.admin_url("/status")).await.json();
+        if status["redis"]["connected"] == true && status["redis"]["state"] == "up" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("proxy never connected to redis");
+}
+
+fn metrics_value(text: &str, route: &str, family: &str, result: &str) -> f64 {
+    metric(text, &format!(r#"sidecache_{family}_total{{route="{route}",result="{result}"}}"#)).unwrap_or(0.0)
+}
+
+/// Waits until `n` responses of `route` were written to the store (writes never delay a response).
+async fn stored(proxy: &TestProxy, route: &str, n: f64) {
+    for _ in 0..250 {
+        if metrics_value(&get(&proxy.admin_url("/metrics")).await.text(), route, "cache_stores", "stored") >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{route}: {n} stores not reached");
+}
+
+async fn req(proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> Answer {
+    send(Method::GET, &proxy.url(path), headers, Bytes::new()).await
+}
+
+async fn miss_then_hit(s: &Setup) {
+    let first = req(&s.proxy, "/gen/a?x=1", &[("x-reply-binary", "1")]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers["x-cache"], "MISS");
+    assert_eq!(first.headers["cache-status"], "sidecache; fwd=miss");
+    stored(&s.proxy, "cached", 1.0).await;
+
+    let hit = req(&s.proxy, "/gen/a?x=1", &[("x-reply-binary", "1")]).await;
+    assert_eq!(hit.status, StatusCode::OK);
+    assert_eq!(hit.headers["x-cache"], "HIT");
+    assert!(hit.headers["cache-status"].to_str().unwrap().starts_with("sidecache; hit; ttl="), "{:?}", hit.headers);
+    assert!(hit.headers.contains_key("age"));
+    assert_eq!(hit.headers["via"], "1.1 sidecache", "one Via, not one per replay");
+    assert!(hit.body == first.body, "a hit replays the stored body byte for byte");
+    assert_eq!(s.upstream.requests(), 1);
+    let m = get(&s.proxy.admin_url("/metrics")).await.text();
+    assert_eq!(metrics_value(&m, "cached", "cache_lookups", "hit"), 1.0, "{m}");
+    assert_eq!(metrics_value(&m, "cached", "cache_lookups", "miss"), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn miss_then_hit_on_the_embedded_store() {
+    miss_then_hit(&embedded().await).await;
+}
+
+#[tokio::test]
+async fn miss_then_hit_on_redis() {
+    miss_then_hit(&on_redis().await).await;
+}
+
+#[tokio::test]
+async fn credentials_bypass_the_cache() {
+    let s = embedded().await;
+    for _ in 0..2 {
+        let a = req(&s.proxy, "/gen/private", &[("authorization", "Bearer t")]).await;
+        assert_eq!(
+            (a.headers["x-cache"].to_str().unwrap(), a.headers["cache-status"].to_str().unwrap()),
+            ("BYPASS", "sidecache; fwd=bypass")
+        );
+        let c = req(&s.proxy, "/gen/private", &[("cookie", "s=1")]).await;
+        assert_eq!(c.headers["x-cache"], "BYPASS");
+    }
+    assert_eq!(s.upstream.requests(), 4);
+}
+
+#[tokio::test]
+async fn responses_that_must_not_be_stored_are_fetched_every_time() {
+    let s = embedded().await;
+    let cases: &[(&str, &str)] = &[
+        ("/gen/no-store", r#"{"cache-control": "no-store"}"#),
+        ("/gen/private", r#"{"cache-control": "private, max-age=60"}"#),
+        ("/gen/cookie", r#"{"set-cookie": "s=1"}"#),
+        ("/gen/vary-star", r#"{"vary": "*"}"#),
+        ("/gen/vary-other", r#"{"vary": "User-Agent"}"#),
+        ("/gen/status", r#"{"status": 500}"#),
+    ];
+    for (path, reply) in cases {
+        let a = req(&s.proxy, path, &[("x-reply", reply)]).await;
+        let b = req(&s.proxy, path, &[("x-reply", reply)]).await;
+        assert_eq!(b.headers["x-cache"], "MISS", "{path} was served from the cache");
+        assert_ne!(a.body, b.body, "{path}");
+    }
+    let big = req(&s.proxy, "/gen/big", &[("x-reply-size", "5000")]).await;
+    assert_eq!(big.body.len(), 5000, "bodies over max_body stream through whole");
+    let again = req(&s.proxy, "/gen/big", &[("x-reply-size", "5000")]).await;
+    assert_eq!(again.headers["x-cache"], "MISS");
+    let m = get(&s.proxy.admin_url("/metrics")).await.text();
+    assert_eq!(metrics_value(&m, "cached", "cache_stores", "not_storable"), 12.0, "{m}");
+    assert_eq!(metrics_value(&m, "cached", "cache_stores", "too_large"), 2.0, "{m}");
+    assert_eq!(metrics_value(&m, "cached", "cache_stores", "stored"), 0.0, "{m}");
+}
+
+#[tokio::test]
+async fn keys_separate_queries_vary_values_and_routes() {
+    let s = embedded().await;
+    req(&s.proxy, "/gen/k?b=2&a=1", &[]).await;
+    stored(&s.proxy, "cached", 1.0).await;
+    assert_eq!(req(&s.proxy, "/gen/k?a=1&b=2", &[]).await.headers["x-cache"], "HIT", "sorted query is the default");
+    assert_eq!(req(&s.proxy, "/gen/k?a=1&b=3", &[]).await.headers["x-cache"], "MISS");
+    req(&s.proxy, "/gen/v", &[("accept-encoding", "gzip"), ("x-reply", r#"{"vary": "Accept-Encoding"}"#)]).await;
+    stored(&s.proxy, "cached", 3.0).await;
+    assert_eq!(req(&s.proxy, "/gen/v", &[("accept-encoding", "gzip")]).await.headers["x-cache"], "HIT");
+    assert_eq!(req(&s.proxy, "/gen/v", &[("accept-encoding", "br")]).await.headers["x-cache"], "MISS");
+    assert_eq!(req(&s.proxy, "/short/k?a=1&b=2", &[]).await.headers["x-cache"], "MISS", "another route");
+}
+
+#[tokio::test]
+async fn entries_expire_with_the_route_ttl_and_the_origin_max_age() {
+    let s = embedded().await;
+    req(&s.proxy, "/short/x", &[]).await;
+    req(&s.proxy, "/gen/m", &[("x-reply", r#"{"cache-control": "max-age=1"}"#)]).await;
+    stored(&s.proxy, "short", 1.0).await;
+    stored(&s.proxy, "cached", 1.0).await;
+    assert_eq!(req(&s.proxy, "/short/x", &[]).await.headers["x-cache"], "HIT");
+    assert_eq!(req(&s.proxy, "/gen/m", &[]).await.headers["x-cache"], "HIT");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(req(&s.proxy, "/short/x", &[]).await.headers["x-cache"], "MISS", "route ttl 1s");
+    assert_eq!(req(&s.proxy, "/gen/m", &[]).await.headers["x-cache"], "MISS", "origin max-age=1 under a 60s ttl");
+}
+
+#[tokio::test]
+async fn conditional_requests_get_304_and_head_is_served_from_the_get_entry() {
+    let s = embedded().await;
+    let reply = r#"{"etag": "\"v1\"", "content-type": "text/plain"}"#;
+    let first = req(&s.proxy, "/gen/c", &[("x-reply", reply)]).await;
+    stored(&s.proxy, "cached", 1.0).await;
+    let nm = req(&s.proxy, "/gen/c", &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(nm.status, StatusCode::NOT_MODIFIED);
+    assert!(nm.body.is_empty());
+    assert_eq!(nm.headers["etag"], "\"v1\"");
+    assert_eq!(nm.headers["x-cache"], "HIT");
+    let changed = req(&s.proxy, "/gen/c", &[("if-none-match", "\"v0\"")]).await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert_eq!(changed.body, first.body);
+
+    let head = send(Method::HEAD, &s.proxy.url("/gen/c"), &[], Bytes::new()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.headers["x-cache"], "HIT");
+    assert!(head.body.is_empty());
+    assert_eq!(head.headers["content-length"], first.body.len().to_string());
+    assert_eq!(s.upstream.requests(), 1);
+}
+
+async fn purge(proxy: &TestProxy, body: &str) -> Answer {
+    send(Method::POST, &proxy.admin_url("/purge"), &[("content-type", "application/json")], body.to_string()).await
+}
+
+async fn purges(s: &Setup) {
+    for path in ["/gen/p1", "/gen/p2"] {
+        req(&s.proxy, path, &[]).await;
+    }
+    req(&s.proxy, "/gen/p1", &[("accept-encoding", "gzip")]).await;
+    stored(&s.proxy, "cached", 3.0).await;
+
+    let one = purge(&s.proxy, r#"{"route": "cached", "path": "/gen/p1"}"#).await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.text());
+    assert_eq!(req(&s.proxy, "/gen/p1", &[]).await.headers["x-cache"], "MISS");
+    assert_eq!(
+        req(&s.proxy, "/gen/p1", &[("accept-encoding", "gzip")]).await.headers["x-cache"],
+        "MISS",
+        "every variant"
+    );
+    assert_eq!(req(&s.proxy, "/gen/p2", &[]).await.headers["x-cache"], "HIT", "other paths stay");
+
+    let all = purge(&s.proxy, r#"{"route": "cached"}"#).await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert_eq!(all.json()["generation"], 1);
+    assert_eq!(req(&s.proxy, "/gen/p2", &[]).await.headers["x-cache"], "MISS");
+
+    assert_eq!(purge(&s.proxy, r#"{"route": "nope"}"#).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(purge(&s.proxy, r#"{"rout": "cached"}"#).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(purge(&s.proxy, r#"{"route": "cached", "path": "no-slash"}"#).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(get(&s.proxy.admin_url("/purge")).await.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn purge_a_path_and_a_route_on_the_embedded_store() {
+    purges(&embedded().await).await;
+}
+
+#[tokio::test]
+async fn purge_a_path_and_a_route_on_redis() {
+    purges(&on_redis().await).await;
+}
+
+#[tokio::test]
+async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
+    let s = on_redis().await;
+    let redis = s._redis.as_ref().unwrap();
+    req(&s.proxy, "/gen2/z", &[]).await;
+    stored(&s.proxy, "plain", 1.0).await;
+    assert_eq!(redis.command(&["HSET", "sidecache:c:plain:0:g:/gen2/z", "-", "garbage"]), ":0", "overwrote the entry");
+    let a = req(&s.proxy, "/gen2/z", &[]).await;
+    assert_eq!((a.status, a.headers["x-cache"].to_str().unwrap()), (StatusCode::OK, "MISS"));
+    stored(&s.proxy, "plain", 2.0).await;
+    assert_eq!(req(&s.proxy, "/gen2/z", &[]).await.headers["x-cache"], "HIT");
+    assert_eq!(s.upstream.requests(), 2);
+}
+
+#[tokio::test]
+async fn the_kill_switch_turns_the_cache_off() {
+    let upstream = TestUpstream::spawn().await;
+    let env: HashMap<String, String> = [("SIDECACHE_CACHE_ENABLED".to_string(), "false".to_string())].into();
+    let proxy = TestProxy::start_with_env(&config_text(upstream.addr, ROUTES), &env).await;
+    for _ in 0..2 {
+        let a = req(&proxy, "/gen/k", &[]).await;
+        assert!(a.headers.get("x-cache").is_none() && a.headers.get("cache-status").is_none());
+    }
+    assert_eq!(upstream.requests(), 2);
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!((status["cache_enabled"].as_bool(), status["cache_store"].as_str()), (Some(false), Some("none")));
+}
