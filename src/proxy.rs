@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cache::body::RecordingBody;
+use crate::cache::coalesce::{self, Join};
 use crate::cache::{Cache, Lookup, LookupResult};
 use crate::config::Config;
 use crate::metrics::{Metrics, NO_ROUTE};
@@ -116,6 +117,23 @@ impl Proxy {
             }
             let method = req.method().clone();
 
+            // Coalescing: one upstream fetch per missing key in this process; the others wait for
+            // it (at most the response budget) and forward on their own if it yields nothing.
+            let mut flight = None;
+            if let (Some((_, cache)), Some(key)) = (cache, &miss_key) {
+                match cache.join(key) {
+                    Join::Lead(guard) if method == Method::GET => flight = Some(guard),
+                    Join::Lead(_) => {}
+                    Join::Follow(rx) => {
+                        if let Some(entry) = coalesce::follow(rx, self.upstream.response_timeout()).await {
+                            let response =
+                                respond::from_entry(&entry, method == Method::HEAD, None, CacheOutcome::Collapsed);
+                            return self.finish(response, route.map(|r| r.index), started, &conn);
+                        }
+                    }
+                }
+            }
+
             // 3. Forward, keeping an HTTP/1.1 upgrade's handshake headers so the backend can accept it.
             let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -152,7 +170,7 @@ impl Proxy {
                     // A GET miss on a cacheable response is recorded as it streams to the client.
                     let recorder = match (cache, miss_key) {
                         (Some((index, cache)), Some(key)) if method == Method::GET => {
-                            cache.recorder(index, key, response.status(), response.headers())
+                            cache.recorder(index, key, response.status(), response.headers(), flight.take())
                         }
                         _ => None,
                     };

@@ -54,6 +54,8 @@ pub enum CacheOutcome {
     Hit,
     /// Served from an expired entry because the upstream failed.
     StaleOnError,
+    /// Served from the response another request in flight fetched.
+    Collapsed,
     /// Forwarded: nothing usable was stored.
     Miss,
     /// Forwarded: the request may not use the cache.
@@ -108,6 +110,7 @@ pub fn from_entry(entry: &Entry, head: bool, request: Option<&HeaderMap>, outcom
     let ttl = entry.lifetime.as_secs() as i64 - age as i64;
     let (status, x_cache) = match outcome {
         CacheOutcome::StaleOnError => (format!("sidecache; hit; ttl={ttl}; detail=stale-if-error"), "STALE"),
+        CacheOutcome::Collapsed => ("sidecache; fwd=miss; collapsed".to_string(), "MISS"),
         _ => (format!("sidecache; hit; ttl={ttl}"), "HIT"),
     };
     h.insert(CACHE_STATUS.clone(), HeaderValue::from_str(&status).expect("ASCII"));

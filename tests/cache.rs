@@ -25,6 +25,10 @@ cache = { ttl = "1s" }
 name = "plain"
 path = "/gen2/*"
 cache = { ttl = "60s" }
+[[route]]
+name = "fallback"
+path = "/gen3/*"
+cache = { ttl = "1s", stale_if_error = "60s" }
 "#;
 
 struct Setup {
@@ -269,4 +273,67 @@ async fn the_kill_switch_turns_the_cache_off() {
     assert_eq!(upstream.requests(), 2);
     let status = get(&proxy.admin_url("/status")).await.json();
     assert_eq!((status["cache_enabled"].as_bool(), status["cache_store"].as_str()), (Some(false), Some("none")));
+}
+
+#[tokio::test]
+async fn fifty_concurrent_cold_requests_cause_one_upstream_request() {
+    let s = embedded().await;
+    let url = s.proxy.url("/gen/cold");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { send(Method::GET, &url, &[("x-reply-delay-ms", "300")], Bytes::new()).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        bodies.push(a.body);
+    }
+    assert_eq!(s.upstream.requests(), 1, "one upstream request for 50 concurrent misses");
+    assert!(bodies.iter().all(|b| *b == bodies[0]), "everyone got the same response");
+}
+
+#[tokio::test]
+async fn a_fetch_that_yields_nothing_releases_the_waiters() {
+    let s = embedded().await;
+    let url = s.proxy.url("/gen/fails");
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            let headers = [("x-reply-delay-ms", "200"), ("x-reply", r#"{"status": 503}"#)];
+            tokio::spawn(async move { send(Method::GET, &url, &headers, Bytes::new()).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "waiters were released, took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_expired_entry_when_the_upstream_fails() {
+    let s = embedded().await;
+    let first = req(&s.proxy, "/gen3/s", &[]).await;
+    stored(&s.proxy, "fallback", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let failing = req(&s.proxy, "/gen3/s", &[("x-reply", r#"{"status": 503}"#)]).await;
+    assert_eq!(failing.status, StatusCode::OK);
+    assert_eq!(failing.headers["x-cache"], "STALE");
+    assert!(failing.headers["cache-status"].to_str().unwrap().contains("detail=stale-if-error"));
+    assert_eq!(failing.body, first.body);
+    let fine = req(&s.proxy, "/gen3/s", &[]).await;
+    assert_eq!(fine.headers["x-cache"], "MISS", "a working upstream answers, not the stale entry");
+    assert_ne!(fine.body, first.body);
+    let m = get(&s.proxy.admin_url("/metrics")).await.text();
+    assert_eq!(metrics_value(&m, "fallback", "cache_lookups", "stale"), 1.0, "{m}");
+
+    let must = req(&s.proxy, "/gen3/m", &[("x-reply", r#"{"cache-control": "max-age=1, must-revalidate"}"#)]).await;
+    assert_eq!(must.status, StatusCode::OK);
+    stored(&s.proxy, "fallback", 3.0).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refused = req(&s.proxy, "/gen3/m", &[("x-reply", r#"{"status": 503}"#)]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "must-revalidate forbids serving it stale");
 }

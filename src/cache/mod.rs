@@ -3,6 +3,7 @@
 //! per-route state and talks to the store.
 
 pub mod body;
+pub mod coalesce;
 pub mod entry;
 pub mod key;
 pub mod policy;
@@ -20,6 +21,7 @@ use crate::config::{CacheConfig, Config};
 use crate::metrics::{Registrar, CACHE_LOOKUPS_TOTAL, CACHE_STORES_TOTAL};
 use crate::store::{CacheStore, StoreError};
 use body::Finish;
+use coalesce::{FlightGuard, Flights, Join};
 use entry::Entry;
 use key::CacheKey;
 use policy::{Bypass, Phase};
@@ -144,6 +146,7 @@ pub struct Cache {
     /// Indexed like the route table; `None` for routes without a cache.
     routes: Vec<Option<Arc<RouteCache>>>,
     writes: Arc<Semaphore>,
+    flights: Arc<Flights>,
 }
 
 impl Cache {
@@ -170,7 +173,13 @@ impl Cache {
                 })
             })
             .collect();
-        Cache { store: Arc::new(store), prefix, routes, writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)) }
+        Cache {
+            store: Arc::new(store),
+            prefix,
+            routes,
+            writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
+            flights: Arc::new(Flights::default()),
+        }
     }
 
     /// Whether the route at `index` caches.
@@ -226,13 +235,20 @@ impl Cache {
         }
     }
 
-    /// A recorder for a GET response on a miss, or why the response is not stored.
+    /// Lead the fetch of a missing key, or follow the fetch already in progress in this process.
+    pub fn join(&self, key: &CacheKey) -> Join {
+        self.flights.join(format!("{}\0{}", key.path_key, key.variant))
+    }
+
+    /// A recorder for a GET response on a miss (publishing to the flight's followers when the
+    /// body is complete), or `None` when the response is not stored.
     pub fn recorder(
         &self,
         index: usize,
         key: CacheKey,
         status: StatusCode,
         headers: &HeaderMap,
+        flight: Option<FlightGuard>,
     ) -> Option<(usize, Box<dyn Finish>)> {
         let route = self.routes.get(index)?.as_ref()?;
         match policy::storable(status, headers, &route.config, SystemTime::now()) {
@@ -253,6 +269,7 @@ impl Cache {
                     status,
                     headers: headers.clone(),
                     freshness,
+                    flight,
                 };
                 Some((route.config.max_body, Box::new(pending)))
             }
@@ -310,16 +327,14 @@ struct Pending {
     status: StatusCode,
     headers: HeaderMap,
     freshness: policy::Freshness,
+    /// Followers waiting for this response; dropped unpublished, it releases them.
+    flight: Option<FlightGuard>,
 }
 
 impl Finish for Pending {
     fn complete(self: Box<Self>, body: Bytes) {
-        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
-            self.route.count_store(StoreResult::Dropped);
-            return;
-        };
         let keep_for = self.freshness.keep_for(policy::has_validators(&self.headers));
-        let entry = Entry {
+        let entry = Arc::new(Entry {
             status: self.status,
             headers: self.headers,
             body,
@@ -329,6 +344,13 @@ impl Finish for Pending {
             stale_while_revalidate: self.freshness.stale_while_revalidate,
             stale_if_error: self.freshness.stale_if_error,
             must_revalidate: self.freshness.must_revalidate,
+        });
+        if let Some(flight) = self.flight {
+            flight.publish(entry.clone());
+        }
+        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
+            self.route.count_store(StoreResult::Dropped);
+            return;
         };
         let (store, route, key) = (self.store, self.route, self.key);
         tokio::spawn(async move {

@@ -109,6 +109,11 @@ impl Upstream {
         })
     }
 
+    /// The budget for a response head.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Point a request prepared by [`prepare`] at the backend and send it. The response head must
     /// arrive within `response_timeout`; the body then streams without a total deadline (a
     /// download may legitimately take long). Dropping the returned future cancels the exchange.

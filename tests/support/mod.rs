@@ -213,6 +213,9 @@ async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> 
         // every byte value after it; status and headers from the `x-reply` request header, a JSON
         // object like {"status": 200, "cache-control": "max-age=60"}.
         let n = st.requests.load(Ordering::SeqCst);
+        if let Some(ms) = req.headers().get("x-reply-delay-ms").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
         let mut body = format!("{target} #{n}").into_bytes();
         if req.headers().contains_key("x-reply-binary") {
