@@ -46,9 +46,10 @@ pub fn upstream_error(e: &UpstreamError) -> Response<Body> {
 }
 
 /// How the cache took part in a response; decides `Cache-Status` (RFC 9211) and `X-Cache`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheOutcome {
     /// The route does not cache.
+    #[default]
     None,
     /// Served from a fresh entry.
     Hit,
@@ -56,6 +57,10 @@ pub enum CacheOutcome {
     StaleOnError,
     /// Served from the response another request in flight fetched.
     Collapsed,
+    /// Served from an expired entry while it is refreshed in the background.
+    StaleWhileRevalidate,
+    /// Served from an expired entry the upstream confirmed with a 304.
+    Revalidated,
     /// Forwarded: nothing usable was stored.
     Miss,
     /// Forwarded: the request may not use the cache.
@@ -111,6 +116,10 @@ pub fn from_entry(entry: &Entry, head: bool, request: Option<&HeaderMap>, outcom
     let (status, x_cache) = match outcome {
         CacheOutcome::StaleOnError => (format!("sidecache; hit; ttl={ttl}; detail=stale-if-error"), "STALE"),
         CacheOutcome::Collapsed => ("sidecache; fwd=miss; collapsed".to_string(), "MISS"),
+        CacheOutcome::StaleWhileRevalidate => {
+            (format!("sidecache; hit; ttl={ttl}; detail=stale-while-revalidate"), "STALE")
+        }
+        CacheOutcome::Revalidated => ("sidecache; fwd=stale; fwd-status=304".to_string(), "REVALIDATED"),
         _ => (format!("sidecache; hit; ttl={ttl}"), "HIT"),
     };
     h.insert(CACHE_STATUS.clone(), HeaderValue::from_str(&status).expect("ASCII"));

@@ -29,6 +29,14 @@ cache = { ttl = "60s" }
 name = "fallback"
 path = "/gen3/*"
 cache = { ttl = "1s", stale_if_error = "60s" }
+[[route]]
+name = "brief"
+path = "/gen4/*"
+cache = { ttl = "1s" }
+[[route]]
+name = "swr"
+path = "/gen5/*"
+cache = { ttl = "1s", stale_while_revalidate = "60s" }
 "#;
 
 struct Setup {
@@ -336,4 +344,49 @@ async fn stale_if_error_serves_the_expired_entry_when_the_upstream_fails() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let refused = req(&s.proxy, "/gen3/m", &[("x-reply", r#"{"status": 503}"#)]).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "must-revalidate forbids serving it stale");
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
+    let s = embedded().await;
+    let first = req(&s.proxy, "/gen5/w", &[]).await;
+    stored(&s.proxy, "swr", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Ten concurrent requests on the expired entry, the upstream now slow: all answered at once
+    // from the stale entry, one refresh in the background.
+    let slow = [("x-reply-delay-ms", "500")];
+    let started = tokio::time::Instant::now();
+    let answers: Vec<Answer> = futures_util::future::join_all((0..10).map(|_| req(&s.proxy, "/gen5/w", &slow))).await;
+    assert!(started.elapsed() < Duration::from_millis(400), "stale answers waited: {:?}", started.elapsed());
+    for a in &answers {
+        assert_eq!(a.headers["x-cache"], "STALE");
+        assert!(a.headers["cache-status"].to_str().unwrap().contains("stale-while-revalidate"));
+        assert_eq!(a.body, first.body);
+    }
+    stored(&s.proxy, "swr", 2.0).await;
+    assert_eq!(s.upstream.requests(), 2, "one background refresh for ten stale answers");
+    let refreshed = req(&s.proxy, "/gen5/w", &[]).await;
+    assert_eq!(refreshed.headers["x-cache"], "HIT");
+    assert_ne!(refreshed.body, first.body, "the refreshed response");
+}
+
+#[tokio::test]
+async fn a_stale_entry_with_validators_is_revalidated_by_a_conditional_request() {
+    let s = embedded().await;
+    let etag = [("x-reply", r#"{"etag": "\"v1\""}"#), ("x-reply-304-if", "\"v1\"")];
+    let first = req(&s.proxy, "/gen4/r", &etag).await;
+    stored(&s.proxy, "brief", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let again = req(&s.proxy, "/gen4/r", &etag).await;
+    assert_eq!(again.status, StatusCode::OK, "the client asked unconditionally and gets the body");
+    assert_eq!(again.headers["x-cache"], "REVALIDATED");
+    assert_eq!(again.headers["x-revalidated"], "yes", "the 304's headers were merged");
+    assert_eq!(again.headers["etag"], "\"v1\"");
+    assert_eq!(again.body, first.body, "the body was not transferred again");
+    assert_eq!(s.upstream.requests(), 2);
+    stored(&s.proxy, "brief", 2.0).await;
+    assert_eq!(req(&s.proxy, "/gen4/r", &[]).await.headers["x-cache"], "HIT", "fresh again after the 304");
+    assert_eq!(s.upstream.requests(), 2);
 }

@@ -128,6 +128,8 @@ async fn redis_killed_then_restarted_empty() {
     load.wait_for_hits(Duration::from_secs(5)).await;
 
     redis.kill();
+    // Requests whose lookup was answered just before the kill may still finish as hits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     load.reset();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(load.slowest() < SLOWEST, "slowest {:?} with redis dead", load.slowest());

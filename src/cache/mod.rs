@@ -7,6 +7,7 @@ pub mod coalesce;
 pub mod entry;
 pub mod key;
 pub mod policy;
+pub mod revalidate;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -281,6 +282,45 @@ impl Cache {
         }
     }
 
+    /// The cache settings of the route at `index`.
+    pub fn config(&self, index: usize) -> Option<&CacheConfig> {
+        self.routes.get(index)?.as_ref().map(|r| &r.config)
+    }
+
+    /// Store a whole response already in hand (a background refresh), publishing it to the
+    /// flight's followers; not stored when the policy refuses it or it exceeds `max_body`.
+    pub fn store_whole(
+        &self,
+        index: usize,
+        key: CacheKey,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        flight: Option<FlightGuard>,
+    ) {
+        if let Some((limit, finish)) = self.recorder(index, key, status, headers, flight) {
+            if body.len() <= limit {
+                finish.complete(body);
+            } else {
+                finish.too_large();
+            }
+        }
+    }
+
+    /// Store an entry refreshed by a 304 (fire-and-forget, like every write).
+    pub fn put_entry(&self, index: usize, key: CacheKey, entry: Arc<Entry>) {
+        let Some(route) = self.routes.get(index).and_then(Option::as_ref) else { return };
+        let keep_for = policy::Freshness {
+            lifetime: entry.lifetime,
+            initial_age: entry.initial_age,
+            stale_while_revalidate: entry.stale_while_revalidate,
+            stale_if_error: entry.stale_if_error,
+            must_revalidate: entry.must_revalidate,
+        }
+        .keep_for(policy::has_validators(&entry.headers));
+        write(self.store.clone(), self.writes.clone(), route.clone(), key, entry, keep_for);
+    }
+
     /// Purge a whole route: bump its generation (O(1), every replica within a second).
     pub async fn purge_route(&self, name: &str) -> Result<u64, PurgeError> {
         let route = self.route_named(name)?;
@@ -318,6 +358,27 @@ impl Cache {
     }
 }
 
+/// Write an entry in the background, at most `MAX_PENDING_WRITES` at once; past that the write
+/// is dropped and counted, never queued.
+fn write(
+    store: Arc<CacheStore>,
+    writes: Arc<Semaphore>,
+    route: Arc<RouteCache>,
+    key: CacheKey,
+    entry: Arc<Entry>,
+    keep_for: Duration,
+) {
+    let Ok(permit) = writes.try_acquire_owned() else {
+        route.count_store(StoreResult::Dropped);
+        return;
+    };
+    tokio::spawn(async move {
+        let result = store.put(&key.path_key, &key.variant, entry.encode(), keep_for).await;
+        route.count_store(if result.is_ok() { StoreResult::Stored } else { StoreResult::Error });
+        drop(permit);
+    });
+}
+
 /// A storable response whose body is being recorded; written when the body is complete.
 struct Pending {
     store: Arc<CacheStore>,
@@ -348,16 +409,7 @@ impl Finish for Pending {
         if let Some(flight) = self.flight {
             flight.publish(entry.clone());
         }
-        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
-            self.route.count_store(StoreResult::Dropped);
-            return;
-        };
-        let (store, route, key) = (self.store, self.route, self.key);
-        tokio::spawn(async move {
-            let result = store.put(&key.path_key, &key.variant, entry.encode(), keep_for).await;
-            route.count_store(if result.is_ok() { StoreResult::Stored } else { StoreResult::Error });
-            drop(permit);
-        });
+        write(self.store, self.writes, self.route, self.key, entry, keep_for);
     }
 
     fn too_large(self: Box<Self>) {

@@ -294,5 +294,46 @@ pub fn not_modified(request: &HeaderMap, entry: &Entry) -> bool {
     }
 }
 
+/// The validators to send when refreshing `entry` (RFC 9111 4.3.1), empty when it has none.
+pub fn conditional_headers(entry: &Entry) -> Vec<(HeaderName, http::HeaderValue)> {
+    let mut out = Vec::new();
+    if let Some(etag) = entry.headers.get(header::ETAG) {
+        out.push((header::IF_NONE_MATCH, etag.clone()));
+    }
+    if let Some(modified) = entry.headers.get(header::LAST_MODIFIED) {
+        out.push((header::IF_MODIFIED_SINCE, modified.clone()));
+    }
+    out
+}
+
+/// The entry after a 304: the 304's headers replace the stored ones of the same names (RFC 9111
+/// 4.3.4), freshness is computed anew from the merged headers, the body is kept. `None` when the
+/// merged response may no longer be stored.
+pub fn refreshed(entry: &Entry, not_modified: &HeaderMap, cfg: &CacheConfig, now: SystemTime) -> Option<Entry> {
+    let mut headers = entry.headers.clone();
+    for name in not_modified.keys() {
+        // Framing and hop-by-hop fields of the 304 say nothing about the stored body.
+        if matches!(*name, header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION) {
+            continue;
+        }
+        headers.remove(name);
+        for value in not_modified.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let freshness = storable(entry.status, &headers, cfg, now).ok()?;
+    Some(Entry {
+        status: entry.status,
+        headers,
+        body: entry.body.clone(),
+        stored_at: now,
+        lifetime: freshness.lifetime,
+        initial_age: freshness.initial_age,
+        stale_while_revalidate: freshness.stale_while_revalidate,
+        stale_if_error: freshness.stale_if_error,
+        must_revalidate: freshness.must_revalidate,
+    })
+}
+
 #[cfg(test)]
 mod tests;

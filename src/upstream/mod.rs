@@ -64,7 +64,8 @@ impl UpstreamError {
     }
 }
 
-/// The backend client.
+/// The backend client. Cloning it shares the pool.
+#[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     scheme: Scheme,

@@ -225,6 +225,15 @@ async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> 
             body.resize(size, b'.');
         }
         resp = Response::new(full(body));
+        // A conditional request the test wants confirmed: 304 without a body.
+        let inm = req.headers().get("if-none-match");
+        if inm.is_some() && inm == req.headers().get("x-reply-304-if") {
+            resp = Response::new(full(""));
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            resp.headers_mut().insert("cache-control", "max-age=1".parse().unwrap());
+            resp.headers_mut().insert("x-revalidated", "yes".parse().unwrap());
+            return resp;
+        }
         if let Some(reply) = req.headers().get("x-reply").and_then(|v| v.to_str().ok()) {
             let reply: serde_json::Value = serde_json::from_str(reply).expect("x-reply is JSON");
             for (name, value) in reply.as_object().expect("x-reply is an object") {

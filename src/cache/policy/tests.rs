@@ -165,3 +165,30 @@ fn conditional_requests_against_an_entry() {
     assert!(!nm(&[]));
     assert!(!not_modified(&headers(&[("if-none-match", "*")]), &entry(60, 0, false, &[])), "no ETag to match");
 }
+
+#[test]
+fn a_304_refreshes_headers_and_freshness_and_keeps_the_body() {
+    let lm = httpdate::fmt_http_date(now() - Duration::from_secs(3600));
+    let mut stale = entry(
+        60,
+        500,
+        false,
+        &[("etag", "\"v1\""), ("last-modified", &lm), ("x-kept", "yes"), ("cache-control", "max-age=60")],
+    );
+    stale.body = Bytes::from_static(b"the body");
+    let cond = conditional_headers(&stale);
+    assert_eq!(cond[0], (http::header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\"")));
+    assert_eq!(cond[1].0, http::header::IF_MODIFIED_SINCE);
+    assert!(conditional_headers(&entry(60, 0, false, &[])).is_empty());
+
+    let answer = headers(&[("cache-control", "max-age=120"), ("content-length", "0"), ("x-new", "1")]);
+    let fresh = refreshed(&stale, &answer, &cfg(Some(300)), now()).unwrap();
+    assert_eq!(fresh.body, stale.body);
+    assert_eq!(fresh.lifetime, Duration::from_secs(120));
+    assert_eq!(fresh.stored_at, now());
+    assert_eq!(fresh.headers["cache-control"], "max-age=120");
+    assert_eq!(fresh.headers["x-kept"], "yes");
+    assert_eq!(fresh.headers["x-new"], "1");
+    assert!(fresh.headers.get("content-length").is_none(), "a 304's framing is not the body's");
+    assert!(refreshed(&stale, &headers(&[("cache-control", "no-store")]), &cfg(Some(300)), now()).is_none());
+}
