@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
-# Pass-through benchmark, side by side in one run on loopback:
-#   direct     wrk -> upstream
-#   sidecache  wrk -> sidecache (release) -> upstream
-#   nginx      wrk -> nginx (keep-alive reverse proxy) -> upstream
-# The upstream is an nginx server block answering a fixed 1 KiB body, so every row hits the same
-# backend. Prints requests/s, p50 and p99 per row, the ratios sidecache/nginx, and sidecache's RSS
-# idle and under load.
-#
-# The targets are measured in interleaved rounds (direct, sidecache, nginx, direct, ...) and each
-# figure is the median over the rounds, so a noisy neighbour cannot favour one target.
+# sidecache benchmark, every comparison side by side in one run on loopback (wrk):
+#   pass-through  direct upstream | sidecache | nginx keep-alive reverse proxy
+#   cache hits    direct upstream | sidecache cache hits (Redis) | nginx proxy_cache hits
+#   slow upstream (20 ms)  direct | through sidecache's cache
+#   breaker open  sidecache pass-through route | sidecache cached route with Redis paused (SIGSTOP)
+# The backend is benches/upstream.rs (1 KiB bodies; 20 ms under /slow/). Targets of a comparison
+# run in interleaved rounds and each figure is the median, so a noisy neighbour cannot favour one.
 #
 # Usage: benches/bench.sh [seconds per measurement, default 5] [connections, default 64] [rounds, default 3]
-# Needs: wrk and nginx (apt-get install wrk nginx-light), cargo. Everything stays on 127.0.0.1 and
+# Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
 # every process started here is stopped by pid on exit.
 set -euo pipefail
 
@@ -21,15 +18,17 @@ ROUNDS=${3:-3}
 THREADS=2
 cd "$(dirname "$0")/.."
 
-for tool in wrk nginx; do
-  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install wrk nginx-light)" >&2; exit 1; }
+for tool in wrk nginx redis-server bc; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install wrk nginx-light redis-server bc)" >&2; exit 1; }
 done
-cargo build --release --quiet
+cargo build --release --quiet --bin sidecache --example bench-upstream
 BIN=target/release/sidecache
 
 WORK=$(mktemp -d /tmp/sidecache-bench.XXXXXX)
 PIDS=()
+REDIS_PID=
 cleanup() {
+  [ -n "$REDIS_PID" ] && kill -CONT "$REDIS_PID" 2>/dev/null || true
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
@@ -37,10 +36,19 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port)
+UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); RP=$(free_port)
 
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
-cat >"$WORK/nginx.conf" <<EOF
+target/release/examples/bench-upstream "127.0.0.1:$UP" &
+PIDS+=($!)
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --logfile "$WORK/redis.log" &
+REDIS_PID=$!
+PIDS+=($REDIS_PID)
+
+# nginx's workers run as an unprivileged user: they must be able to write the cache.
+mkdir -p "$WORK/nginx-cache"
+chmod 755 "$WORK"
+chmod 777 "$WORK/nginx-cache"
+cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 2;
 daemon off;
 pid $WORK/nginx.pid;
@@ -49,84 +57,117 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
+  proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=bench:10m max_size=100m inactive=60m use_temp_path=off;
   upstream backend { server 127.0.0.1:$UP; keepalive 128; }
   server {
-    listen 127.0.0.1:$UP;
-    location / { default_type text/plain; return 200 '$BODY'; }
-  }
-  server {
     listen 127.0.0.1:$NGX;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_buffering on;
-    }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    location / { proxy_pass http://backend; }
+    location /cached/ { proxy_pass http://backend; proxy_cache bench; proxy_cache_valid 200 60s; }
   }
 }
-EOF
+NGINX
 nginx -p "$WORK" -c "$WORK/nginx.conf" &
 PIDS+=($!)
 
-cat >"$WORK/proxy.toml" <<EOF
+cat >"$WORK/proxy.toml" <<TOML
 [server]
 listen = "127.0.0.1:$SC"
 [admin]
 listen = "127.0.0.1:$SCA"
 [upstream]
 url = "http://127.0.0.1:$UP"
+[redis]
+url = "redis://127.0.0.1:$RP/0"
 [log]
 level = "warn"
-EOF
+[[route]]
+name = "cached"
+path = "/cached/*"
+cache = { ttl = "60s" }
+[[route]]
+name = "slow"
+path = "/slow/*"
+cache = { ttl = "60s" }
+TOML
 "$BIN" --config "$WORK/proxy.toml" >"$WORK/sidecache.log" 2>&1 &
 SC_PID=$!
 PIDS+=($SC_PID)
 
-for port in $UP $NGX $SC; do
-  for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.05; done
+for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$NGX/" "http://127.0.0.1:$SCA/readyz"; do
+  for _ in $(seq 1 100); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
 done
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$SCA/status" | grep -q '"state":"up"' && break; sleep 0.05; done
 
 rss() { awk -v f="$2" '$1==f {print $2}' "/proc/$1/status"; }
 IDLE_RSS=$(rss $SC_PID VmRSS:)
 
-# run NAME PORT -> prints "NAME rps p50_ms p99_ms"
+to_ms() { # wrk prints 512.00us / 1.23ms / 1.01s
+  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
+}
+# run NAME URL [UNIQUE_PREFIX] -> appends "NAME rps p50_ms p99_ms [errors]" to results. With a
+# prefix, every request goes to a path of its own under it (benches/unique-paths.lua).
 run() {
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$2/" >/dev/null 2>&1 # warm-up
-  local out
-  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$2/")
-  echo "$out" >"$WORK/wrk-$1.txt"
-  local rps p50 p99 errors
+  local name=$1 url=$2 args=()
+  [ -n "${3:-}" ] && args=(-s benches/unique-paths.lua "$url" -- "$3") || args=("$url")
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "${args[@]}" >/dev/null 2>&1 # warm-up (fills caches)
+  local out rps p50 p99 errors
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "${args[@]}")
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  printf '%s %s %s %s %s\n' "$1" "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" "${errors:-}"
+  printf '%s %s %s %s %s\n' "$name" "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" "${errors:-}" >>"$WORK/results"
 }
-to_ms() { # wrk prints 512.00us / 1.23ms / 1.01s
-  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
+median() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/results" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+table() {
+  printf '\n%-24s %12s %10s %10s\n' "$1" "req/s" "p50 ms" "p99 ms"
+  shift
+  for name in "$@"; do
+    printf '%-24s %12.0f %10s %10s\n' "$name" "$(median "$name" 2)" "$(median "$name" 3)" "$(median "$name" 4)"
+  done
 }
+ratio() { awk -v a="$(median "$1" "$3")" -v b="$(median "$2" "$3")" 'BEGIN { printf "%.2f", a/b }'; }
+diff_ms() { awk -v a="$(median "$1" "$3")" -v b="$(median "$2" "$3")" 'BEGIN { printf "%+.3f", a-b }'; }
 
-echo "sidecache pass-through benchmark: wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s x $ROUNDS interleaved rounds, 1 KiB responses, $(nproc) cores"
 : >"$WORK/results"
-for round in $(seq 1 "$ROUNDS"); do
-  run direct "$UP" >>"$WORK/results"
-  run sidecache "$SC" >>"$WORK/results"
-  run nginx "$NGX" >>"$WORK/results"
+echo "sidecache benchmark: wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s x $ROUNDS interleaved rounds, 1 KiB bodies, $(nproc) cores"
+for _ in $(seq 1 "$ROUNDS"); do
+  run direct "http://127.0.0.1:$UP/"
+  run sidecache "http://127.0.0.1:$SC/"
+  run nginx "http://127.0.0.1:$NGX/"
+  run direct-cached-path "http://127.0.0.1:$UP/cached/a"
+  run sidecache-hits "http://127.0.0.1:$SC/cached/a"
+  run nginx-proxy_cache-hits "http://127.0.0.1:$NGX/cached/a"
+  run slow-direct "http://127.0.0.1:$UP/slow/a"
+  run slow-sidecache-hits "http://127.0.0.1:$SC/slow/a"
 done
 LOAD_RSS=$(rss $SC_PID VmHWM:)
+HITS=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_cache_lookups_total\{route="cached",result="hit"\}/ {print $2}')
 
-# median NAME COLUMN
-median() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/results" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-printf '\n%-10s %12s %10s %10s   (medians of %s rounds)\n' target "req/s" "p50 ms" "p99 ms" "$ROUNDS"
-for name in direct sidecache nginx; do
-  printf '%-10s %12.0f %10s %10s\n' "$name" "$(median $name 2)" "$(median $name 3)" "$(median $name 4)"
+kill -STOP "$REDIS_PID"
+for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$SCA/status" | grep -q '"state":"up"' || break; curl -fsS -o /dev/null "http://127.0.0.1:$SC/cached/b"; done
+# Distinct paths on both routes: every cached-route request is a miss that skips Redis (the
+# breaker is open) and none can be coalesced with another.
+for _ in $(seq 1 "$ROUNDS"); do
+  run redis-paused-passthrough "http://127.0.0.1:$SC/" /p/
+  run redis-paused-cached-route "http://127.0.0.1:$SC/cached/" /cached/
 done
+kill -CONT "$REDIS_PID"
+
+table "pass-through" direct sidecache nginx
+table "cache hits" direct-cached-path sidecache-hits nginx-proxy_cache-hits
+table "20 ms upstream" slow-direct slow-sidecache-hits
+table "Redis paused (breaker open)" redis-paused-passthrough redis-paused-cached-route
 errors=$(awk 'NF > 4' "$WORK/results")
-[ -z "$errors" ] || printf 'errors reported by wrk:\n%s\n' "$errors"
-awk -v a="$(median sidecache 2)" -v b="$(median nginx 2)" -v c="$(median direct 2)" \
-    -v m="$(median sidecache 3)" -v n="$(median nginx 3)" -v p="$(median sidecache 4)" -v q="$(median nginx 4)" 'BEGIN {
-  printf "\nsidecache/nginx  throughput %.2f   p50 %.2f   p99 %.2f   (throughput above 1 and latency below 1 favour sidecache)\n", a/b, m/n, p/q
-  printf "sidecache/direct throughput %.2f\n", a/c }'
+[ -z "$errors" ] || printf '\nerrors reported by wrk:\n%s\n' "$errors"
+
+echo
+echo "pass-through  sidecache/nginx: throughput $(ratio sidecache nginx 2), p50 $(ratio sidecache nginx 3), p99 $(ratio sidecache nginx 4)"
+echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4)  (hits counted: ${HITS:-0})"
+echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
+echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
 printf 'sidecache RSS: idle %.1f MiB, peak under load %.1f MiB\n' "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$LOAD_RSS/1024" | bc -l)"
