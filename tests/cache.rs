@@ -42,13 +42,13 @@ cache = { ttl = "1s", stale_while_revalidate = "60s" }
 struct Setup {
     upstream: TestUpstream,
     proxy: TestProxy,
-    _redis: Option<TestRedis>,
+    redis: Option<TestRedis>,
 }
 
 async fn embedded() -> Setup {
     let upstream = TestUpstream::spawn().await;
     let proxy = TestProxy::start(&config_text(upstream.addr, ROUTES)).await;
-    Setup { upstream, proxy, _redis: None }
+    Setup { upstream, proxy, redis: None }
 }
 
 async fn on_redis() -> Setup {
@@ -57,7 +57,7 @@ async fn on_redis() -> Setup {
     let extra = format!("{ROUTES}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
     let proxy = TestProxy::start(&config_text(upstream.addr, &extra)).await;
     wait_for_redis(&proxy).await;
-    Setup { upstream, proxy, _redis: Some(redis) }
+    Setup { upstream, proxy, redis: Some(redis) }
 }
 
 async fn wait_for_redis(proxy: &TestProxy) {
@@ -258,7 +258,7 @@ async fn purge_a_path_and_a_route_on_redis() {
 #[tokio::test]
 async fn a_corrupt_entry_is_a_miss_and_is_replaced() {
     let s = on_redis().await;
-    let redis = s._redis.as_ref().unwrap();
+    let redis = s.redis.as_ref().unwrap();
     req(&s.proxy, "/gen2/z", &[]).await;
     stored(&s.proxy, "plain", 1.0).await;
     assert_eq!(redis.command(&["HSET", "sidecache:c:plain:0:g:/gen2/z", "-", "garbage"]), ":0", "overwrote the entry");
