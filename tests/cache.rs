@@ -54,7 +54,9 @@ async fn embedded() -> Setup {
 async fn on_redis() -> Setup {
     let redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
-    let extra = format!("{ROUTES}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
+    // The hot tier off: these tests are about what Redis holds.
+    let extra =
+        format!("{ROUTES}\n[cache]\nhot_ttl = \"0s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
     let proxy = TestProxy::start(&config_text(upstream.addr, &extra)).await;
     wait_for_redis(&proxy).await;
     Setup { upstream, proxy, redis: Some(redis) }
@@ -389,4 +391,46 @@ async fn a_stale_entry_with_validators_is_revalidated_by_a_conditional_request()
     stored(&s.proxy, "brief", 2.0).await;
     assert_eq!(req(&s.proxy, "/gen4/r", &[]).await.headers["x-cache"], "HIT", "fresh again after the 304");
     assert_eq!(s.upstream.requests(), 2);
+}
+
+#[tokio::test]
+async fn the_hot_tier_answers_without_redis_for_at_most_hot_ttl() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let extra = format!(
+        "{ROUTES}\n[cache]\nhot_ttl = \"1s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"50ms\"\nbreaker_cooldown = \"5s\"\n",
+        redis.url()
+    );
+    let proxy = TestProxy::start(&config_text(upstream.addr, &extra)).await;
+    wait_for_redis(&proxy).await;
+    let first = req(&proxy, "/gen/h", &[]).await;
+    stored(&proxy, "cached", 1.0).await;
+    assert_eq!(req(&proxy, "/gen/h", &[]).await.headers["x-cache"], "HIT", "read back from Redis: admitted");
+
+    redis.pause();
+    let started = tokio::time::Instant::now();
+    let hot = req(&proxy, "/gen/h", &[]).await;
+    assert_eq!(hot.headers["x-cache"], "HIT");
+    assert_eq!(hot.body, first.body);
+    assert!(started.elapsed() < Duration::from_millis(40), "a hot hit does not touch Redis: {:?}", started.elapsed());
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = req(&proxy, "/gen/h", &[]).await;
+    assert_eq!(
+        (after.status, after.headers["x-cache"].to_str().unwrap()),
+        (StatusCode::OK, "MISS"),
+        "kept at most hot_ttl"
+    );
+    redis.resume();
+
+    wait_for_redis(&proxy).await;
+    req(&proxy, "/gen/p", &[]).await;
+    stored(&proxy, "cached", 2.0).await;
+    assert_eq!(req(&proxy, "/gen/p", &[]).await.headers["x-cache"], "HIT");
+    assert_eq!(purge(&proxy, r#"{"route": "cached", "path": "/gen/p"}"#).await.status, StatusCode::OK);
+    assert_eq!(
+        req(&proxy, "/gen/p", &[]).await.headers["x-cache"],
+        "MISS",
+        "a local purge clears the hot tier at once"
+    );
 }

@@ -20,8 +20,9 @@ cache = { ttl = "60s" }
 "#;
 
 async fn proxy_for(upstream: &TestUpstream, redis_url: &str) -> TestProxy {
+    // The hot tier off: these tests are about Redis failing, not about what the process keeps.
     let extra = format!(
-        "{ROUTES}\n[redis]\nurl = \"{redis_url}\"\nop_timeout = \"50ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n"
+        "{ROUTES}\n[cache]\nhot_ttl = \"0s\"\n[redis]\nurl = \"{redis_url}\"\nop_timeout = \"50ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n"
     );
     TestProxy::start(&config_text(upstream.addr, &extra)).await
 }

@@ -38,7 +38,7 @@ pub enum Lookup {
     /// The request may not use the cache.
     Bypass(Bypass),
     /// A fresh entry.
-    Fresh(Box<Entry>, CacheKey),
+    Fresh(Arc<Entry>, CacheKey),
     /// An expired entry, expired this long ago.
     Stale(Box<Entry>, CacheKey, Duration),
     /// Nothing stored.
@@ -148,6 +148,57 @@ pub struct Cache {
     routes: Vec<Option<Arc<RouteCache>>>,
     writes: Arc<Semaphore>,
     flights: Arc<Flights>,
+    /// In front of Redis: fresh decoded entries kept in process for at most `hot_ttl`, so a hot
+    /// key costs no Redis round trip. An entry is admitted when it is read back from Redis (a
+    /// second access), never when it is first stored: one-off keys would churn the tier (measured:
+    /// admitting every miss put 200 ms stalls into the p99 of a stream of unique paths). A purge
+    /// made on another replica reaches this one within `hot_ttl`. `None` for the embedded store
+    /// (already in process) or `hot_ttl = "0s"`.
+    hot: Option<Arc<HotTier>>,
+}
+
+/// Fresh decoded entries by `path_key \0 variant`, each expiring at its own deadline.
+struct HotTier {
+    entries: moka::sync::Cache<String, (Arc<Entry>, Duration)>,
+    ttl: Duration,
+}
+
+struct HotExpiry;
+
+// moka's trait names std's Instant in its signature; the value is not used here.
+#[allow(clippy::disallowed_types)]
+impl moka::Expiry<String, (Arc<Entry>, Duration)> for HotExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &(Arc<Entry>, Duration),
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+}
+
+impl HotTier {
+    fn key(key: &CacheKey) -> String {
+        format!("{}\0{}", key.path_key, key.variant)
+    }
+
+    /// Keep a fresh entry for at most the tier's ttl and never past its freshness.
+    fn insert(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        if let Phase::Fresh(left) = policy::phase(entry, SystemTime::now()) {
+            self.entries.insert(Self::key(key), (entry.clone(), left.min(self.ttl)));
+        }
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        let (entry, _) = self.entries.get(&Self::key(key))?;
+        matches!(policy::phase(&entry, SystemTime::now()), Phase::Fresh(_)).then_some(entry)
+    }
+
+    fn purge_path(&self, path_key: &str) {
+        let prefix = format!("{path_key}\0");
+        let _ = self.entries.invalidate_entries_if(move |k, _| k.starts_with(&prefix));
+    }
 }
 
 impl Cache {
@@ -174,12 +225,27 @@ impl Cache {
                 })
             })
             .collect();
+        let hot = (matches!(store, CacheStore::Redis(_)) && !config.cache_hot_ttl.is_zero()).then(|| {
+            Arc::new(HotTier {
+                entries: moka::sync::Cache::builder()
+                    .max_capacity(config.cache_memory_max)
+                    .weigher(|k: &String, (e, _): &(Arc<Entry>, Duration)| {
+                        let headers: usize = e.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+                        (k.len() + headers + e.body.len()).try_into().unwrap_or(u32::MAX)
+                    })
+                    .expire_after(HotExpiry)
+                    .support_invalidation_closures()
+                    .build(),
+                ttl: config.cache_hot_ttl,
+            })
+        });
         Cache {
             store: Arc::new(store),
             prefix,
             routes,
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             flights: Arc::new(Flights::default()),
+            hot,
         }
     }
 
@@ -202,6 +268,9 @@ impl Cache {
         }
         let generation = route.generation.load(Ordering::Relaxed);
         let key = key::cache_key(&self.prefix, &route.name, generation, uri, headers, &route.config);
+        if let Some(entry) = self.hot.as_ref().and_then(|hot| hot.get(&key)) {
+            return Some(Lookup::Fresh(entry, key));
+        }
         let bytes = match self.store.get(&key.path_key, &key.variant).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Some(Lookup::Miss(key)),
@@ -212,7 +281,13 @@ impl Cache {
         };
         match Entry::decode(&bytes) {
             Ok(entry) => Some(match policy::phase(&entry, SystemTime::now()) {
-                Phase::Fresh(_) => Lookup::Fresh(Box::new(entry), key),
+                Phase::Fresh(_) => {
+                    let entry = Arc::new(entry);
+                    if let Some(hot) = &self.hot {
+                        hot.insert(&key, &entry);
+                    }
+                    Lookup::Fresh(entry, key)
+                }
                 Phase::Stale(by) => Lookup::Stale(Box::new(entry), key, by),
             }),
             Err(e) => {
@@ -338,6 +413,9 @@ impl Cache {
         }
         let generation = route.generation.load(Ordering::Relaxed);
         let path_key = key::path_key(&self.prefix, &route.name, generation, &uri, &route.config.query);
+        if let Some(hot) = &self.hot {
+            hot.purge_path(&path_key);
+        }
         self.store.purge_path(&path_key).await.map_err(PurgeError::Store)
     }
 
@@ -368,6 +446,10 @@ fn write(
     entry: Arc<Entry>,
     keep_for: Duration,
 ) {
+    if !store.accepting() {
+        route.count_store(StoreResult::Error);
+        return;
+    }
     let Ok(permit) = writes.try_acquire_owned() else {
         route.count_store(StoreResult::Dropped);
         return;

@@ -40,8 +40,11 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `SIDECACHE_CACHE_ENABLED=false` turns every cache table off.
     pub cache_enabled: bool,
-    /// Bytes the embedded store may hold (`[cache] memory_max`).
+    /// Bytes the in-process cache may hold: the embedded store, or the hot tier in front of
+    /// Redis (`[cache] memory_max`).
     pub cache_memory_max: u64,
+    /// How long a fresh entry read from Redis is also kept in process (`[cache] hot_ttl`).
+    pub cache_hot_ttl: Duration,
     /// `SIDECACHE_RATE_LIMIT_ENABLED=false` turns every rate limit off.
     pub rate_limit_enabled: bool,
 }

@@ -72,6 +72,7 @@ pub struct RawRedis {
 #[serde(deny_unknown_fields)]
 pub struct RawCacheSettings {
     pub memory_max: Option<i64>,
+    pub hot_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

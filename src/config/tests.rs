@@ -46,6 +46,7 @@ fn minimal_config_takes_every_default() {
     assert!(c.routes.is_empty());
     assert!(c.cache_enabled && c.rate_limit_enabled);
     assert_eq!(c.cache_memory_max, 64 << 20);
+    assert_eq!(c.cache_hot_ttl, Duration::from_secs(1));
 }
 
 #[test]

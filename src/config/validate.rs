@@ -110,6 +110,12 @@ impl Validator {
 
         let cache_enabled = self.env_bool(env, "SIDECACHE_CACHE_ENABLED");
         let cache_memory_max = self.int("cache.memory_max", raw.cache.memory_max, 64 << 20, 1 << 20, 1 << 40);
+        let cache_hot_ttl = self.field(
+            "cache.hot_ttl",
+            raw.cache.hot_ttl.as_deref(),
+            Duration::from_secs(1),
+            units::parse_duration_or_zero,
+        );
         let rate_limit_enabled = self.env_bool(env, "SIDECACHE_RATE_LIMIT_ENABLED");
         let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
 
@@ -130,6 +136,7 @@ impl Validator {
             routes,
             cache_enabled,
             cache_memory_max,
+            cache_hot_ttl,
             rate_limit_enabled,
         })
     }

@@ -24,6 +24,15 @@ pub enum CacheStore {
 }
 
 impl CacheStore {
+    /// Whether a write could be sent now. While Redis is known to be out (breaker open, no
+    /// connection) a write would only be refused; callers skip the work of preparing it.
+    pub fn accepting(&self) -> bool {
+        match self {
+            Self::Redis(r) => r.state() == BreakerState::Up && r.connected(),
+            Self::Memory(_) => true,
+        }
+    }
+
     /// One variant of a path.
     pub async fn get(&self, path_key: &str, variant: &str) -> Result<Option<Bytes>, StoreError> {
         match self {
