@@ -62,7 +62,7 @@ struct Plan {
     /// Where the response would be stored (a miss).
     key: Option<CacheKey>,
     /// An expired entry: served if the upstream fails, refreshed by a 304.
-    stale: Option<(Box<Entry>, Duration)>,
+    stale: Option<(Arc<Entry>, Duration)>,
     /// Leading the fetch for this key: followers wait for what it yields.
     flight: Option<FlightGuard>,
     /// The entry's validators were added to the request: a 304 refreshes the entry.
@@ -219,14 +219,13 @@ impl Proxy {
                 if policy::serve_while_revalidating(&entry, by) {
                     if let Join::Lead(flight) = cache.join(&key) {
                         let refresh = RefreshRequest::from_client(req.uri(), req.headers());
-                        let entry = Arc::new((*entry).clone());
                         let task = revalidate::refresh(
                             cache.clone(),
                             self.upstream.clone(),
                             index,
                             key,
                             flight,
-                            entry,
+                            entry.clone(),
                             refresh,
                         );
                         tokio::spawn(task.in_current_span());

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{CacheConfig, Config};
 use crate::metrics::{Registrar, CACHE_LOOKUPS_TOTAL, CACHE_STORES_TOTAL};
-use crate::store::{CacheStore, StoreError};
+use crate::store::{self, CacheStore, StoreError};
 use body::Finish;
 use coalesce::{FlightGuard, Flights, Join};
 use entry::Entry;
@@ -40,7 +40,7 @@ pub enum Lookup {
     /// A fresh entry.
     Fresh(Arc<Entry>, CacheKey),
     /// An expired entry, expired this long ago.
-    Stale(Box<Entry>, CacheKey, Duration),
+    Stale(Arc<Entry>, CacheKey, Duration),
     /// Nothing stored.
     Miss(CacheKey),
     /// The store could not answer in time: a miss.
@@ -179,24 +179,20 @@ impl moka::Expiry<String, (Arc<Entry>, Duration)> for HotExpiry {
 }
 
 impl HotTier {
-    fn key(key: &CacheKey) -> String {
-        format!("{}\0{}", key.path_key, key.variant)
-    }
-
     /// Keep a fresh entry for at most the tier's ttl and never past its freshness.
     fn insert(&self, key: &CacheKey, entry: &Arc<Entry>) {
         if let Phase::Fresh(left) = policy::phase(entry, SystemTime::now()) {
-            self.entries.insert(Self::key(key), (entry.clone(), left.min(self.ttl)));
+            self.entries.insert(store::entry_id(&key.path_key, &key.variant), (entry.clone(), left.min(self.ttl)));
         }
     }
 
     fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        let (entry, _) = self.entries.get(&Self::key(key))?;
+        let (entry, _) = self.entries.get(&store::entry_id(&key.path_key, &key.variant))?;
         matches!(policy::phase(&entry, SystemTime::now()), Phase::Fresh(_)).then_some(entry)
     }
 
     fn purge_path(&self, path_key: &str) {
-        let prefix = format!("{path_key}\0");
+        let prefix = store::path_prefix(path_key);
         let _ = self.entries.invalidate_entries_if(move |k, _| k.starts_with(&prefix));
     }
 }
@@ -288,7 +284,7 @@ impl Cache {
                     }
                     Lookup::Fresh(entry, key)
                 }
-                Phase::Stale(by) => Lookup::Stale(Box::new(entry), key, by),
+                Phase::Stale(by) => Lookup::Stale(Arc::new(entry), key, by),
             }),
             Err(e) => {
                 tracing::debug!(route = %route.name, error = %e, "stored entry does not decode; deleting it");
@@ -313,7 +309,7 @@ impl Cache {
 
     /// Lead the fetch of a missing key, or follow the fetch already in progress in this process.
     pub fn join(&self, key: &CacheKey) -> Join {
-        self.flights.join(format!("{}\0{}", key.path_key, key.variant))
+        self.flights.join(store::entry_id(&key.path_key, &key.variant))
     }
 
     /// A recorder for a GET response on a miss (publishing to the flight's followers when the
@@ -385,14 +381,7 @@ impl Cache {
     /// Store an entry refreshed by a 304 (fire-and-forget, like every write).
     pub fn put_entry(&self, index: usize, key: CacheKey, entry: Arc<Entry>) {
         let Some(route) = self.routes.get(index).and_then(Option::as_ref) else { return };
-        let keep_for = policy::Freshness {
-            lifetime: entry.lifetime,
-            initial_age: entry.initial_age,
-            stale_while_revalidate: entry.stale_while_revalidate,
-            stale_if_error: entry.stale_if_error,
-            must_revalidate: entry.must_revalidate,
-        }
-        .keep_for(policy::has_validators(&entry.headers));
+        let keep_for = policy::keep_for(&entry);
         write(self.store.clone(), self.writes.clone(), route.clone(), key, entry, keep_for);
     }
 
@@ -476,7 +465,6 @@ struct Pending {
 
 impl Finish for Pending {
     fn complete(self: Box<Self>, body: Bytes) {
-        let keep_for = self.freshness.keep_for(policy::has_validators(&self.headers));
         let entry = Arc::new(Entry {
             status: self.status,
             headers: self.headers,
@@ -491,6 +479,7 @@ impl Finish for Pending {
         if let Some(flight) = self.flight {
             flight.publish(entry.clone());
         }
+        let keep_for = policy::keep_for(&entry);
         write(self.store, self.writes, self.route, self.key, entry, keep_for);
     }
 

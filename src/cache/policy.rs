@@ -107,6 +107,18 @@ impl Freshness {
     }
 }
 
+/// How long the store keeps an entry (see [`Freshness::keep_for`]).
+pub fn keep_for(entry: &Entry) -> Duration {
+    let freshness = Freshness {
+        lifetime: entry.lifetime,
+        initial_age: entry.initial_age,
+        stale_while_revalidate: entry.stale_while_revalidate,
+        stale_if_error: entry.stale_if_error,
+        must_revalidate: entry.must_revalidate,
+    };
+    freshness.keep_for(has_validators(&entry.headers))
+}
+
 /// The `Cache-Control` directives a shared cache acts on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct CacheControl {

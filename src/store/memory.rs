@@ -54,32 +54,24 @@ impl MemoryStore {
         MemoryStore { entries, generations: Mutex::new(HashMap::new()) }
     }
 
-    fn key(path_key: &str, variant: &str) -> String {
-        let mut k = String::with_capacity(path_key.len() + 1 + variant.len());
-        k.push_str(path_key);
-        k.push('\0');
-        k.push_str(variant);
-        k
-    }
-
     /// One variant of a path.
     pub fn get(&self, path_key: &str, variant: &str) -> Option<Bytes> {
-        self.entries.get(&Self::key(path_key, variant)).map(|item| item.value)
+        self.entries.get(&super::entry_id(path_key, variant)).map(|item| item.value)
     }
 
     /// Store one variant for `keep_for`.
     pub fn put(&self, path_key: &str, variant: &str, value: Bytes, keep_for: Duration) {
-        self.entries.insert(Self::key(path_key, variant), Item { value, keep_for });
+        self.entries.insert(super::entry_id(path_key, variant), Item { value, keep_for });
     }
 
     /// Remove one variant.
     pub fn remove(&self, path_key: &str, variant: &str) {
-        self.entries.invalidate(&Self::key(path_key, variant));
+        self.entries.invalidate(&super::entry_id(path_key, variant));
     }
 
     /// Remove every variant of a path.
     pub fn purge_path(&self, path_key: &str) {
-        let prefix = format!("{path_key}\0");
+        let prefix = super::path_prefix(path_key);
         // Lazy and O(entries) in moka's background, but purges are rare and the bound is small.
         let _ = self.entries.invalidate_entries_if(move |k, _| k.starts_with(&prefix));
     }

@@ -13,6 +13,21 @@ pub use breaker::BreakerState;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
+/// The in-process id of one variant of a path: `path_key \0 variant` (memory store, hot tier,
+/// flights).
+pub fn entry_id(path_key: &str, variant: &str) -> String {
+    let mut id = String::with_capacity(path_key.len() + 1 + variant.len());
+    id.push_str(path_key);
+    id.push('\0');
+    id.push_str(variant);
+    id
+}
+
+/// The prefix shared by every [`entry_id`] of a path (a one-path purge).
+pub fn path_prefix(path_key: &str) -> String {
+    entry_id(path_key, "")
+}
+
 /// Where cache entries live. In Redis, one hash per path key holds that path's variants as
 /// fields, so a one-path purge is one DEL and every operation touches a single key (cluster-safe);
 /// a route's generation is a counter key of its own.
