@@ -17,9 +17,10 @@ use crate::cache::{Cache, PurgeError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Conn;
+use crate::ratelimit::RateLimiter;
 use crate::respond;
 use crate::server::{Handler, ServerState};
-use crate::store::CacheStore;
+use crate::store::{CacheStore, RedisStore};
 use crate::Body;
 
 /// Largest `/purge` body accepted.
@@ -33,6 +34,7 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     state: Arc<ServerState>,
     cache: Option<Arc<Cache>>,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Admin {
@@ -42,8 +44,9 @@ impl Admin {
         metrics: Arc<Metrics>,
         state: Arc<ServerState>,
         cache: Option<Arc<Cache>>,
+        limiter: Option<Arc<RateLimiter>>,
     ) -> Admin {
-        Admin { config, metrics, state, cache }
+        Admin { config, metrics, state, cache, limiter }
     }
 
     /// Answer one admin request.
@@ -153,14 +156,27 @@ impl Admin {
                 Some(CacheStore::Memory(_)) => "embedded",
                 None => "none",
             },
-            "redis": match self.cache.as_ref().map(|c| c.store()) {
-                Some(CacheStore::Redis(r)) => json!({ "state": r.state().as_str(), "connected": r.connected() }),
-                _ => serde_json::Value::Null,
+            "redis": redis_status(match self.cache.as_ref().map(|c| c.store()) {
+                Some(CacheStore::Redis(r)) => Some(r),
+                _ => None,
+            }),
+            "ratelimit_store": match &self.limiter {
+                Some(l) if l.redis().is_some() => "redis",
+                Some(_) => "local",
+                None => "none",
             },
+            "ratelimit_redis": redis_status(self.limiter.as_ref().and_then(|l| l.redis())),
             "cache_enabled": c.cache_enabled,
             "rate_limit_enabled": c.rate_limit_enabled,
             "routes": routes,
         })
+    }
+}
+
+fn redis_status(redis: Option<&RedisStore>) -> serde_json::Value {
+    match redis {
+        Some(r) => json!({ "state": r.state().as_str(), "connected": r.connected() }),
+        None => serde_json::Value::Null,
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod respond;
 pub mod route;
 pub mod server;

@@ -22,17 +22,23 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "sidecache_upstream_errors_total";
 /// `sidecache_inflight_requests`: requests between request head in and response head out.
 pub const INFLIGHT_REQUESTS: &str = "sidecache_inflight_requests";
 
-/// `sidecache_redis_up`: 1 while Redis is connected and the breaker is closed.
+/// `sidecache_redis_up{client}`: 1 while Redis is connected and the breaker is closed.
 pub const REDIS_UP: &str = "sidecache_redis_up";
-/// `sidecache_redis_op_duration_seconds{op}`: latency of operations actually sent.
+/// `sidecache_redis_op_duration_seconds{client,op}`: latency of operations actually sent.
 pub const REDIS_OP_DURATION: &str = "sidecache_redis_op_duration_seconds";
-/// `sidecache_redis_errors_total{op,kind}`: operations that produced no value, by why.
+/// `sidecache_redis_errors_total{client,op,kind}`: operations that produced no value, by why.
 pub const REDIS_ERRORS_TOTAL: &str = "sidecache_redis_errors_total";
 
 /// `sidecache_cache_lookups_total{route,result}`: hit, miss, stale, bypass, error.
 pub const CACHE_LOOKUPS_TOTAL: &str = "sidecache_cache_lookups_total";
 /// `sidecache_cache_stores_total{route,result}`: stored, not_storable, too_large, dropped, error.
 pub const CACHE_STORES_TOTAL: &str = "sidecache_cache_stores_total";
+
+/// `sidecache_ratelimit_checks_total{route,result,backend}`: allowed/limited by redis or local,
+/// error by allow_all (the shared limiter failed and the route fails open).
+pub const RATELIMIT_CHECKS_TOTAL: &str = "sidecache_ratelimit_checks_total";
+/// `sidecache_ratelimit_check_duration_seconds{backend}`: time a request spent being checked.
+pub const RATELIMIT_CHECK_DURATION: &str = "sidecache_ratelimit_check_duration_seconds";
 
 /// The `route` label of requests no route matched.
 pub const NO_ROUTE: &str = "-";
@@ -225,20 +231,30 @@ fn describe(r: &PrometheusRecorder) {
         None,
         text("Responses offered to the cache by route and result (stored, not_storable, too_large, dropped, error)."),
     );
+    r.describe_counter(
+        KeyName::from_const_str(RATELIMIT_CHECKS_TOTAL),
+        None,
+        text("Rate-limit checks by route, result (allowed, limited, error) and backend (redis, local, allow_all)."),
+    );
+    r.describe_histogram(
+        KeyName::from_const_str(RATELIMIT_CHECK_DURATION),
+        Some(Unit::Seconds),
+        text("Time a request spent in its rate-limit check, by the backend that decided."),
+    );
     r.describe_gauge(
         KeyName::from_const_str(REDIS_UP),
         None,
-        text("1 while Redis is connected and the breaker is closed."),
+        text("1 while Redis is connected and the breaker is closed, by client (cache, ratelimit)."),
     );
     r.describe_histogram(
         KeyName::from_const_str(REDIS_OP_DURATION),
         Some(Unit::Seconds),
-        text("Latency of Redis operations actually sent, by op."),
+        text("Latency of Redis operations actually sent, by client and op."),
     );
     r.describe_counter(
         KeyName::from_const_str(REDIS_ERRORS_TOTAL),
         None,
-        text("Redis operations that produced no value, by op and kind (breaker_open, not_connected, saturated, timeout, error)."),
+        text("Redis operations that produced no value, by client, op and kind (breaker_open, not_connected, saturated, timeout, error)."),
     );
 }
 

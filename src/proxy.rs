@@ -1,4 +1,5 @@
-//! The request path, one function read top to bottom: route → cache → forward → finish.
+//! The request path, one function read top to bottom: route → rate limit → cache → forward →
+//! finish.
 //! Errors become responses here, once, through [`respond`](crate::respond).
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use crate::cache::revalidate::{self, RefreshRequest};
 use crate::cache::{policy, Cache, Lookup, LookupResult};
 use crate::config::Config;
 use crate::metrics::{Metrics, NO_ROUTE};
+use crate::ratelimit::{RateLimiter, Verdict};
 use crate::respond::{self, CacheOutcome};
 use crate::route::Routes;
 use crate::tls::TlsError;
@@ -44,12 +46,13 @@ impl Conn {
     }
 }
 
-/// Everything a request needs. One per worker thread (its own upstream pool); the cache is
-/// shared by all.
+/// Everything a request needs. One per worker thread (its own upstream pool); the cache and the
+/// rate limiter are shared by all.
 pub struct Proxy {
     routes: Routes,
     upstream: Upstream,
     cache: Option<Arc<Cache>>,
+    limiter: Option<Arc<RateLimiter>>,
     metrics: Arc<Metrics>,
     trusted_proxies: Vec<IpNet>,
 }
@@ -81,18 +84,24 @@ enum Step {
 
 impl Proxy {
     /// Build the request path from the validated configuration.
-    pub fn new(config: &Config, metrics: Arc<Metrics>, cache: Option<Arc<Cache>>) -> Result<Proxy, TlsError> {
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        cache: Option<Arc<Cache>>,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> Result<Proxy, TlsError> {
         Ok(Proxy {
             routes: Routes::new(&config.routes),
             upstream: Upstream::new(&config.upstream)?,
             cache,
+            limiter,
             metrics,
             trusted_proxies: config.server.trusted_proxies.clone(),
         })
     }
 
     /// Handle one request. Never fails: every error is a response.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let started = Instant::now();
         let _inflight = self.metrics.inflight();
 
@@ -109,86 +118,115 @@ impl Proxy {
                 return self.finish_local(response, route_index, started, &conn);
             }
 
-            // 2. Cache: fresh (or servable stale) entries answer here; a failing store is a miss.
-            let cache = route_index.and_then(|i| self.cache.as_ref().filter(|c| c.caches(i)).map(|c| (i, c)));
-            let mut plan = match cache {
-                Some((index, cache)) => match self.consult(cache, index, &req).await {
-                    Step::Answer(response) => return self.finish(response, route_index, started, &conn),
-                    Step::Forward(plan) => plan,
-                },
-                None => Plan::default(),
+            // 2. Rate limit, before the cache: a cached answer still costs a token. A limiter that
+            // cannot answer lets the request through (or decides in process).
+            let verdict = match (route_index, &self.limiter) {
+                (Some(index), Some(limiter)) => limiter.check(index, conn.peer.ip(), req.headers()).await,
+                _ => Verdict::Unlimited,
             };
-            let method = req.method().clone();
-
-            // 3. Forward, keeping an HTTP/1.1 upgrade's handshake headers so the backend can accept it.
-            let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            let trusted = headers::is_trusted(conn.peer.ip(), &self.trusted_proxies);
-            upstream::prepare(&mut req, &conn.peer_value, conn.tls, trusted, upgrade);
-            if plan.revalidating {
-                if let Some((entry, _)) = &plan.stale {
-                    for (name, value) in policy::conditional_headers(entry) {
-                        req.headers_mut().insert(name, value);
-                    }
+            let quota = match verdict {
+                Verdict::Limited(quota) => {
+                    return self.finish_local(respond::rate_limited(&quota), route_index, started, &conn);
                 }
-            }
-
-            let forwarded = self.upstream.forward(req.map(|b| Either::Left(RecordingBody::passthrough(b)))).await;
-            let mut response = match forwarded {
-                Ok(forwarded) => {
-                    self.metrics.upstream(forwarded.elapsed);
-                    forwarded.response
-                }
-                Err(e) => {
-                    self.metrics.upstream_error(e.kind());
-                    tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream failed");
-                    if let Some(stale) = self.stale_on_error(&plan, method == Method::HEAD) {
-                        return self.finish(stale, route_index, started, &conn);
-                    }
-                    let mut response = respond::upstream_error(&e);
-                    respond::cache_headers(response.headers_mut(), plan.outcome);
-                    return self.finish_local(response, route_index, started, &conn);
-                }
+                Verdict::Allowed(quota) => Some(quota),
+                Verdict::Unlimited | Verdict::Unchecked => None,
             };
 
-            // 4. The answer: a refreshed or stale entry, or the upstream's response, recorded for
-            // the cache as it streams when it is a cacheable GET miss.
-            if let (Some(index), Some(cache)) = (plan.cached, &self.cache) {
-                if plan.revalidating && response.status() == StatusCode::NOT_MODIFIED {
-                    if let Some(answer) = self.revalidated(cache, index, &mut plan, response.headers(), &method) {
-                        return self.finish(answer, route_index, started, &conn);
-                    }
-                }
-                if response.status().is_server_error() {
-                    if let Some(stale) = self.stale_on_error(&plan, method == Method::HEAD) {
-                        return self.finish(stale, route_index, started, &conn);
-                    }
-                }
-                if plan.stale.is_some() {
-                    cache.count_lookup(index, LookupResult::Miss);
-                }
+            let mut response = self.serve(req, route_index, started, &conn).await;
+            if let Some(quota) = quota {
+                quota.apply(response.headers_mut());
             }
-            if let Some(client_upgrade) = client_upgrade {
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).in_current_span());
-                }
-            }
-            let recorder = match (plan.cached, plan.key.take(), &self.cache) {
-                (Some(index), Some(key), Some(cache)) if method == Method::GET => {
-                    cache.recorder(index, key, response.status(), response.headers(), plan.flight.take())
-                }
-                _ => None,
-            };
-            let mut response = response.map(|body| match recorder {
-                Some((limit, finish)) => Either::Left(RecordingBody::recording(body, limit, finish)),
-                None => Either::Left(RecordingBody::passthrough(body)),
-            });
-            respond::cache_headers(response.headers_mut(), plan.outcome);
-            self.finish(response, route_index, started, &conn)
+            response
         }
         .instrument(span)
         .await
+    }
+
+    /// Steps 3 to 5: the cache, the forward, the answer.
+    async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        route_index: Option<usize>,
+        started: Instant,
+        conn: &Conn,
+    ) -> Response<Body> {
+        // 3. Cache: fresh (or servable stale) entries answer here; a failing store is a miss.
+        let cache = route_index.and_then(|i| self.cache.as_ref().filter(|c| c.caches(i)).map(|c| (i, c)));
+        let mut plan = match cache {
+            Some((index, cache)) => match self.consult(cache, index, &req).await {
+                Step::Answer(response) => return self.finish(response, route_index, started, conn),
+                Step::Forward(plan) => plan,
+            },
+            None => Plan::default(),
+        };
+        let method = req.method().clone();
+
+        // 4. Forward, keeping an HTTP/1.1 upgrade's handshake headers so the backend can accept it.
+        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let trusted = headers::is_trusted(conn.peer.ip(), &self.trusted_proxies);
+        upstream::prepare(&mut req, &conn.peer_value, conn.tls, trusted, upgrade);
+        if plan.revalidating {
+            if let Some((entry, _)) = &plan.stale {
+                for (name, value) in policy::conditional_headers(entry) {
+                    req.headers_mut().insert(name, value);
+                }
+            }
+        }
+
+        let forwarded = self.upstream.forward(req.map(|b| Either::Left(RecordingBody::passthrough(b)))).await;
+        let mut response = match forwarded {
+            Ok(forwarded) => {
+                self.metrics.upstream(forwarded.elapsed);
+                forwarded.response
+            }
+            Err(e) => {
+                self.metrics.upstream_error(e.kind());
+                tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream failed");
+                if let Some(stale) = self.stale_on_error(&plan, method == Method::HEAD) {
+                    return self.finish(stale, route_index, started, conn);
+                }
+                let mut response = respond::upstream_error(&e);
+                respond::cache_headers(response.headers_mut(), plan.outcome);
+                return self.finish_local(response, route_index, started, conn);
+            }
+        };
+
+        // 5. The answer: a refreshed or stale entry, or the upstream's response, recorded for
+        // the cache as it streams when it is a cacheable GET miss.
+        if let (Some(index), Some(cache)) = (plan.cached, &self.cache) {
+            if plan.revalidating && response.status() == StatusCode::NOT_MODIFIED {
+                if let Some(answer) = self.revalidated(cache, index, &mut plan, response.headers(), &method) {
+                    return self.finish(answer, route_index, started, conn);
+                }
+            }
+            if response.status().is_server_error() {
+                if let Some(stale) = self.stale_on_error(&plan, method == Method::HEAD) {
+                    return self.finish(stale, route_index, started, conn);
+                }
+            }
+            if plan.stale.is_some() {
+                cache.count_lookup(index, LookupResult::Miss);
+            }
+        }
+        if let Some(client_upgrade) = client_upgrade {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).in_current_span());
+            }
+        }
+        let recorder = match (plan.cached, plan.key.take(), &self.cache) {
+            (Some(index), Some(key), Some(cache)) if method == Method::GET => {
+                cache.recorder(index, key, response.status(), response.headers(), plan.flight.take())
+            }
+            _ => None,
+        };
+        let mut response = response.map(|body| match recorder {
+            Some((limit, finish)) => Either::Left(RecordingBody::recording(body, limit, finish)),
+            None => Either::Left(RecordingBody::passthrough(body)),
+        });
+        respond::cache_headers(response.headers_mut(), plan.outcome);
+        self.finish(response, route_index, started, conn)
     }
 
     /// The cache phase: answer from the cache, or plan the forward.

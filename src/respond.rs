@@ -8,6 +8,7 @@ use http_body_util::{Either, Full};
 
 use crate::cache::entry::Entry;
 use crate::cache::policy;
+use crate::ratelimit::Quota;
 use crate::upstream::UpstreamError;
 use crate::Body;
 
@@ -31,6 +32,17 @@ pub fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// `429 Too Many Requests`: `Retry-After` in whole seconds (rounded up), the `RateLimit-Policy`
+/// and `RateLimit` headers, and `{"error":"rate_limited","retry_after_ms":N}`.
+pub fn rate_limited(quota: &Quota) -> Response<Body> {
+    let ms = quota.retry_after.as_micros().div_ceil(1000).max(1);
+    let mut resp = json(StatusCode::TOO_MANY_REQUESTS, format!(r#"{{"error":"rate_limited","retry_after_ms":{ms}}}"#));
+    let headers = resp.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000) as u64));
+    quota.apply(headers);
     resp
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sidecache::config::RedisConfig;
 use sidecache::metrics::Metrics;
-use sidecache::store::{BreakerState, RedisStore, StoreError};
+use sidecache::store::{BreakerState, RedisStore, Role, StoreError};
 use support::metric;
 use support::redis::{free_port, TestRedis};
 use tokio::time::Instant;
@@ -31,7 +31,7 @@ fn redis_config(url: &str) -> RedisConfig {
 
 fn start_store(url: &str) -> (RedisStore, Metrics) {
     let metrics = Metrics::new([]);
-    let store = RedisStore::start(&redis_config(url), &metrics.registrar()).expect("store starts");
+    let store = RedisStore::start(&redis_config(url), Role::Cache, 1, &metrics.registrar()).expect("store starts");
     (store, metrics)
 }
 
@@ -62,8 +62,8 @@ async fn healthy_round_trip_and_metrics() {
 
     metrics.upkeep();
     let text = metrics.render();
-    assert_eq!(metric(&text, "sidecache_redis_up"), Some(1.0), "{text}");
-    assert!(text.contains(r#"sidecache_redis_op_duration_seconds_count{op="get"}"#), "{text}");
+    assert_eq!(metric(&text, r#"sidecache_redis_up{client="cache"}"#), Some(1.0), "{text}");
+    assert!(text.contains(r#"sidecache_redis_op_duration_seconds_count{client="cache",op="get"}"#), "{text}");
 }
 
 #[tokio::test]
@@ -89,7 +89,10 @@ async fn redis_never_started_costs_no_wait_and_is_used_once_it_appears() {
     eprintln!("usable {took:?} after redis appeared");
 
     let text = metrics.render();
-    assert!(metric(&text, r#"sidecache_redis_errors_total{op="get",kind="breaker_open"}"#).unwrap() > 100.0, "{text}");
+    assert!(
+        metric(&text, r#"sidecache_redis_errors_total{client="cache",op="get",kind="breaker_open"}"#).unwrap() > 100.0,
+        "{text}"
+    );
 }
 
 /// Runs `tasks` loops of GETs until `stop`, recording the slowest call and counting successes.
@@ -204,7 +207,11 @@ async fn hung_redis_opens_the_breaker_then_costs_nothing_and_recovers_on_resume(
     eprintln!("usable {took:?} after SIGCONT ({timed_out} calls paid the budget)");
     assert_eq!(store.state(), BreakerState::Up);
     let text = metrics.render();
-    assert_eq!(metric(&text, r#"sidecache_redis_errors_total{op="get",kind="timeout"}"#), Some(3.0), "{text}");
+    assert_eq!(
+        metric(&text, r#"sidecache_redis_errors_total{client="cache",op="get",kind="timeout"}"#),
+        Some(3.0),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 pub use breaker::BreakerState;
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisStore, Role};
 
 /// The in-process id of one variant of a path: `path_key \0 variant` (memory store, hot tier,
 /// flights).

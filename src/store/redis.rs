@@ -15,12 +15,12 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::Client;
+use fred::clients::{Client, Pool};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
 use fred::types::config::{Config as FredConfig, ReconnectPolicy};
 use fred::types::scripts::Script;
-use fred::types::{Builder, Expiration};
+use fred::types::{Builder, Expiration, FromValue, Value};
 use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -31,9 +31,10 @@ use super::StoreError;
 use crate::config::RedisConfig;
 use crate::metrics::{Registrar, REDIS_ERRORS_TOTAL, REDIS_OP_DURATION, REDIS_UP};
 
-/// Operations sent at most concurrently per client; more are skipped, never queued.
+/// Operations sent at most concurrently per store; more are skipped, never queued.
 const MAX_IN_FLIGHT: usize = 1024;
-/// Commands fred may queue while (re)connecting; past it fred answers Backpressure at once.
+/// Commands fred may queue per connection while (re)connecting; past it fred answers
+/// Backpressure at once.
 const COMMAND_BUFFER: usize = 1024;
 /// Reconnect backoff: from this...
 const RECONNECT_MIN_MS: u32 = 20;
@@ -61,10 +62,12 @@ pub enum Op {
     Hset,
     /// HDEL
     Hdel,
+    /// The rate limiter's token-bucket script
+    TokenBucket,
 }
 
 impl Op {
-    const ALL: [Op; 8] = [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping, Op::Hget, Op::Hset, Op::Hdel];
+    const ALL: [Op; 9] = [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping, Op::Hget, Op::Hset, Op::Hdel, Op::TokenBucket];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -77,6 +80,27 @@ impl Op {
             Op::Hget => "hget",
             Op::Hset => "hset",
             Op::Hdel => "hdel",
+            Op::TokenBucket => "token_bucket",
+        }
+    }
+}
+
+/// What a store is for: its own connections, breaker and `client` metric label, so the cache
+/// cannot starve the rate limiter (or the reverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The response cache.
+    Cache,
+    /// The rate limiter.
+    RateLimit,
+}
+
+impl Role {
+    /// The `client` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Cache => "cache",
+            Role::RateLimit => "ratelimit",
         }
     }
 }
@@ -89,7 +113,8 @@ struct OpMetrics {
 }
 
 struct Inner {
-    client: Client,
+    pool: Pool,
+    role: Role,
     budget: Duration,
     cooldown: Duration,
     breaker: Breaker,
@@ -97,27 +122,33 @@ struct Inner {
     opened: Arc<Notify>,
     ops: Vec<OpMetrics>,
     up: Gauge,
-    /// fred's connection task and our watcher and prober, ended when the store is dropped.
+    /// Our watchers and prober, and fred's connection tasks, ended when the store is dropped.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
-    connection: std::sync::Mutex<Option<fred::types::ConnectHandle>>,
+    connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
 }
 
-/// A Redis client behind the gate. Cheap to clone.
+/// Redis behind the gate: a small pool of connections (commands are pipelined on each) sharing
+/// one breaker. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
 impl RedisStore {
-    /// Build the client and start connecting in the background (never waits for Redis).
-    /// Must be called inside a tokio runtime: fred's tasks and the prober run on it.
-    pub fn start(config: &RedisConfig, registrar: &Registrar<'_>) -> Result<RedisStore, StoreError> {
+    /// Build `connections` clients and start connecting them in the background (never waits for
+    /// Redis). Must be called inside a tokio runtime: fred's tasks and the prober run on it.
+    pub fn start(
+        config: &RedisConfig,
+        role: Role,
+        connections: usize,
+        registrar: &Registrar<'_>,
+    ) -> Result<RedisStore, StoreError> {
         let mut fred_config = FredConfig::from_url(&config.url).map_err(StoreError::Redis)?;
         // `true` would end fred's connection task at the first failed connect (Redis not up yet
         // at start-up) and never retry: the reconnect policy must cover the first connection
         // too. Requests never wait for it: the gate skips Redis while fred is not connected.
         fred_config.fail_fast = false;
-        let client = Builder::from_config(fred_config)
+        let pool = Builder::from_config(fred_config)
             .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))
             .with_connection_config(|c| {
                 c.connection_timeout = CONNECT_TIMEOUT;
@@ -127,15 +158,17 @@ impl RedisStore {
                 c.tcp.nodelay = Some(true);
             })
             .with_performance_config(|p| p.default_command_timeout = config.op_timeout)
-            .build()
+            .build_pool(connections.max(1))
             .map_err(StoreError::Redis)?;
 
+        let client = role.as_str();
         let ops = Op::ALL
             .iter()
             .map(|op| OpMetrics {
-                duration: registrar.histogram(REDIS_OP_DURATION, &[("op", op.as_str())]),
-                errors: StoreError::KINDS
-                    .map(|kind| registrar.counter(REDIS_ERRORS_TOTAL, &[("op", op.as_str()), ("kind", kind)])),
+                duration: registrar.histogram(REDIS_OP_DURATION, &[("client", client), ("op", op.as_str())]),
+                errors: StoreError::KINDS.map(|kind| {
+                    registrar.counter(REDIS_ERRORS_TOTAL, &[("client", client), ("op", op.as_str()), ("kind", kind)])
+                }),
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -145,16 +178,18 @@ impl RedisStore {
             permits: Semaphore::new(MAX_IN_FLIGHT),
             opened: Arc::new(Notify::new()),
             ops,
-            up: registrar.gauge(REDIS_UP, &[]),
+            up: registrar.gauge(REDIS_UP, &[("client", client)]),
             tasks: std::sync::Mutex::new(Vec::new()),
-            connection: std::sync::Mutex::new(None),
-            client,
+            connections: std::sync::Mutex::new(Vec::new()),
+            pool,
+            role,
         });
         inner.up.set(0.0);
-        *inner.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(inner.client.connect());
-        let watcher = tokio::spawn(watch_connection(Arc::downgrade(&inner)));
-        let prober = tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone()));
-        inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).extend([watcher, prober]);
+        *inner.connections.lock().unwrap_or_else(|p| p.into_inner()) = inner.pool.connect_pool();
+        let mut tasks: Vec<JoinHandle<()>> =
+            (0..inner.pool.size()).map(|i| tokio::spawn(watch_connection(Arc::downgrade(&inner), i))).collect();
+        tasks.push(tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone())));
+        *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(RedisStore { inner })
     }
 
@@ -163,9 +198,9 @@ impl RedisStore {
         self.inner.breaker.state()
     }
 
-    /// Whether fred holds a connection now.
+    /// Whether fred holds a connection now (any of the pool's).
     pub fn connected(&self) -> bool {
-        self.inner.client.is_connected()
+        self.inner.pool.clients().iter().any(|c| c.is_connected())
     }
 
     /// GET; `None` when the key is absent.
@@ -206,9 +241,20 @@ impl RedisStore {
             )
         });
         let ms = keep_for.as_millis().clamp(1, i64::MAX as u128) as i64;
-        let args: Vec<fred::types::Value> = vec![field.into(), value.into(), ms.into()];
-        // EVALSHA, loading the script again after NOSCRIPT (a restarted or failed-over server).
-        self.call(Op::Hset, |c| HSET_KEEP.evalsha_with_reload::<(), _, _>(c, key, args)).await
+        self.script(Op::Hset, &HSET_KEEP, key, vec![field.into(), value.into(), ms.into()]).await
+    }
+
+    /// Run a one-key script by EVALSHA, loading it again after NOSCRIPT (a restarted or
+    /// failed-over server has lost its script cache). A NOSCRIPT reply means the script did not
+    /// run, so the second EVALSHA is no replay. Both stay within the one budget of the gate.
+    pub async fn script<T: FromValue>(
+        &self,
+        op: Op,
+        script: &Script,
+        key: &str,
+        args: Vec<Value>,
+    ) -> Result<T, StoreError> {
+        self.call(op, |c| script.evalsha_with_reload::<T, _, _>(c, key, args)).await
     }
 
     /// HDEL of one field.
@@ -245,7 +291,8 @@ where
     if !inner.breaker.allows() {
         return Err(StoreError::BreakerOpen);
     }
-    if !inner.client.is_connected() {
+    let client = inner.pool.next_connected();
+    if !client.is_connected() {
         inner.failure();
         return Err(StoreError::NotConnected);
     }
@@ -253,7 +300,7 @@ where
         return Err(StoreError::Saturated);
     };
     let started = Instant::now();
-    let result = tokio::time::timeout(inner.budget, send(&inner.client)).await;
+    let result = tokio::time::timeout(inner.budget, send(client)).await;
     inner.ops[op as usize].duration.record(started.elapsed().as_secs_f64());
     match result {
         Ok(Ok(value)) => {
@@ -291,22 +338,22 @@ impl Inner {
         if self.breaker.failure() {
             // The one transition to down: log once, tell the prober.
             self.up.set(0.0);
-            tracing::warn!(cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
+            tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
             self.opened.notify_one();
         }
     }
 }
 
-/// Logs and reflects fred's (re)connections. Holds only a weak reference, so dropping the store
-/// ends it.
-async fn watch_connection(inner: Weak<Inner>) {
-    let Some(mut reconnects) = inner.upgrade().map(|i| i.client.reconnect_rx()) else { return };
+/// Logs and reflects the (re)connections of the pool's client `index`. Holds only a weak
+/// reference, so dropping the store ends it.
+async fn watch_connection(inner: Weak<Inner>, index: usize) {
+    let Some(mut reconnects) = inner.upgrade().map(|i| i.pool.clients()[index].reconnect_rx()) else { return };
     while reconnects.recv().await.is_ok() {
         let Some(inner) = inner.upgrade() else { return };
         if inner.breaker.allows() {
             inner.up.set(1.0);
         }
-        tracing::debug!("redis connection established");
+        tracing::debug!(client = inner.role.as_str(), "redis connection established");
     }
 }
 
@@ -321,8 +368,8 @@ async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
             opened.notified().await;
             continue;
         }
-        if inner.client.is_connected() {
-            let client = inner.client.clone();
+        for client in inner.pool.clients().iter().filter(|c| c.is_connected()) {
+            let client = client.clone();
             let budget = inner.budget;
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(budget.max(CONNECT_TIMEOUT), client.force_reconnection()).await;
@@ -337,13 +384,13 @@ async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
             continue;
         }
         let started = Instant::now();
-        let ping = tokio::time::timeout(inner.budget, inner.client.ping::<String>(None)).await;
+        let ping = tokio::time::timeout(inner.budget, inner.pool.next_connected().ping::<String>(None)).await;
         inner.ops[Op::Ping as usize].duration.record(started.elapsed().as_secs_f64());
         let healthy = matches!(ping, Ok(Ok(_)));
         inner.breaker.end_probe(healthy);
         if healthy {
             inner.up.set(1.0);
-            tracing::info!(down_for_at_least = ?cooldown, "redis back: using it again");
+            tracing::info!(client = inner.role.as_str(), down_for_at_least = ?cooldown, "redis back: using it again");
         }
     }
 }
@@ -353,7 +400,7 @@ impl Drop for Inner {
         for task in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
             task.abort();
         }
-        if let Some(connection) = self.connection.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        for connection in self.connections.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
             connection.abort();
         }
     }

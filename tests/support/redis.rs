@@ -119,7 +119,17 @@ impl TestRedis {
         self.try_command(args).unwrap_or_else(|| panic!("redis command {args:?} failed"))
     }
 
+    /// One command; every reply line (a bulk string's value is the second).
+    pub fn reply_lines(&self, args: &[&str]) -> Vec<String> {
+        let reply = self.raw_command(args).unwrap_or_else(|| panic!("redis command {args:?} failed"));
+        reply.split("\r\n").filter(|l| !l.is_empty()).map(str::to_string).collect()
+    }
+
     fn try_command(&self, args: &[&str]) -> Option<String> {
+        self.raw_command(args)?.split("\r\n").next().map(str::to_string)
+    }
+
+    fn raw_command(&self, args: &[&str]) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut req = format!("*{}\r\n", args.len());
@@ -129,8 +139,7 @@ impl TestRedis {
         s.write_all(req.as_bytes()).ok()?;
         let mut buf = [0u8; 512];
         let n = s.read(&mut buf).ok()?;
-        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
-        reply.split("\r\n").next().map(str::to_string)
+        Some(String::from_utf8_lossy(&buf[..n]).to_string())
     }
 }
 

@@ -1,0 +1,426 @@
+//! Rate limits through the real proxy, against a redis-server of the test's own (or none):
+//! exact shared buckets across two proxy processes, refill, bucket keys, `X-Forwarded-For`
+//! spoofing, the 429 and its headers, NOSCRIPT recovery, Redis killed or hung (fail open, or the
+//! in-process fallback), and the in-process limiter without Redis.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::redis::TestRedis;
+use support::*;
+use tokio::time::Instant;
+
+/// A `[redis]` table with the test budgets.
+fn redis_table(url: &str) -> String {
+    format!("[redis]\nurl = \"{url}\"\nop_timeout = \"50ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n")
+}
+
+/// One limited route on `/gen/*` (plus an unlimited rest).
+fn limited(rate_limit: &str) -> String {
+    format!("[[route]]\nname = \"limited\"\npath = \"/gen/*\"\nrate_limit = {{ {rate_limit} }}\n")
+}
+
+/// Wait until `/status` says the Redis clients (the limiter's, and the cache's if any) are
+/// connected and usable.
+async fn until_redis_ready(admin_url: &str) {
+    let started = Instant::now();
+    let ready = |redis: &serde_json::Value| redis["connected"] == true && redis["state"] == "up";
+    loop {
+        let status = get(&format!("{admin_url}/status")).await.json();
+        if ready(&status["ratelimit_redis"]) && (status["redis"].is_null() || ready(&status["redis"])) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "limiter never connected: {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn start(upstream: &TestUpstream, server: &str, rest: &str, redis: Option<&TestRedis>) -> TestProxy {
+    let rest = match redis {
+        Some(r) => format!("{rest}\n{}", redis_table(&r.url())),
+        None => rest.to_string(),
+    };
+    let proxy = TestProxy::start(&config_full(upstream.addr, server, "", &rest)).await;
+    if redis.is_some() {
+        until_redis_ready(&proxy.admin_url("")).await;
+    }
+    proxy
+}
+
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> Answer {
+    send(Method::GET, url, headers, Bytes::new()).await
+}
+
+/// Send `n` GETs one after another; how many were allowed (200) and limited (429).
+async fn count(url: &str, headers: &[(&str, &str)], n: usize) -> (usize, usize) {
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..n {
+        let a = get_with(url, headers).await;
+        match a.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("unexpected {other}: {}", a.text()),
+        }
+    }
+    (ok, limited)
+}
+
+async fn metrics(proxy: &TestProxy) -> String {
+    get(&proxy.admin_url("/metrics")).await.text()
+}
+
+fn checks(text: &str, result: &str, backend: &str) -> f64 {
+    let series =
+        format!(r#"sidecache_ratelimit_checks_total{{route="limited",result="{result}",backend="{backend}"}}"#);
+    metric(text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// The seeds' acceptance check: 100 requests per 60 s, 101 rapid requests from one client.
+async fn hundred_per_minute(redis: Option<&TestRedis>) {
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited(r#"burst = 100, rate = "100/60s""#), redis).await;
+    let (ok, limited) = count(&proxy.url("/gen/a"), &[], 101).await;
+    assert_eq!((ok, limited), (100, 1));
+    assert_eq!(upstream.requests(), 100, "the 429 never reached the upstream");
+}
+
+#[tokio::test]
+async fn acceptance_100_per_minute_then_429_on_redis() {
+    let redis = TestRedis::start();
+    hundred_per_minute(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn acceptance_100_per_minute_then_429_in_process() {
+    hundred_per_minute(None).await;
+}
+
+#[tokio::test]
+async fn headers_and_body_of_allowed_and_limited_responses() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    // A token every 20 s: nothing refills during the test.
+    let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "3/1m""#), Some(&redis)).await;
+
+    let first = get(&proxy.url("/gen/a")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers["ratelimit-policy"], r#""limited";q=3;w=60"#);
+    assert_eq!(first.headers["ratelimit"], r#""limited";r=2;t=20"#);
+    assert!(first.headers.get("retry-after").is_none());
+    get(&proxy.url("/gen/a")).await;
+    let last = get(&proxy.url("/gen/a")).await;
+    assert_eq!(last.headers["ratelimit"], r#""limited";r=0;t=60"#);
+
+    let refused = get(&proxy.url("/gen/a")).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers["content-type"], "application/json");
+    assert_eq!(refused.headers["ratelimit-policy"], r#""limited";q=3;w=60"#);
+    assert_eq!(refused.headers["ratelimit"], r#""limited";r=0;t=60"#);
+    let retry_ms = refused.json()["retry_after_ms"].as_u64().expect("retry_after_ms");
+    assert!((19_000..=20_000).contains(&retry_ms), "{retry_ms}");
+    assert_eq!(refused.json()["error"], "rate_limited");
+    assert_eq!(refused.headers["retry-after"], "20", "whole seconds, rounded up");
+    assert!(refused.headers.get("via").is_none(), "answered by the proxy itself");
+    assert_eq!(upstream.requests(), 3);
+
+    // Unrouted paths are never limited and carry no RateLimit fields.
+    let other = get(&proxy.url("/echo")).await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert!(other.headers.get("ratelimit").is_none());
+
+    let text = metrics(&proxy).await;
+    assert_eq!(checks(&text, "allowed", "redis"), 3.0);
+    assert_eq!(checks(&text, "limited", "redis"), 1.0);
+    assert_eq!(checks(&text, "error", "allow_all"), 0.0);
+    assert!(text.contains(r#"sidecache_ratelimit_check_duration_seconds_count{backend="redis"} 4"#), "{text}");
+    assert!(
+        text.contains(r#"sidecache_requests_total{route="limited",status_class="4xx"} 1"#),
+        "the 429 is counted as the route's: {text}"
+    );
+}
+
+#[tokio::test]
+async fn the_script_keeps_one_hash_per_bucket_expiring_when_full_again() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    // One token per second: after one request the bucket is full again in 1 s.
+    let proxy = start(&upstream, "", &limited(r#"burst = 10, rate = "1/s""#), Some(&redis)).await;
+    assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::OK);
+
+    let key = "sidecache:rl:limited:ip:127.0.0.1";
+    assert_eq!(redis.command(&["TYPE", key]), "+hash");
+    let pttl: i64 = redis.command(&["PTTL", key]).trim_start_matches(':').parse().unwrap();
+    assert!((800..=1000).contains(&pttl), "expires when full again, not later: {pttl} ms");
+    let level = redis.reply_lines(&["HGET", key, "n"]);
+    assert_eq!(level[1].parse::<f64>().unwrap(), 9.0, "{level:?}");
+    assert_eq!(redis.command(&["DBSIZE"]), ":1", "one key per bucket and nothing else");
+}
+
+#[tokio::test]
+async fn two_proxy_processes_sharing_redis_admit_exactly_burst() {
+    const BURST: usize = 20;
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let toml = config_full(
+        upstream.addr,
+        "",
+        "",
+        &format!("{}\n{}", limited(&format!(r#"burst = {BURST}, rate = "1/1h""#)), redis_table(&redis.url())),
+    );
+    let proxies = [BinaryProxy::spawn(&toml), BinaryProxy::spawn(&toml)];
+    for p in &proxies {
+        until_redis_ready(&format!("http://{}", p.admin)).await;
+    }
+    // 3 × burst requests at once, alternating between the two processes.
+    let tasks: Vec<_> = (0..3 * BURST)
+        .map(|i| {
+            let url = proxies[i % 2].url("/gen/a");
+            tokio::spawn(async move { get(&url).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let limited = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((ok, limited), (BURST, 2 * BURST), "{statuses:?}");
+    assert_eq!(upstream.requests(), BURST);
+}
+
+#[tokio::test]
+async fn refill_admits_tokens_at_the_rate() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    // A token every 500 ms.
+    let proxy = start(&upstream, "", &limited(r#"burst = 4, rate = "2/s""#), Some(&redis)).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 5).await, (4, 1));
+    let refused = get(&proxy.url("/gen/a")).await;
+    let retry_ms = refused.json()["retry_after_ms"].as_u64().unwrap();
+    assert!(retry_ms <= 500, "{retry_ms}");
+    assert_eq!(refused.headers["retry-after"], "1");
+    // 1.1 s later: two tokens back (the third arrives at 1.5 s).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 3).await, (2, 1));
+}
+
+#[tokio::test]
+async fn separate_buckets_per_client_key_and_per_route() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let routes = r#"
+[[route]]
+name = "by-key"
+path = "/gen/key/*"
+rate_limit = { burst = 2, rate = "1/1h", key = "header:x-api-key" }
+
+[[route]]
+name = "shared"
+path = "/gen/shared/*"
+rate_limit = { burst = 2, rate = "1/1h", key = "route" }
+
+[[route]]
+name = "by-ip"
+path = "/gen/*"
+rate_limit = { burst = 2, rate = "1/1h" }
+"#;
+    let proxy = start(&upstream, "", routes, Some(&redis)).await;
+    let key = |k: &'static str| [("x-api-key", k)];
+    assert_eq!(count(&proxy.url("/gen/key/1"), &key("alice"), 3).await, (2, 1));
+    assert_eq!(count(&proxy.url("/gen/key/1"), &key("bob"), 3).await, (2, 1), "bob has his own bucket");
+    // Without the header the client address is the bucket.
+    assert_eq!(count(&proxy.url("/gen/key/1"), &[], 3).await, (2, 1));
+    // key = "route": one bucket whoever asks.
+    assert_eq!(count(&proxy.url("/gen/shared/1"), &key("alice"), 1).await, (1, 0));
+    assert_eq!(count(&proxy.url("/gen/shared/2"), &key("bob"), 2).await, (1, 1));
+    // Another route: its own bucket for the same client.
+    assert_eq!(count(&proxy.url("/gen/other"), &[], 3).await, (2, 1));
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_does_not_escape_the_limit() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let trusted = "trusted_proxies = [\"127.0.0.1/32\"]";
+    let proxy = start(&upstream, trusted, &limited(r#"burst = 2, rate = "1/1h""#), Some(&redis)).await;
+    // The client behind the trusted ingress (127.0.0.1) is 198.51.100.7, whatever it writes
+    // to the left of what the ingress appended.
+    for n in 0..2 {
+        let xff = format!("6.6.6.{n}, 198.51.100.7");
+        assert_eq!(get_with(&proxy.url("/gen/a"), &[("x-forwarded-for", &xff)]).await.status, StatusCode::OK);
+    }
+    for n in 2..6 {
+        let xff = format!("6.6.6.{n}, 198.51.100.7");
+        let a = get_with(&proxy.url("/gen/a"), &[("x-forwarded-for", &xff)]).await;
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "spoofed left-most entry {xff} escaped");
+    }
+    // Another client behind the same ingress has its own bucket.
+    let xff = [("x-forwarded-for", "203.0.113.5")];
+    assert_eq!(count(&proxy.url("/gen/a"), &xff, 3).await, (2, 1));
+    assert_eq!(redis.command(&["EXISTS", "sidecache:rl:limited:ip:198.51.100.7"]), ":1");
+
+    // Without trusted proxies, the header is not believed: the peer is the client.
+    let redis = TestRedis::start();
+    let proxy = start(&upstream, "", &limited(r#"burst = 2, rate = "1/1h""#), Some(&redis)).await;
+    let mut statuses = Vec::new();
+    for n in 0..3 {
+        let xff = format!("198.51.100.{n}");
+        statuses.push(get_with(&proxy.url("/gen/a"), &[("x-forwarded-for", &xff)]).await.status);
+    }
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+}
+
+#[tokio::test]
+async fn noscript_after_script_flush_reloads_and_keeps_counting() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited(r#"burst = 4, rate = "1/1h""#), Some(&redis)).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 2).await, (2, 0));
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]), "+OK");
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 3).await, (2, 1), "the bucket kept its level");
+    let text = metrics(&proxy).await;
+    assert_eq!(checks(&text, "allowed", "redis"), 4.0);
+    assert_eq!(checks(&text, "limited", "redis"), 1.0);
+    assert_eq!(checks(&text, "error", "allow_all"), 0.0, "NOSCRIPT was no failure: {text}");
+}
+
+/// Concurrent requests for `span`; every one must be answered 200 within `limit` each.
+async fn all_allowed_quickly(url: &str, n: usize, limit: Duration) {
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        let started = Instant::now();
+        let a = get(url).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    assert!(slowest < limit, "slowest request took {slowest:?}");
+}
+
+/// The budget (50 ms) plus scheduling slack on a loaded 2-core machine.
+const FAST: Duration = Duration::from_millis(250);
+
+#[tokio::test]
+async fn redis_killed_fails_open_then_exact_limits_resume() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h""#), Some(&redis)).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 4).await, (3, 1));
+
+    redis.kill();
+    all_allowed_quickly(&proxy.url("/gen/a"), 50, FAST).await;
+    let failed_open = checks(&metrics(&proxy).await, "error", "allow_all");
+    assert_eq!(failed_open, 50.0);
+    let a = get(&proxy.url("/gen/a")).await;
+    assert!(a.headers.get("ratelimit").is_none(), "no quota to report while failing open");
+
+    // Back (empty: the test Redis keeps nothing on disk): the shared bucket starts full again.
+    redis.spawn();
+    until_redis_ready(&proxy.admin_url("")).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 4).await, (3, 1));
+}
+
+#[tokio::test]
+async fn redis_hung_fails_open_within_the_budget_then_resumes() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h""#), Some(&redis)).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 4).await, (3, 1));
+
+    redis.pause();
+    all_allowed_quickly(&proxy.url("/gen/a"), 50, FAST).await;
+    let text = metrics(&proxy).await;
+    assert!(text.contains(r#"sidecache_redis_up{client="ratelimit"} 0"#), "the limiter's breaker opened: {text}");
+
+    // Resumed, the bucket is still empty: limited again, by Redis.
+    redis.resume();
+    until_redis_ready(&proxy.admin_url("")).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 2).await, (0, 2));
+}
+
+#[tokio::test]
+async fn local_fallback_limits_in_process_while_redis_is_down() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let rl = r#"burst = 3, rate = "1/1h", on_redis_error = "local""#;
+    let proxy = start(&upstream, "", &limited(rl), Some(&redis)).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 1).await, (1, 0));
+
+    redis.kill();
+    let started = Instant::now();
+    // The in-process bucket starts full: 3 more, then 429 from it.
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 6).await, (3, 3));
+    assert!(started.elapsed() < FAST * 6, "{:?}", started.elapsed());
+    let text = metrics(&proxy).await;
+    assert_eq!(checks(&text, "allowed", "local"), 3.0);
+    assert_eq!(checks(&text, "limited", "local"), 3.0);
+    assert_eq!(checks(&text, "error", "allow_all"), 0.0);
+    let a = get(&proxy.url("/gen/a")).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(a.headers["ratelimit"], r#""limited";r=0;t=10800"#, "3 tokens at one an hour");
+}
+
+#[tokio::test]
+async fn without_redis_limits_are_in_process() {
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h", key = "header:x-user""#), None).await;
+    assert_eq!(count(&proxy.url("/gen/a"), &[("x-user", "u1")], 4).await, (3, 1));
+    assert_eq!(count(&proxy.url("/gen/a"), &[("x-user", "u2")], 4).await, (3, 1));
+    let text = metrics(&proxy).await;
+    assert_eq!(checks(&text, "allowed", "local"), 6.0);
+    assert_eq!(checks(&text, "limited", "local"), 2.0);
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["ratelimit_store"], "local");
+    assert!(status["ratelimit_redis"].is_null());
+}
+
+#[tokio::test]
+async fn a_cached_answer_still_costs_a_token() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let route = r#"
+[[route]]
+name = "limited"
+path = "/gen/*"
+cache = { ttl = "60s" }
+rate_limit = { burst = 3, rate = "1/1h" }
+"#;
+    let proxy = start(&upstream, "", route, Some(&redis)).await;
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        let a = get(&proxy.url("/gen/a")).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(a.headers.contains_key("ratelimit"));
+        caches.push(a.headers["x-cache"].to_str().unwrap().to_string());
+        // The store is written after the response; wait for it so the next one is a hit.
+        let stored = r#"sidecache_cache_stores_total{route="limited",result="stored"} 1"#;
+        for _ in 0..250 {
+            if metrics(&proxy).await.contains(stored) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(caches, ["MISS", "HIT", "HIT"]);
+    assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(upstream.requests(), 1);
+}
+
+#[tokio::test]
+async fn the_kill_switch_turns_every_limit_off() {
+    let upstream = TestUpstream::spawn().await;
+    let toml = config_full(upstream.addr, "", "", &limited(r#"burst = 1, rate = "1/1h""#));
+    let env = HashMap::from([("SIDECACHE_RATE_LIMIT_ENABLED".to_string(), "false".to_string())]);
+    let proxy = TestProxy::start_with_env(&toml, &env).await;
+    for _ in 0..3 {
+        let a = get(&proxy.url("/gen/a")).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(a.headers.get("ratelimit").is_none());
+    }
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["rate_limit_enabled"], false);
+    assert_eq!(status["ratelimit_store"], "none");
+}
