@@ -4,10 +4,13 @@
 #   cache hits    direct upstream | sidecache cache hits (Redis) | nginx proxy_cache hits
 #   slow upstream (20 ms)  direct | through sidecache's cache
 #   breaker open  sidecache pass-through route | sidecache cached route with Redis paused (SIGSTOP)
+#   rate limit    sidecache pass-through | sidecache rate-limited route (Redis, every request
+#                 allowed) | nginx limit_req allowing every request
 # The backend is benches/upstream.rs (1 KiB bodies; 20 ms under /slow/). Targets of a comparison
 # run in interleaved rounds and each figure is the median, so a noisy neighbour cannot favour one.
 #
 # Usage: benches/bench.sh [seconds per measurement, default 5] [connections, default 64] [rounds, default 3]
+#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit).
 # Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
 # every process started here is stopped by pid on exit.
 set -euo pipefail
@@ -16,6 +19,8 @@ DURATION=${1:-5}
 CONNECTIONS=${2:-64}
 ROUNDS=${3:-3}
 THREADS=2
+ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 
 for tool in wrk nginx redis-server bc; do
@@ -59,6 +64,7 @@ http {
   keepalive_requests 1000000;
   proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=bench:10m max_size=100m inactive=60m use_temp_path=off;
   upstream backend { server 127.0.0.1:$UP; keepalive 128; }
+  limit_req_zone \$binary_remote_addr zone=bench_rl:10m rate=100000000r/s;
   server {
     listen 127.0.0.1:$NGX;
     proxy_http_version 1.1;
@@ -67,6 +73,7 @@ http {
     proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
     location / { proxy_pass http://backend; }
     location /cached/ { proxy_pass http://backend; proxy_cache bench; proxy_cache_valid 200 60s; }
+    location /limited/ { proxy_pass http://backend; limit_req zone=bench_rl burst=100000000 nodelay; }
   }
 }
 NGINX
@@ -92,6 +99,10 @@ cache = { ttl = "60s" }
 name = "slow"
 path = "/slow/*"
 cache = { ttl = "60s" }
+[[route]]
+name = "limited"
+path = "/limited/*"
+rate_limit = { burst = 1000000000, rate = "1000000000/1s" }
 TOML
 "$BIN" --config "$WORK/proxy.toml" >"$WORK/sidecache.log" 2>&1 &
 SC_PID=$!
@@ -136,38 +147,53 @@ diff_ms() { awk -v a="$(median "$1" "$3")" -v b="$(median "$2" "$3")" 'BEGIN { p
 : >"$WORK/results"
 echo "sidecache benchmark: wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s x $ROUNDS interleaved rounds, 1 KiB bodies, $(nproc) cores"
 for _ in $(seq 1 "$ROUNDS"); do
-  run direct "http://127.0.0.1:$UP/"
-  run sidecache "http://127.0.0.1:$SC/"
-  run nginx "http://127.0.0.1:$NGX/"
-  run direct-cached-path "http://127.0.0.1:$UP/cached/a"
-  run sidecache-hits "http://127.0.0.1:$SC/cached/a"
-  run nginx-proxy_cache-hits "http://127.0.0.1:$NGX/cached/a"
-  run slow-direct "http://127.0.0.1:$UP/slow/a"
-  run slow-sidecache-hits "http://127.0.0.1:$SC/slow/a"
+  if want passthrough || want ratelimit; then
+    run direct "http://127.0.0.1:$UP/"
+    run sidecache "http://127.0.0.1:$SC/"
+    run nginx "http://127.0.0.1:$NGX/"
+  fi
+  if want ratelimit; then
+    run sidecache-limited "http://127.0.0.1:$SC/limited/a"
+    run nginx-limit_req "http://127.0.0.1:$NGX/limited/a"
+  fi
+  if want cache; then
+    run direct-cached-path "http://127.0.0.1:$UP/cached/a"
+    run sidecache-hits "http://127.0.0.1:$SC/cached/a"
+    run nginx-proxy_cache-hits "http://127.0.0.1:$NGX/cached/a"
+  fi
+  if want slow; then
+    run slow-direct "http://127.0.0.1:$UP/slow/a"
+    run slow-sidecache-hits "http://127.0.0.1:$SC/slow/a"
+  fi
 done
 LOAD_RSS=$(rss $SC_PID VmHWM:)
 HITS=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_cache_lookups_total\{route="cached",result="hit"\}/ {print $2}')
 
-kill -STOP "$REDIS_PID"
-for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$SCA/status" | grep -q '"state":"up"' || break; curl -fsS -o /dev/null "http://127.0.0.1:$SC/cached/b"; done
-# Distinct paths on both routes: every cached-route request is a miss that skips Redis (the
-# breaker is open) and none can be coalesced with another.
-for _ in $(seq 1 "$ROUNDS"); do
-  run redis-paused-passthrough "http://127.0.0.1:$SC/" /p/
-  run redis-paused-cached-route "http://127.0.0.1:$SC/cached/" /cached/
-done
-kill -CONT "$REDIS_PID"
+if want breaker; then
+  kill -STOP "$REDIS_PID"
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$SCA/status" | grep -q '"state":"up"' || break; curl -fsS -o /dev/null "http://127.0.0.1:$SC/cached/b"; done
+  # Distinct paths on both routes: every cached-route request is a miss that skips Redis (the
+  # breaker is open) and none can be coalesced with another.
+  for _ in $(seq 1 "$ROUNDS"); do
+    run redis-paused-passthrough "http://127.0.0.1:$SC/" /p/
+    run redis-paused-cached-route "http://127.0.0.1:$SC/cached/" /cached/
+  done
+  kill -CONT "$REDIS_PID"
+fi
+LIMITED=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_ratelimit_checks_total\{route="limited",result="allowed",backend="redis"\}/ {print $2}')
 
-table "pass-through" direct sidecache nginx
-table "cache hits" direct-cached-path sidecache-hits nginx-proxy_cache-hits
-table "20 ms upstream" slow-direct slow-sidecache-hits
-table "Redis paused (breaker open)" redis-paused-passthrough redis-paused-cached-route
+want passthrough && table "pass-through" direct sidecache nginx
+want ratelimit && table "rate limit (all allowed)" sidecache sidecache-limited nginx nginx-limit_req
+want cache && table "cache hits" direct-cached-path sidecache-hits nginx-proxy_cache-hits
+want slow && table "20 ms upstream" slow-direct slow-sidecache-hits
+want breaker && table "Redis paused (breaker open)" redis-paused-passthrough redis-paused-cached-route
 errors=$(awk 'NF > 4' "$WORK/results")
 [ -z "$errors" ] || printf '\nerrors reported by wrk:\n%s\n' "$errors"
 
 echo
-echo "pass-through  sidecache/nginx: throughput $(ratio sidecache nginx 2), p50 $(ratio sidecache nginx 3), p99 $(ratio sidecache nginx 4)"
-echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4)  (hits counted: ${HITS:-0})"
-echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
-echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
+want passthrough && echo "pass-through  sidecache/nginx: throughput $(ratio sidecache nginx 2), p50 $(ratio sidecache nginx 3), p99 $(ratio sidecache nginx 4)"
+want ratelimit && echo "rate limit    limited/sidecache pass-through: throughput $(ratio sidecache-limited sidecache 2), p99 $(ratio sidecache-limited sidecache 4); limited/nginx limit_req: throughput $(ratio sidecache-limited nginx-limit_req 2), p99 $(ratio sidecache-limited nginx-limit_req 4)  (checks by Redis: ${LIMITED:-0})"
+want cache && echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4)  (hits counted: ${HITS:-0})"
+want slow && echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
+want breaker && echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
 printf 'sidecache RSS: idle %.1f MiB, peak under load %.1f MiB\n' "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$LOAD_RSS/1024" | bc -l)"

@@ -100,6 +100,14 @@ impl Proxy {
         })
     }
 
+    /// Called once by the worker thread that runs this proxy, on its runtime: connections that
+    /// belong to the worker are started here.
+    pub fn attach(&self, worker: usize) {
+        if let Some(redis) = self.limiter.as_ref().and_then(|l| l.redis()) {
+            redis.attach(worker);
+        }
+    }
+
     /// Handle one request. Never fails: every error is a response.
     pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let started = Instant::now();

@@ -46,9 +46,6 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 const ADMIN_DRAIN: Duration = Duration::from_secs(1);
 /// How often histogram samples are folded into buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
-/// The rate limiter's Redis connections: commands are pipelined on each, and a few connections
-/// let round trips overlap (REDIS_NOTES: one client tops out well below a pool's throughput).
-const LIMITER_CONNECTIONS: usize = 2;
 /// Pending connections the kernel queues while every worker is busy.
 const LISTEN_BACKLOG: u32 = 1024;
 
@@ -106,7 +103,7 @@ fn build_cache(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Cache>>,
     }
     let store = match &config.redis {
         Some(redis) => {
-            let store = RedisStore::start(redis, Role::Cache, 1, &metrics.registrar()).map_err(StartError::Redis)?;
+            let store = RedisStore::start(redis, Role::Cache, &metrics.registrar()).map_err(StartError::Redis)?;
             CacheStore::Redis(store)
         }
         None => {
@@ -120,15 +117,16 @@ fn build_cache(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Cache>>,
     Ok(Some(Arc::new(Cache::new(config, store, &metrics.registrar()))))
 }
 
-/// The rate limits of the routes that have one: shared through Redis (its own connections and
-/// breaker) when configured, else in process. Never waits for Redis.
+/// The rate limits of the routes that have one: shared through Redis when configured (its own
+/// breaker and a connection per worker, driven by the worker's runtime: every request takes a
+/// token, so the check must not cross threads), else in process. Never waits for Redis.
 fn build_limiter(config: &Config, metrics: &Metrics) -> Result<Option<Arc<RateLimiter>>, StartError> {
     if config.routes.iter().all(|r| r.rate_limit.is_none()) {
         return Ok(None);
     }
     let redis = match &config.redis {
         Some(redis) => Some(
-            RedisStore::start(redis, Role::RateLimit, LIMITER_CONNECTIONS, &metrics.registrar())
+            RedisStore::start_per_worker(redis, Role::RateLimit, config.server.workers, &metrics.registrar())
                 .map_err(StartError::Redis)?,
         ),
         None => None,
@@ -260,8 +258,6 @@ impl Sidecache {
     }
 }
 
-/// This version validates `rate_limit` but does not apply it yet: say so once at start-up, so
-/// nobody believes a limit is enforced.
 /// Bind with the backlog we want (std's bind fixes it at 128).
 fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     let err = |source| StartError::Bind { what, addr, source };
@@ -298,15 +294,16 @@ impl Worker {
         let (stopped_listening, listening) = tokio::sync::oneshot::channel();
         let (done, drained) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name(format!("sidecache-w{index}")).spawn(move || {
-            let clean = runtime.block_on(self.serve(stopped_listening));
+            let clean = runtime.block_on(self.serve(index, stopped_listening));
             // Dropping the runtime here ends what the grace left: upgraded tunnels, stragglers.
             let _ = done.send(clean);
         })?;
         Ok(WorkerHandle { listening, drained })
     }
 
-    async fn serve(self, stopped_listening: tokio::sync::oneshot::Sender<()>) -> bool {
+    async fn serve(self, index: usize, stopped_listening: tokio::sync::oneshot::Sender<()>) -> bool {
         let Worker { listener, tls, builder, proxy, limit, mut stop, grace } = self;
+        proxy.attach(index);
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(e) => {

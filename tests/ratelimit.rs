@@ -388,7 +388,12 @@ path = "/gen/*"
 cache = { ttl = "60s" }
 rate_limit = { burst = 3, rate = "1/1h" }
 "#;
-    let proxy = start(&upstream, "", route, Some(&redis)).await;
+    let proxy = start(&upstream, "workers = 2", route, Some(&redis)).await;
+    // The limiter has connections of its own, one per worker, beside the cache's one (and the
+    // test's own connection that asks).
+    let info = redis.reply_lines(&["INFO", "clients"]);
+    let clients = info.iter().find_map(|l| l.strip_prefix("connected_clients:")).expect("connected_clients");
+    assert_eq!(clients, (1 + 2 + 1).to_string(), "{info:?}");
     let mut caches = Vec::new();
     for _ in 0..3 {
         let a = get(&proxy.url("/gen/a")).await;

@@ -31,7 +31,7 @@ fn redis_config(url: &str) -> RedisConfig {
 
 fn start_store(url: &str) -> (RedisStore, Metrics) {
     let metrics = Metrics::new([]);
-    let store = RedisStore::start(&redis_config(url), Role::Cache, 1, &metrics.registrar()).expect("store starts");
+    let store = RedisStore::start(&redis_config(url), Role::Cache, &metrics.registrar()).expect("store starts");
     (store, metrics)
 }
 

@@ -11,6 +11,7 @@
 //! timeouts for EVALSHA), and a background prober that closes the breaker and turns a hung
 //! server into a reconnect (fred's own detector never fires under steady traffic).
 
+use std::cell::Cell;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -42,6 +43,12 @@ const RECONNECT_MIN_MS: u32 = 20;
 const RECONNECT_MAX_MS: u32 = 1_000;
 /// TCP connect budget of a (re)connection. Background only: no request waits for it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// The pool index of the connection this thread's runtime drives (a proxy worker's, see
+    /// [`RedisStore::attach`]); `usize::MAX` elsewhere.
+    static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
+}
 
 /// An operation the gate sends; also the `op` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,17 +134,46 @@ struct Inner {
     connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
 }
 
-/// Redis behind the gate: a small pool of connections (commands are pipelined on each) sharing
-/// one breaker. Cheap to clone.
+/// Redis behind the gate: one connection, or one per proxy worker, sharing one breaker; commands
+/// are pipelined on each. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
 impl RedisStore {
-    /// Build `connections` clients and start connecting them in the background (never waits for
-    /// Redis). Must be called inside a tokio runtime: fred's tasks and the prober run on it.
-    pub fn start(
+    /// One connection, driven by the calling runtime, connecting in the background (never waits
+    /// for Redis). Must be called inside a tokio runtime: fred's tasks and the prober run on it.
+    pub fn start(config: &RedisConfig, role: Role, registrar: &Registrar<'_>) -> Result<RedisStore, StoreError> {
+        let store = Self::build(config, role, 1, registrar)?;
+        let handles = store.inner.pool.connect_pool();
+        store.inner.connections.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
+        Ok(store)
+    }
+
+    /// One connection per proxy worker, each connected and driven by its worker's own runtime
+    /// once the worker calls [`RedisStore::attach`]. A request then talks to Redis without
+    /// handing its command to another thread and back (measured: that hand-off cost more CPU
+    /// than the command). Must be called inside a tokio runtime (the prober runs on it).
+    pub fn start_per_worker(
+        config: &RedisConfig,
+        role: Role,
+        workers: usize,
+        registrar: &Registrar<'_>,
+    ) -> Result<RedisStore, StoreError> {
+        Self::build(config, role, workers, registrar)
+    }
+
+    /// Called by proxy worker `index` on its own runtime: connect its connection here, and send
+    /// this thread's commands through it (through another connection while it is down).
+    pub fn attach(&self, index: usize) {
+        let Some(client) = self.inner.pool.clients().get(index) else { return };
+        HOME.set(index);
+        let handle = client.connect();
+        self.inner.connections.lock().unwrap_or_else(|p| p.into_inner()).push(handle);
+    }
+
+    fn build(
         config: &RedisConfig,
         role: Role,
         connections: usize,
@@ -185,7 +221,6 @@ impl RedisStore {
             role,
         });
         inner.up.set(0.0);
-        *inner.connections.lock().unwrap_or_else(|p| p.into_inner()) = inner.pool.connect_pool();
         let mut tasks: Vec<JoinHandle<()>> =
             (0..inner.pool.size()).map(|i| tokio::spawn(watch_connection(Arc::downgrade(&inner), i))).collect();
         tasks.push(tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone())));
@@ -291,7 +326,7 @@ where
     if !inner.breaker.allows() {
         return Err(StoreError::BreakerOpen);
     }
-    let client = inner.pool.next_connected();
+    let client = inner.client();
     if !client.is_connected() {
         inner.failure();
         return Err(StoreError::NotConnected);
@@ -334,6 +369,15 @@ fn is_unreachable(e: &FredError) -> bool {
 }
 
 impl Inner {
+    /// This thread's own connection when it has one and it is up, else any connected one.
+    fn client(&self) -> &Client {
+        let clients = self.pool.clients();
+        match clients.get(HOME.get()) {
+            Some(own) if own.is_connected() => own,
+            _ => self.pool.next_connected(),
+        }
+    }
+
     fn failure(&self) {
         if self.breaker.failure() {
             // The one transition to down: log once, tell the prober.
