@@ -288,7 +288,7 @@ async fn noscript_after_script_flush_reloads_and_keeps_counting() {
     assert_eq!(checks(&text, "error", "allow_all"), 0.0, "NOSCRIPT was no failure: {text}");
 }
 
-/// Concurrent requests for `span`; every one must be answered 200 within `limit` each.
+/// `n` GETs one after another; every one must be answered 200, each within `limit`.
 async fn all_allowed_quickly(url: &str, n: usize, limit: Duration) {
     let mut slowest = Duration::ZERO;
     for _ in 0..n {
