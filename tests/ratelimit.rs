@@ -391,9 +391,16 @@ rate_limit = { burst = 3, rate = "1/1h" }
     let proxy = start(&upstream, "workers = 2", route, Some(&redis)).await;
     // The limiter has connections of its own, one per worker, beside the cache's one (and the
     // test's own connection that asks).
-    let info = redis.reply_lines(&["INFO", "clients"]);
-    let clients = info.iter().find_map(|l| l.strip_prefix("connected_clients:")).expect("connected_clients");
-    assert_eq!(clients, (1 + 2 + 1).to_string(), "{info:?}");
+    // (Each worker connects on its own thread: wait a moment for the last one.)
+    let clients = || {
+        let info = redis.reply_lines(&["INFO", "clients"]);
+        info.iter().find_map(|l| l.strip_prefix("connected_clients:")?.parse::<usize>().ok()).unwrap()
+    };
+    let started = Instant::now();
+    while clients() < 1 + 2 + 1 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(clients(), 1 + 2 + 1);
     let mut caches = Vec::new();
     for _ in 0..3 {
         let a = get(&proxy.url("/gen/a")).await;

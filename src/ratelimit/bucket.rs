@@ -17,7 +17,8 @@ use crate::config::RateLimitConfig;
 /// The shared bucket: one hash per bucket (`n` = level, `t` = microseconds of the last take),
 /// time from Redis `TIME` so replicas with skewed clocks agree, and the key expiring when the
 /// bucket would be full again (a full bucket and a missing key mean the same). One key, so it
-/// runs on a cluster. A clock that went backwards (a failover) refills nothing.
+/// runs on a cluster. A clock that went backwards (a failover) refills nothing. The expiry is
+/// capped at 10^15 ms, so an absurd shape still yields an integer PEXPIRE accepts.
 ///
 /// ARGV: burst, period in microseconds, tokens per period.
 /// Returns `{allowed (0/1), whole tokens left, µs until the next token, µs until full}`.
@@ -38,7 +39,7 @@ if level >= 1 then
   allowed = 1
   level = level - 1
   redis.call('HSET', KEYS[1], 'n', level, 't', now)
-  redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - level) * per_token / 1000)))
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.min(1e15, math.ceil((burst - level) * per_token / 1000))))
 end
 local retry = 0
 if level < 1 then retry = math.ceil((1 - level) * per_token) end

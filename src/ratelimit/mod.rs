@@ -186,12 +186,10 @@ impl RateLimiter {
             (None, None) => (None, Backend::AllowAll),
         };
         self.durations[backend as usize].record(started.elapsed().as_secs_f64());
+        limit.count(backend, taken.map(|t| t.allowed));
         let Some(taken) = taken else {
-            limit.checks[4].increment(1);
             return Verdict::Unchecked;
         };
-        let local = usize::from(backend == Backend::Local) * 2;
-        limit.checks[local + usize::from(!taken.allowed)].increment(1);
         let quota = limit.quota(&taken);
         if taken.allowed {
             Verdict::Allowed(quota)
@@ -222,6 +220,18 @@ impl RateLimiter {
 }
 
 impl Limit {
+    /// Count a decision: allowed or not (`None`: not checked, failing open).
+    fn count(&self, backend: Backend, allowed: Option<bool>) {
+        let index = match (backend, allowed) {
+            (Backend::Redis, Some(true)) => 0,
+            (Backend::Redis, Some(false)) => 1,
+            (Backend::Local, Some(true)) => 2,
+            (Backend::Local, Some(false)) => 3,
+            _ => 4,
+        };
+        self.checks[index].increment(1);
+    }
+
     fn quota(&self, taken: &Taken) -> Quota {
         let mut state = String::with_capacity(self.name.len() + 24);
         let reset = taken.reset.as_secs_f64().ceil() as u64;
