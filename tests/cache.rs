@@ -77,17 +77,6 @@ fn metrics_value(text: &str, route: &str, family: &str, result: &str) -> f64 {
     metric(text, &format!(r#"sidecache_{family}_total{{route="{route}",result="{result}"}}"#)).unwrap_or(0.0)
 }
 
-/// Waits until `n` responses of `route` were written to the store (writes never delay a response).
-async fn stored(proxy: &TestProxy, route: &str, n: f64) {
-    for _ in 0..250 {
-        if metrics_value(&get(&proxy.admin_url("/metrics")).await.text(), route, "cache_stores", "stored") >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{route}: {n} stores not reached");
-}
-
 async fn req(proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> Answer {
     send(Method::GET, &proxy.url(path), headers, Bytes::new()).await
 }

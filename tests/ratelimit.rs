@@ -408,13 +408,7 @@ rate_limit = { burst = 3, rate = "1/1h" }
         assert!(a.headers.contains_key("ratelimit"));
         caches.push(a.headers["x-cache"].to_str().unwrap().to_string());
         // The store is written after the response; wait for it so the next one is a hit.
-        let stored = r#"sidecache_cache_stores_total{route="limited",result="stored"} 1"#;
-        for _ in 0..250 {
-            if metrics(&proxy).await.contains(stored) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        stored(&proxy, "limited", 1.0).await;
     }
     assert_eq!(caches, ["MISS", "HIT", "HIT"]);
     assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::TOO_MANY_REQUESTS);

@@ -171,15 +171,11 @@ impl LocalBuckets {
         level.take(now_us, &self.params)
     }
 
-    /// Buckets held now (for tests and `/status`).
-    pub fn len(&self) -> u64 {
+    /// Buckets held now.
+    #[cfg(test)]
+    fn held(&self) -> u64 {
         self.buckets.run_pending_tasks();
         self.buckets.entry_count()
-    }
-
-    /// Whether no bucket is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -269,6 +265,6 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(buckets.take("a").allowed);
         assert!(!buckets.take("a").allowed);
-        assert_eq!(buckets.len(), 2);
+        assert_eq!(buckets.held(), 2);
     }
 }

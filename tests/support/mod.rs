@@ -494,6 +494,19 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
+/// Waits until `n` responses of `route` were written to the cache store (writes never delay a
+/// response).
+pub async fn stored(proxy: &TestProxy, route: &str, n: f64) {
+    let series = format!(r#"sidecache_cache_stores_total{{route="{route}",result="stored"}}"#);
+    for _ in 0..250 {
+        if metric(&get(&proxy.admin_url("/metrics")).await.text(), &series).unwrap_or(0.0) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{route}: {n} stores not reached");
+}
+
 pub fn boxed<B>(body: B) -> TestBody
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
