@@ -367,12 +367,18 @@ pub struct BinaryProxy {
 
 impl BinaryProxy {
     pub fn spawn(toml: &str) -> BinaryProxy {
+        Self::spawn_with_env(toml, &[])
+    }
+
+    /// Start it with these environment variables set (the rest of the test's environment is kept).
+    pub fn spawn_with_env(toml: &str, env: &[(&str, &str)]) -> BinaryProxy {
         let config_path = temp_path("proxy.toml");
         std::fs::write(&config_path, toml).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sidecache"))
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
