@@ -135,7 +135,13 @@ fn configmap_proxy_toml_passes_sidecache_check() {
     for (file, redis) in [(CONFIGMAP_TOML, None), (CONFIGMAP_TOML, Some(redis_url)), ("proxy.toml", None)] {
         let mut check = Command::new(env!("CARGO_BIN_EXE_sidecache"));
         check.arg("--config").arg(repo(file)).arg("--check");
-        for var in ["SIDECACHE_REDIS_URL", "SIDECACHE_UPSTREAM_URL", "SIDECACHE_CACHE_ENABLED", "SIDECACHE_CONFIG"] {
+        for var in [
+            "SIDECACHE_REDIS_URL",
+            "SIDECACHE_UPSTREAM_URL",
+            "SIDECACHE_CACHE_ENABLED",
+            "SIDECACHE_RATE_LIMIT_ENABLED",
+            "SIDECACHE_CONFIG",
+        ] {
             check.env_remove(var);
         }
         if let Some(url) = redis {
