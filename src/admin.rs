@@ -175,7 +175,17 @@ impl Admin {
 
 fn redis_status(redis: Option<&RedisStore>) -> serde_json::Value {
     match redis {
-        Some(r) => json!({ "state": r.state().as_str(), "connected": r.connected() }),
+        Some(r) => {
+            let topology = r.topology();
+            json!({
+                "state": r.state().as_str(),
+                "connected": r.connected(),
+                "mode": topology.mode,
+                "tls": topology.tls,
+                "nodes": topology.nodes,
+                "connected_nodes": topology.connected_nodes,
+            })
+        }
         None => serde_json::Value::Null,
     }
 }

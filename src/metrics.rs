@@ -24,6 +24,13 @@ pub const INFLIGHT_REQUESTS: &str = "sidecache_inflight_requests";
 
 /// `sidecache_redis_up{client}`: 1 while Redis is connected and the breaker is closed.
 pub const REDIS_UP: &str = "sidecache_redis_up";
+/// `sidecache_redis_info{client,mode,tls}`: 1, naming the topology (`standalone`, `sentinel`,
+/// `cluster`) and whether TLS is used.
+pub const REDIS_INFO: &str = "sidecache_redis_info";
+/// `sidecache_redis_nodes{client}`: servers requests go to (a cluster's primaries).
+pub const REDIS_NODES: &str = "sidecache_redis_nodes";
+/// `sidecache_redis_connected_nodes{client}`: servers with an open connection.
+pub const REDIS_CONNECTED_NODES: &str = "sidecache_redis_connected_nodes";
 /// `sidecache_redis_op_duration_seconds{client,op}`: latency of operations actually sent.
 pub const REDIS_OP_DURATION: &str = "sidecache_redis_op_duration_seconds";
 /// `sidecache_redis_errors_total{client,op,kind}`: operations that produced no value, by why.
@@ -245,6 +252,21 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(REDIS_UP),
         None,
         text("1 while Redis is connected and the breaker is closed, by client (cache, ratelimit)."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(REDIS_INFO),
+        None,
+        text("1, with the Redis topology (mode: standalone, sentinel, cluster) and whether TLS is used, by client."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(REDIS_NODES),
+        None,
+        text("Redis servers requests go to: a cluster's primaries, Sentinel's current master, or the one server."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(REDIS_CONNECTED_NODES),
+        None,
+        text("Redis servers with an open connection, by client."),
     );
     r.describe_histogram(
         KeyName::from_const_str(REDIS_OP_DURATION),

@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
 use crate::ratelimit::RateLimiter;
-use crate::store::{CacheStore, MemoryStore, RedisStore, Role};
+use crate::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
 use crate::{tls, Body};
 
 /// A client has this long to finish the TLS handshake.
@@ -97,11 +97,15 @@ pub struct Sidecache {
 
 /// The cache of the routes that have one: on Redis when configured, else the embedded store.
 /// Never waits for Redis: the client connects in the background.
-fn build_cache(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Cache>>, StartError> {
+fn build_cache(
+    config: &Config,
+    redis: Option<&RedisTarget>,
+    metrics: &Metrics,
+) -> Result<Option<Arc<Cache>>, StartError> {
     if !config.routes.iter().any(|r| r.cache.is_some()) {
         return Ok(None);
     }
-    let store = match &config.redis {
+    let store = match redis {
         Some(redis) => {
             let store = RedisStore::start(redis, Role::Cache, &metrics.registrar()).map_err(StartError::Redis)?;
             CacheStore::Redis(store)
@@ -120,11 +124,15 @@ fn build_cache(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Cache>>,
 /// The rate limits of the routes that have one: shared through Redis when configured (its own
 /// breaker and a connection per worker, driven by the worker's runtime: every request takes a
 /// token, so the check must not cross threads), else in process. Never waits for Redis.
-fn build_limiter(config: &Config, metrics: &Metrics) -> Result<Option<Arc<RateLimiter>>, StartError> {
+fn build_limiter(
+    config: &Config,
+    redis: Option<&RedisTarget>,
+    metrics: &Metrics,
+) -> Result<Option<Arc<RateLimiter>>, StartError> {
     if config.routes.iter().all(|r| r.rate_limit.is_none()) {
         return Ok(None);
     }
-    let redis = match &config.redis {
+    let redis = match redis {
         Some(redis) => Some(
             RedisStore::start_per_worker(redis, Role::RateLimit, config.server.workers, &metrics.registrar())
                 .map_err(StartError::Redis)?,
@@ -146,8 +154,15 @@ impl Sidecache {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
         let state = Arc::new(ServerState { started: Instant::now(), draining: AtomicBool::new(false) });
-        let cache = build_cache(&config, &metrics)?;
-        let limiter = build_limiter(&config, &metrics)?;
+        let redis = config.redis.as_ref().map(RedisTarget::new).transpose()?;
+        if config.redis.as_ref().and_then(|r| r.tls.as_ref()).is_some_and(|t| t.insecure_skip_verify) {
+            tracing::warn!(
+                "redis.tls.insecure_skip_verify is true: Redis's certificate is NOT verified, so anyone on the \
+                 network path can pose as Redis and read or change the cache and the rate limits"
+            );
+        }
+        let cache = build_cache(&config, redis.as_ref(), &metrics)?;
+        let limiter = build_limiter(&config, redis.as_ref(), &metrics)?;
         let proxies = (0..config.server.workers)
             .map(|_| Proxy::new(&config, metrics.clone(), cache.clone(), limiter.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;

@@ -62,17 +62,6 @@ async fn on_redis() -> Setup {
     Setup { upstream, proxy, redis: Some(redis) }
 }
 
-async fn wait_for_redis(proxy: &TestProxy) {
-    for _ in 0..250 {
-        let status = get(&proxy.admin_url("/status")).await.json();
-        if status["redis"]["connected"] == true && status["redis"]["state"] == "up" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("proxy never connected to redis");
-}
-
 fn metrics_value(text: &str, route: &str, family: &str, result: &str) -> f64 {
     metric(text, &format!(r#"sidecache_{family}_total{{route="{route}",result="{result}"}}"#)).unwrap_or(0.0)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sidecache::metrics::Metrics;
-use sidecache::store::{CacheStore, MemoryStore, RedisStore, Role};
+use sidecache::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
 use support::redis::TestRedis;
 
 async fn redis_store(redis: &TestRedis) -> (CacheStore, Metrics) {
@@ -18,7 +18,7 @@ async fn redis_store(redis: &TestRedis) -> (CacheStore, Metrics) {
     );
     let config = sidecache::Config::from_sources(&toml, &HashMap::new()).unwrap().redis.unwrap();
     let metrics = Metrics::new([]);
-    let store = RedisStore::start(&config, Role::Cache, &metrics.registrar()).unwrap();
+    let store = RedisStore::start(&RedisTarget::new(&config).unwrap(), Role::Cache, &metrics.registrar()).unwrap();
     for _ in 0..250 {
         if store.get("ready?").await.is_ok() {
             break;

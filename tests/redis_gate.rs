@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sidecache::config::RedisConfig;
 use sidecache::metrics::Metrics;
-use sidecache::store::{BreakerState, RedisStore, Role, StoreError};
+use sidecache::store::{BreakerState, RedisStore, RedisTarget, Role, StoreError};
 use support::metric;
 use support::redis::{free_port, TestRedis};
 use tokio::time::Instant;
@@ -31,7 +31,8 @@ fn redis_config(url: &str) -> RedisConfig {
 
 fn start_store(url: &str) -> (RedisStore, Metrics) {
     let metrics = Metrics::new([]);
-    let store = RedisStore::start(&redis_config(url), Role::Cache, &metrics.registrar()).expect("store starts");
+    let target = RedisTarget::new(&redis_config(url)).expect("no TLS files to load");
+    let store = RedisStore::start(&target, Role::Cache, &metrics.registrar()).expect("store starts");
     (store, metrics)
 }
 

@@ -6,6 +6,7 @@
 //! (`Duration`, `SocketAddr`, compiled route patterns, enums).
 
 mod raw;
+mod redis_url;
 mod units;
 mod validate;
 
@@ -20,6 +21,7 @@ use ipnet::IpNet;
 
 use crate::route::Pattern;
 use raw::RawConfig;
+pub use redis_url::{RedisNode, RedisTopology};
 pub use units::Rate;
 use validate::Validator;
 
@@ -100,8 +102,23 @@ pub struct UpstreamConfig {
 /// `[redis]` with a URL.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://`, `redis-sentinel://` or `redis-cluster://` URL.
+    /// The URL with its password masked, for logs and `/status`.
     pub url: String,
+    /// Standalone, Sentinel or Cluster, and where.
+    pub topology: RedisTopology,
+    /// ACL user name: `SIDECACHE_REDIS_USERNAME`, else the URL's.
+    pub username: Option<String>,
+    /// Password: `SIDECACHE_REDIS_PASSWORD`, else the URL's.
+    pub password: Option<String>,
+    /// Sentinel's own credentials (`SIDECACHE_REDIS_SENTINEL_USERNAME` / `_PASSWORD`); none by
+    /// default, since Sentinels commonly run without `requirepass`.
+    pub sentinel_username: Option<String>,
+    /// See `sentinel_username`.
+    pub sentinel_password: Option<String>,
+    /// The database to `SELECT`.
+    pub database: Option<u8>,
+    /// TLS settings when the URL is `rediss*://`.
+    pub tls: Option<RedisTls>,
     /// Prefix of every key sidecache writes.
     pub key_prefix: String,
     /// Time budget of one Redis operation.
@@ -110,6 +127,17 @@ pub struct RedisConfig {
     pub breaker_failures: NonZeroU32,
     /// How long the breaker stays open before a probe.
     pub breaker_cooldown: Duration,
+}
+
+/// `[redis.tls]`, for `rediss*://` URLs.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// PEM CA certificates to trust instead of the system roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that require client certificates (mTLS).
+    pub client_cert: Option<TlsFiles>,
+    /// Accept any server certificate. Only for trials: logged loudly at start-up.
+    pub insecure_skip_verify: bool,
 }
 
 /// `[log]`.
@@ -263,7 +291,14 @@ impl Config {
     pub fn summary(&self) -> String {
         let routes: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
         let redis = match &self.redis {
-            Some(r) => units::redact_url(&r.url),
+            Some(r) => {
+                let tls = match &r.tls {
+                    Some(t) if t.insecure_skip_verify => " (TLS, server certificate NOT verified)",
+                    Some(_) => " (TLS)",
+                    None => "",
+                };
+                format!("{} {}{tls}", r.topology.mode(), r.url)
+            }
             None => "embedded".to_string(),
         };
         format!(

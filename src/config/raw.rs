@@ -65,6 +65,16 @@ pub struct RawRedis {
     pub op_timeout: Option<String>,
     pub breaker_failures: Option<i64>,
     pub breaker_cooldown: Option<String>,
+    pub tls: Option<RawRedisTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisTls {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 /// The top-level `[cache]` table (settings of the store, not of a route).

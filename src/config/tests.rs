@@ -255,3 +255,61 @@ fn summary_hides_redis_passwords() {
     let s = c.summary();
     assert!(s.contains("rediss://app:***@redis:6380") && !s.contains("hunter2"), "{s}");
 }
+
+#[test]
+fn redis_topologies_credentials_and_tls() {
+    let c = ok(&format!(
+        "{UP}[redis]\nurl = \"rediss://app:from-url@redis:6380/2\"\ntls = {{ ca_file = \"/ca.pem\", cert_file = \"/c.pem\", key_file = \"/k.pem\" }}\n"
+    ));
+    let r = c.redis.unwrap();
+    assert_eq!(r.topology, RedisTopology::Standalone(RedisNode { host: "redis".into(), port: 6380 }));
+    assert_eq!((r.username.as_deref(), r.password.as_deref(), r.database), (Some("app"), Some("from-url"), Some(2)));
+    let tls = r.tls.unwrap();
+    assert_eq!(tls.ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
+    assert_eq!(tls.client_cert.map(|f| f.key), Some(PathBuf::from("/k.pem")));
+    assert!(!tls.insecure_skip_verify);
+
+    // Credentials from the environment win over the URL's; TLS without a table uses the defaults.
+    let text = format!("{UP}[redis]\nurl = \"rediss-sentinel://u:p@s1,s2:26380/mymaster\"\n");
+    let secrets = env(&[
+        ("SIDECACHE_REDIS_USERNAME", "acl-user"),
+        ("SIDECACHE_REDIS_PASSWORD", "env-secret"),
+        ("SIDECACHE_REDIS_SENTINEL_PASSWORD", "sentinel-secret"),
+    ]);
+    let r = Config::from_sources(&text, &secrets).unwrap().redis.unwrap();
+    assert_eq!((r.username.as_deref(), r.password.as_deref()), (Some("acl-user"), Some("env-secret")));
+    assert_eq!((r.sentinel_username, r.sentinel_password.as_deref()), (None, Some("sentinel-secret")));
+    assert!(r.tls.is_some_and(|t| t.ca_file.is_none() && t.client_cert.is_none()));
+    assert_eq!(r.topology.mode(), "sentinel");
+    let summary = Config::from_sources(&text, &secrets).unwrap().summary();
+    assert!(summary.contains("sentinel rediss-sentinel://u:***@s1,s2:26380/mymaster (TLS)"), "{summary}");
+    assert!(!summary.contains("secret"), "{summary}");
+
+    let insecure = format!("{UP}[redis]\nurl = \"rediss://h\"\ntls = {{ insecure_skip_verify = true }}\n");
+    assert!(ok(&insecure).summary().contains("NOT verified"));
+}
+
+#[test]
+fn redis_settings_that_do_not_fit_are_errors() {
+    assert_error(
+        &format!("{UP}[redis]\nurl = \"redis://h\"\ntls = {{ ca_file = \"/ca.pem\" }}\n"),
+        "redis.tls",
+        "rediss://",
+    );
+    assert_error(
+        &format!("{UP}[redis]\nurl = \"rediss://h\"\ntls = {{ cert_file = \"/c.pem\" }}\n"),
+        "redis.tls.key_file",
+        "required with cert_file",
+    );
+    assert_error(&format!("{UP}[redis]\nurl = \"redis-cluster://a:7000/3\"\n"), "redis.url", "database 0");
+    assert_error(
+        &format!("{UP}[redis]\nurl = \"redis://h\"\ntls = {{ verify = false }}\n"),
+        "redis.tls.verify",
+        "unknown field",
+    );
+    let errs = errors_with(
+        &format!("{UP}[redis]\nurl = \"redis://h\"\n"),
+        &env(&[("SIDECACHE_REDIS_SENTINEL_PASSWORD", "x")]),
+    );
+    assert!(errs.iter().any(|e| e.starts_with("SIDECACHE_REDIS_SENTINEL_PASSWORD: ")), "{errs:?}");
+}

@@ -86,34 +86,6 @@ pub fn parse_upstream_url(s: &str) -> Result<Uri, String> {
         .map_err(|e| format!("is not a URL: {e}"))
 }
 
-const REDIS_SCHEMES: [&str; 4] = ["redis", "rediss", "redis-sentinel", "redis-cluster"];
-
-/// A Redis URL with one of the supported schemes and at least one host.
-pub fn check_redis_url(s: &str) -> Result<(), String> {
-    let (scheme, rest) = s.split_once("://").ok_or("is not a URL (example: \"redis://127.0.0.1:6379/0\")")?;
-    if !REDIS_SCHEMES.contains(&scheme) {
-        return Err(format!("has scheme {scheme:?}; expected one of {}", REDIS_SCHEMES.join(", ")));
-    }
-    let hosts = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hosts = hosts.split(['/', '?']).next().unwrap_or("");
-    if hosts.is_empty() || hosts.split(',').any(str::is_empty) {
-        return Err("has no host".into());
-    }
-    Ok(())
-}
-
-/// The URL with any password replaced, for logs and `/status`.
-pub fn redact_url(s: &str) -> String {
-    match (s.split_once("://"), s.rfind('@')) {
-        (Some((scheme, rest)), Some(_)) => {
-            let (userinfo, hosts) = rest.rsplit_once('@').unwrap_or(("", rest));
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{hosts}")
-        }
-        _ => s.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,23 +122,6 @@ mod tests {
         {
             assert!(parse_upstream_url(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn redis_urls() {
-        for ok in [
-            "redis://127.0.0.1:6379/0",
-            "rediss://u:p@h:6380",
-            "redis-sentinel://a:26379,b:26379/mymaster",
-            "redis-cluster://a:7000,b:7001",
-        ] {
-            assert_eq!(check_redis_url(ok), Ok(()), "{ok}");
-        }
-        for bad in ["http://x", "redis://", "redis-cluster://a,,b", "localhost:6379"] {
-            assert!(check_redis_url(bad).is_err(), "{bad}");
-        }
-        assert_eq!(redact_url("rediss://user:secret@h:6380/0"), "rediss://user:***@h:6380/0");
-        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode};
 
 use super::raw::{self, RawCache, RawConfig, RawQuery, RawRateLimit, RawRedis, RawRoute};
+use super::redis_url;
 use super::units::{self, Rate};
 use super::*;
 use crate::route::Pattern;
@@ -207,16 +208,62 @@ impl Validator {
             self.err("redis.key_prefix", format!("{key_prefix:?} must be at most 64 characters without spaces"));
         }
         let url = url.filter(|u| !u.trim().is_empty())?;
-        if let Err(msg) = units::check_redis_url(&url) {
-            self.err(field, format!("{:?} {msg}", units::redact_url(&url)));
-            return None;
+        let parsed = match redis_url::parse(&url) {
+            Ok(parsed) => parsed,
+            Err(msg) => {
+                self.err(field, format!("{:?} {msg}", redis_url::redact(&url)));
+                return None;
+            }
+        };
+        let tls = self.redis_tls(r.tls, parsed.tls);
+        let from_env = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
+        let sentinel = matches!(parsed.topology, RedisTopology::Sentinel { .. });
+        for name in ["SIDECACHE_REDIS_SENTINEL_USERNAME", "SIDECACHE_REDIS_SENTINEL_PASSWORD"] {
+            if !sentinel && from_env(name).is_some() {
+                self.err(name, "is set, but redis.url is not a redis-sentinel:// URL");
+            }
         }
         Some(RedisConfig {
-            url,
+            url: redis_url::redact(&url),
+            topology: parsed.topology,
+            username: from_env("SIDECACHE_REDIS_USERNAME").or(parsed.username),
+            password: from_env("SIDECACHE_REDIS_PASSWORD").or(parsed.password),
+            sentinel_username: from_env("SIDECACHE_REDIS_SENTINEL_USERNAME"),
+            sentinel_password: from_env("SIDECACHE_REDIS_SENTINEL_PASSWORD"),
+            database: parsed.database,
+            tls,
             key_prefix,
             op_timeout,
             breaker_failures: NonZeroU32::new(breaker_failures).unwrap_or(NonZeroU32::MIN),
             breaker_cooldown,
+        })
+    }
+
+    /// `[redis.tls]`: only with a `rediss*://` URL, which gets the defaults (system roots) without it.
+    fn redis_tls(&mut self, raw: Option<raw::RawRedisTls>, url_tls: bool) -> Option<RedisTls> {
+        if !url_tls {
+            if raw.is_some() {
+                self.err("redis.tls", "is set, but redis.url does not use TLS (use a rediss:// scheme)");
+            }
+            return None;
+        }
+        let raw = raw.unwrap_or_default();
+        let client_cert = match (raw.cert_file, raw.key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert: PathBuf::from(cert), key: PathBuf::from(key) }),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.err("redis.tls.key_file", "is required with cert_file (a client certificate needs its key)");
+                None
+            }
+            (None, Some(_)) => {
+                self.err("redis.tls.cert_file", "is required with key_file");
+                None
+            }
+        };
+        Some(RedisTls {
+            ca_file: raw.ca_file.map(PathBuf::from),
+            client_cert,
+            insecure_skip_verify: raw.insecure_skip_verify.unwrap_or(false),
         })
     }
 

@@ -4,6 +4,7 @@
 pub mod breaker;
 pub mod memory;
 pub mod redis;
+pub mod target;
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 pub use breaker::BreakerState;
 pub use memory::MemoryStore;
 pub use redis::{RedisStore, Role};
+pub use target::{RedisTarget, Topology};
 
 /// The in-process id of one variant of a path: `path_key \0 variant` (memory store, hot tier,
 /// flights).

@@ -12,6 +12,7 @@
 //! server into a reconnect (fred's own detector never fires under steady traffic).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use fred::clients::{Client, Pool};
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
-use fred::types::config::{Config as FredConfig, ReconnectPolicy};
+use fred::types::config::ReconnectPolicy;
 use fred::types::scripts::Script;
 use fred::types::{Builder, Expiration, FromValue, Value};
 use metrics::{Counter, Gauge, Histogram};
@@ -28,9 +29,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::breaker::{Breaker, BreakerState};
+use super::target::{RedisTarget, Topology};
 use super::StoreError;
-use crate::config::RedisConfig;
-use crate::metrics::{Registrar, REDIS_ERRORS_TOTAL, REDIS_OP_DURATION, REDIS_UP};
+use crate::metrics::{
+    Registrar, REDIS_CONNECTED_NODES, REDIS_ERRORS_TOTAL, REDIS_INFO, REDIS_NODES, REDIS_OP_DURATION, REDIS_UP,
+};
 
 /// Operations sent at most concurrently per store; more are skipped, never queued.
 const MAX_IN_FLIGHT: usize = 1024;
@@ -121,6 +124,7 @@ struct OpMetrics {
 
 struct Inner {
     pool: Pool,
+    target: RedisTarget,
     role: Role,
     budget: Duration,
     cooldown: Duration,
@@ -129,6 +133,10 @@ struct Inner {
     opened: Arc<Notify>,
     ops: Vec<OpMetrics>,
     up: Gauge,
+    nodes: Gauge,
+    connected_nodes: Gauge,
+    /// Set once a connection error was logged, cleared on reconnect: one line per outage.
+    error_logged: AtomicBool,
     /// Our watchers and prober, and fred's connection tasks, ended when the store is dropped.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
@@ -144,8 +152,8 @@ pub struct RedisStore {
 impl RedisStore {
     /// One connection, driven by the calling runtime, connecting in the background (never waits
     /// for Redis). Must be called inside a tokio runtime: fred's tasks and the prober run on it.
-    pub fn start(config: &RedisConfig, role: Role, registrar: &Registrar<'_>) -> Result<RedisStore, StoreError> {
-        let store = Self::build(config, role, 1, registrar)?;
+    pub fn start(target: &RedisTarget, role: Role, registrar: &Registrar<'_>) -> Result<RedisStore, StoreError> {
+        let store = Self::build(target, role, 1, registrar)?;
         let handles = store.inner.pool.connect_pool();
         store.inner.connections.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
         Ok(store)
@@ -157,12 +165,12 @@ impl RedisStore {
     /// proxy CPU per check than two connections on the main runtime). Must be called inside a
     /// tokio runtime (the prober runs on it).
     pub fn start_per_worker(
-        config: &RedisConfig,
+        target: &RedisTarget,
         role: Role,
         workers: usize,
         registrar: &Registrar<'_>,
     ) -> Result<RedisStore, StoreError> {
-        Self::build(config, role, workers, registrar)
+        Self::build(target, role, workers, registrar)
     }
 
     /// Called by proxy worker `index` on its own runtime: connect its connection here, and send
@@ -175,17 +183,13 @@ impl RedisStore {
     }
 
     fn build(
-        config: &RedisConfig,
+        target: &RedisTarget,
         role: Role,
         connections: usize,
         registrar: &Registrar<'_>,
     ) -> Result<RedisStore, StoreError> {
-        let mut fred_config = FredConfig::from_url(&config.url).map_err(StoreError::Redis)?;
-        // `true` would end fred's connection task at the first failed connect (Redis not up yet
-        // at start-up) and never retry: the reconnect policy must cover the first connection
-        // too. Requests never wait for it: the gate skips Redis while fred is not connected.
-        fred_config.fail_fast = false;
-        let pool = Builder::from_config(fred_config)
+        let config = &target.config;
+        let pool = Builder::from_config(target.fred.clone())
             .set_policy(ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2))
             .with_connection_config(|c| {
                 c.connection_timeout = CONNECT_TIMEOUT;
@@ -216,15 +220,22 @@ impl RedisStore {
             opened: Arc::new(Notify::new()),
             ops,
             up: registrar.gauge(REDIS_UP, &[("client", client)]),
+            nodes: registrar.gauge(REDIS_NODES, &[("client", client)]),
+            connected_nodes: registrar.gauge(REDIS_CONNECTED_NODES, &[("client", client)]),
+            error_logged: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
             connections: std::sync::Mutex::new(Vec::new()),
             pool,
+            target: target.clone(),
             role,
         });
         inner.up.set(0.0);
+        let tls = if config.tls.is_some() { "true" } else { "false" };
+        registrar.gauge(REDIS_INFO, &[("client", client), ("mode", config.topology.mode()), ("tls", tls)]).set(1.0);
         let mut tasks: Vec<JoinHandle<()>> =
             (0..inner.pool.size()).map(|i| tokio::spawn(watch_connection(Arc::downgrade(&inner), i))).collect();
         tasks.push(tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone())));
+        tasks.push(tokio::spawn(refresh_topology(Arc::downgrade(&inner))));
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(RedisStore { inner })
     }
@@ -237,6 +248,11 @@ impl RedisStore {
     /// Whether fred holds a connection now (any of the pool's).
     pub fn connected(&self) -> bool {
         self.inner.pool.clients().iter().any(|c| c.is_connected())
+    }
+
+    /// Mode, TLS, and the nodes known and connected now.
+    pub fn topology(&self) -> Topology {
+        self.inner.target.topology(&self.inner.pool)
     }
 
     /// GET; `None` when the key is absent.
@@ -389,16 +405,51 @@ impl Inner {
     }
 }
 
-/// Logs and reflects the (re)connections of the pool's client `index`. Holds only a weak
-/// reference, so dropping the store ends it.
+/// Logs and reflects the (re)connections of the pool's client `index`, and logs why connecting
+/// failed (refused, TLS handshake, authentication): the first error of an outage only, as the
+/// reconnect policy retries up to every second. Holds only a weak reference, so dropping the
+/// store ends it.
 async fn watch_connection(inner: Weak<Inner>, index: usize) {
-    let Some(mut reconnects) = inner.upgrade().map(|i| i.pool.clients()[index].reconnect_rx()) else { return };
-    while reconnects.recv().await.is_ok() {
-        let Some(inner) = inner.upgrade() else { return };
-        if inner.breaker.allows() {
-            inner.up.set(1.0);
+    let Some((mut reconnects, mut errors)) = inner.upgrade().map(|i| {
+        let client = &i.pool.clients()[index];
+        (client.reconnect_rx(), client.error_rx())
+    }) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            reconnected = reconnects.recv() => {
+                if reconnected.is_err() {
+                    return;
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                inner.error_logged.store(false, Ordering::Relaxed);
+                if inner.breaker.allows() {
+                    inner.up.set(1.0);
+                }
+                tracing::debug!(client = inner.role.as_str(), "redis connection established");
+            }
+            error = errors.recv() => {
+                let Ok((error, _server)) = error else { return };
+                let Some(inner) = inner.upgrade() else { return };
+                if !inner.error_logged.swap(true, Ordering::Relaxed) {
+                    let url = &inner.target.config.url;
+                    tracing::warn!(client = inner.role.as_str(), url, error = %error, "redis connection failed");
+                }
+            }
         }
-        tracing::debug!(client = inner.role.as_str(), "redis connection established");
+    }
+}
+
+/// Keeps the topology gauges current (fred's state is read; nothing is sent to Redis).
+async fn refresh_topology(weak: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let topology = inner.target.topology(&inner.pool);
+        inner.nodes.set(topology.nodes.len() as f64);
+        inner.connected_nodes.set(topology.connected_nodes as f64);
     }
 }
 

@@ -500,6 +500,18 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
+/// Waits (up to 5 s) until the proxy's cache store is connected to Redis with its breaker closed.
+pub async fn wait_for_redis(proxy: &TestProxy) {
+    for _ in 0..250 {
+        let status = get(&proxy.admin_url("/status")).await.json();
+        if status["redis"]["connected"] == true && status["redis"]["state"] == "up" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("proxy never connected to redis: {}", get(&proxy.admin_url("/status")).await.text());
+}
+
 /// Waits until `n` responses of `route` were written to the cache store (writes never delay a
 /// response).
 pub async fn stored(proxy: &TestProxy, route: &str, n: f64) {
