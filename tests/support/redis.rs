@@ -12,6 +12,8 @@ pub struct TestRedis {
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    /// A Sentinel: started from `sentinel.conf` in its directory with `--sentinel`.
+    sentinel: bool,
     child: Option<Child>,
     paused: bool,
 }
@@ -42,13 +44,45 @@ impl TestRedis {
     pub fn on_port(port: u16, extra: &[&str]) -> TestRedis {
         let dir = super::temp_path(&format!("redis-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
-        TestRedis { port, dir, extra: extra.iter().map(|s| s.to_string()).collect(), child: None, paused: false }
+        TestRedis {
+            port,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            sentinel: false,
+            child: None,
+            paused: false,
+        }
+    }
+
+    /// A Sentinel monitoring the master on `master_port` as `mymaster` (quorum 2), declaring it
+    /// down after 1 s without an answer.
+    pub fn sentinel(master_port: u16) -> TestRedis {
+        for _ in 0..5 {
+            let mut s = Self::on_port(free_port(), &[]);
+            s.sentinel = true;
+            let conf = format!(
+                "sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 10000\n\
+                 sentinel parallel-syncs mymaster 1\n"
+            );
+            std::fs::write(s.dir.join("sentinel.conf"), conf).unwrap();
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("redis-server --sentinel did not start");
     }
 
     /// Start the process; `true` once it answers PING (within 5 s).
     pub fn spawn(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if self.sentinel {
+            // Sentinel rewrites its configuration file, so it must be an absolute path.
+            command.arg(self.dir.join("sentinel.conf")).arg("--sentinel");
+        }
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -71,6 +105,18 @@ impl TestRedis {
         }
         self.kill();
         false
+    }
+
+    /// Whether the process is running (not killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// One field of `INFO` (e.g. `master_link_status`), if present.
+    pub fn info_field(&self, field: &str) -> Option<String> {
+        let reply = self.raw_command(&["INFO"])?;
+        let prefix = format!("{field}:");
+        reply.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().to_string())
     }
 
     pub fn url(&self) -> String {
@@ -137,9 +183,21 @@ impl TestRedis {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
         s.write_all(req.as_bytes()).ok()?;
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).to_string())
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).ok()?;
+            reply.extend_from_slice(&buf[..n]);
+            // A bulk string (INFO) may take several reads: wait for all of it.
+            let text = String::from_utf8_lossy(&reply);
+            let complete = match text.strip_prefix('$').and_then(|t| t.split_once("\r\n")) {
+                Some((len, rest)) => len.parse::<usize>().map_or(true, |len| rest.len() >= len + 2),
+                None => true,
+            };
+            if n == 0 || complete {
+                return Some(text.to_string());
+            }
+        }
     }
 }
 

@@ -1,0 +1,154 @@
+//! Redis Sentinel for real: a master, a replica and three Sentinels started here. Under steady
+//! load through a cached, rate-limited route the master is killed; every request is still
+//! answered correctly (forwarded while the failover runs), and caching and shared rate limits
+//! resume on the promoted replica without restarting the proxy.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use support::redis::TestRedis;
+use support::*;
+use tokio::time::Instant;
+
+/// Polls `check` every 50 ms for at most `limit`.
+async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The port Sentinel names as the master of `mymaster`.
+fn master_port(sentinel: &TestRedis) -> Option<u16> {
+    let lines = sentinel.reply_lines(&["SENTINEL", "get-master-addr-by-name", "mymaster"]);
+    lines.last()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_killed_under_load_fails_over_without_a_failed_request() {
+    let mut master = TestRedis::start();
+    let replica = TestRedis::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    eventually(Duration::from_secs(10), "replication", || {
+        replica.info_field("master_link_status").as_deref() == Some("up")
+    })
+    .await;
+    let sentinels: Vec<TestRedis> = (0..3).map(|_| TestRedis::sentinel(master.port)).collect();
+    // A failover needs the Sentinels to know the replica and each other (hello messages, ~2 s).
+    eventually(Duration::from_secs(15), "sentinel discovery", || {
+        sentinels.iter().all(|s| {
+            s.reply_lines(&["SENTINEL", "sentinels", "mymaster"]).iter().filter(|l| *l == "runid").count() == 2
+                && s.reply_lines(&["SENTINEL", "replicas", "mymaster"]).iter().any(|l| *l == "slave")
+        })
+    })
+    .await;
+
+    let upstream = TestUpstream::spawn().await;
+    let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+    let text = config_text(
+        upstream.addr,
+        &format!(
+            "[redis]\nurl = \"redis-sentinel://{}/mymaster/0\"\n\n\
+             [[route]]\nname = \"catalog\"\npath = \"/gen/*\"\n\
+             cache = {{ ttl = \"5m\" }}\nrate_limit = {{ burst = 1000000, rate = \"1000/1m\" }}\n",
+            hosts.join(",")
+        ),
+    );
+    let proxy = Arc::new(TestProxy::start(&text).await);
+    wait_for_redis(&proxy).await;
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["redis"]["mode"], "sentinel", "{status}");
+    assert_eq!(status["redis"]["nodes"], serde_json::json!([format!("127.0.0.1:{}", master.port)]), "{status}");
+
+    // Steady load: 4 clients over 10 paths until told to stop (at most 60 s). Every answer must
+    // be a 200 carrying its own path's body, whether served from the cache or the backend.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut answered, mut slowest) = (0u32, Duration::ZERO);
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                let path = format!("/gen/item-{}", (answered + c) % 10);
+                let t = Instant::now();
+                let a = get(&proxy.url(&path)).await;
+                slowest = slowest.max(t.elapsed());
+                assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
+                assert!(a.text().starts_with(&format!("{path} #")), "{path} answered {:?}", a.text());
+                answered += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (answered, slowest)
+        }));
+    }
+    eventually(Duration::from_secs(10), "cache hits before the failover", || {
+        master.reply_lines(&["DBSIZE"])[0] != ":0"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let old_master = master.port;
+    let killed = Instant::now();
+    master.kill();
+    eventually(Duration::from_secs(20), "a failover to the replica", || {
+        sentinels.iter().all(|s| master_port(s) == Some(replica.port))
+    })
+    .await;
+    assert_ne!(replica.port, old_master);
+    let switched = killed.elapsed();
+
+    // Caching and rate limits resume on the promoted replica, with the same proxy.
+    let fresh = "/gen/after-failover";
+    eventually(Duration::from_secs(15), "the proxy to reconnect to the new master", || {
+        replica.info_field("connected_clients").and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) >= 3
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = get(&proxy.url(fresh)).await;
+        assert_eq!(a.status, StatusCode::OK);
+        if a.headers["x-cache"] == "HIT" {
+            println!("failover: Sentinels switched {switched:?} after the kill, first hit {:?}", killed.elapsed());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cache hit on the new master: {}",
+            get(&proxy.admin_url("/status")).await.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys = replica.reply_lines(&["KEYS", "sidecache:c:*after-failover*"]);
+    assert!(keys.iter().any(|k| k.contains("after-failover")), "the new entry is on the new master: {keys:?}");
+    let checks = || async {
+        let m = get(&proxy.admin_url("/metrics")).await.text();
+        metric(&m, r#"sidecache_ratelimit_checks_total{route="catalog",result="allowed",backend="redis"}"#).unwrap_or(0.0)
+    };
+    // The limiter has its own connections and breaker: it may come back a probe later.
+    let before = checks().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while checks().await <= before {
+        assert!(Instant::now() < deadline, "rate-limit checks are not decided by Redis again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let buckets = replica.reply_lines(&["KEYS", "sidecache:rl:catalog:*"]);
+    assert!(buckets.iter().any(|k| k.starts_with("sidecache:rl:catalog:")), "limits on the new master: {buckets:?}");
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["redis"]["nodes"], serde_json::json!([format!("127.0.0.1:{}", replica.port)]), "{status}");
+
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (answered, slowest) = client.await.expect("every answer was a correct 200");
+        total += answered;
+        assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?} on the failover");
+        println!("slowest request of a client: {slowest:?}");
+    }
+    assert!(total > 200, "only {total} requests under load");
+    println!("{total} requests answered under load, all 200 with their own body");
+}
