@@ -24,21 +24,6 @@ fn limited(rate_limit: &str) -> String {
     format!("[[route]]\nname = \"limited\"\npath = \"/gen/*\"\nrate_limit = {{ {rate_limit} }}\n")
 }
 
-/// Wait until `/status` says the Redis clients (the limiter's, and the cache's if any) are
-/// connected and usable.
-async fn until_redis_ready(admin_url: &str) {
-    let started = Instant::now();
-    let ready = |redis: &serde_json::Value| redis["connected"] == true && redis["state"] == "up";
-    loop {
-        let status = get(&format!("{admin_url}/status")).await.json();
-        if ready(&status["ratelimit_redis"]) && (status["redis"].is_null() || ready(&status["redis"])) {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "limiter never connected: {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn start(upstream: &TestUpstream, server: &str, rest: &str, redis: Option<&TestRedis>) -> TestProxy {
     let rest = match redis {
         Some(r) => format!("{rest}\n{}", redis_table(&r.url())),

@@ -127,7 +127,8 @@ async fn master_killed_under_load_fails_over_without_a_failed_request() {
     assert!(keys.iter().any(|k| k.contains("after-failover")), "the new entry is on the new master: {keys:?}");
     let checks = || async {
         let m = get(&proxy.admin_url("/metrics")).await.text();
-        metric(&m, r#"sidecache_ratelimit_checks_total{route="catalog",result="allowed",backend="redis"}"#).unwrap_or(0.0)
+        metric(&m, r#"sidecache_ratelimit_checks_total{route="catalog",result="allowed",backend="redis"}"#)
+            .unwrap_or(0.0)
     };
     // The limiter has its own connections and breaker: it may come back a probe later.
     let before = checks().await;

@@ -500,16 +500,25 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
-/// Waits (up to 5 s) until the proxy's cache store is connected to Redis with its breaker closed.
-pub async fn wait_for_redis(proxy: &TestProxy) {
-    for _ in 0..250 {
-        let status = get(&proxy.admin_url("/status")).await.json();
-        if status["redis"]["connected"] == true && status["redis"]["state"] == "up" {
+/// Waits (up to 10 s) until `/status` at `admin_url` says every Redis client of the proxy (the
+/// cache's, the limiter's) is connected with its breaker closed.
+pub async fn until_redis_ready(admin_url: &str) {
+    let started = tokio::time::Instant::now();
+    let ready = |redis: &serde_json::Value| redis.is_null() || (redis["connected"] == true && redis["state"] == "up");
+    loop {
+        let status = get(&format!("{admin_url}/status")).await.json();
+        let some = !status["redis"].is_null() || !status["ratelimit_redis"].is_null();
+        if some && ready(&status["redis"]) && ready(&status["ratelimit_redis"]) {
             return;
         }
+        assert!(started.elapsed() < Duration::from_secs(10), "proxy never connected to redis: {status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("proxy never connected to redis: {}", get(&proxy.admin_url("/status")).await.text());
+}
+
+/// [`until_redis_ready`] for an in-process proxy.
+pub async fn wait_for_redis(proxy: &TestProxy) {
+    until_redis_ready(&proxy.admin_url("")).await
 }
 
 /// Waits until `n` responses of `route` were written to the cache store (writes never delay a

@@ -207,3 +207,64 @@ impl Drop for TestRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Cluster of `masters` nodes without replicas, made with `redis-cli --cluster create`.
+pub struct TestCluster {
+    pub nodes: Vec<TestRedis>,
+}
+
+impl TestCluster {
+    pub fn start(masters: usize) -> TestCluster {
+        let nodes: Vec<TestRedis> = (0..masters)
+            .map(|_| {
+                // The bus port is set explicitly: the default (port + 10000) may not be free.
+                let bus = free_port().to_string();
+                TestRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = TestCluster { nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Wait (up to 10 s) until every running node reports `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        for _ in 0..500 {
+            if self.nodes.iter().filter(|n| n.running()).all(|n| n.cluster_state().as_deref() == Some("ok")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("cluster never became ok");
+    }
+
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis-cluster://{}", addrs.join(","))
+    }
+}
+
+impl TestRedis {
+    /// `cluster_state` from `CLUSTER INFO`.
+    pub fn cluster_state(&self) -> Option<String> {
+        let reply = self.raw_command(&["CLUSTER", "INFO"])?;
+        reply.lines().find_map(|l| l.strip_prefix("cluster_state:")).map(|v| v.trim().to_string())
+    }
+}

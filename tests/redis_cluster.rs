@@ -1,0 +1,164 @@
+//! Redis Cluster for real: three masters made with `redis-cli --cluster create`. Two proxy
+//! processes share the cache and exact rate limits through it, with keys spread over the shards;
+//! and a master killed mid-load fails no request (the cluster refuses commands until the node is
+//! back, so the proxy forwards), after which caching resumes without a restart.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::redis::TestCluster;
+use support::*;
+use tokio::time::Instant;
+
+fn config(upstream: &TestUpstream, cluster: &TestCluster, rate_limit: &str) -> String {
+    config_text(
+        upstream.addr,
+        &format!(
+            "[redis]\nurl = \"{}\"\n\n\
+             [[route]]\nname = \"catalog\"\npath = \"/gen/*\"\ncache = {{ ttl = \"5m\" }}\nrate_limit = {{ {rate_limit} }}\n\n\
+             [[route]]\nname = \"api\"\npath = \"/api/*\"\nmethods = [\"POST\"]\n\
+             rate_limit = {{ burst = 10, rate = \"1/1h\", key = \"header:x-api-key\" }}\n",
+            cluster.url()
+        ),
+    )
+}
+
+/// How many of the cluster's nodes hold keys matching `pattern`.
+fn nodes_holding(cluster: &TestCluster, pattern: &str) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .filter(|n| n.reply_lines(&["KEYS", pattern]).iter().any(|l| l.starts_with("sidecache:")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_the_cache_and_exact_limits_across_shards() {
+    let cluster = TestCluster::start(3);
+    let upstream = TestUpstream::spawn().await;
+    let text = config(&upstream, &cluster, r#"burst = 1000000, rate = "1000/1m""#);
+    let proxies = [BinaryProxy::spawn(&text), BinaryProxy::spawn(&text)];
+    for p in &proxies {
+        until_redis_ready(&format!("http://{}", p.admin)).await;
+    }
+    let status = get(&format!("http://{}/status", proxies[0].admin)).await.json();
+    let expected: HashSet<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let nodes: HashSet<String> =
+        status["redis"]["nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    assert_eq!((&status["redis"]["mode"], nodes), (&"cluster".into(), expected), "{status}");
+    assert_eq!(status["redis"]["connected_nodes"], 3, "{status}");
+
+    // 20 paths stored by the first proxy are hits on the second: one shared cache.
+    for i in 0..20 {
+        assert_eq!(get(&proxies[0].url(&format!("/gen/p{i}"))).await.headers["x-cache"], "MISS");
+    }
+    let stored = r#"sidecache_cache_stores_total{route="catalog",result="stored"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&get(&format!("http://{}/metrics", proxies[0].admin)).await.text(), stored) != Some(20.0) {
+        assert!(Instant::now() < deadline, "the 20 entries were not stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..20 {
+        let a = get(&proxies[1].url(&format!("/gen/p{i}"))).await;
+        assert_eq!(a.headers["x-cache"], "HIT", "/gen/p{i} on the second proxy");
+        assert!(a.text().starts_with(&format!("/gen/p{i} #")));
+    }
+    assert_eq!(upstream.requests(), 20);
+    assert_eq!(nodes_holding(&cluster, "sidecache:c:*"), 3, "entries spread over every shard");
+
+    // Exact limits per client key, the keys on different shards: 4 keys × 30 concurrent
+    // requests alternating between the processes; each key admits exactly its burst of 10.
+    let keys = ["alpha", "bravo", "charlie", "delta"];
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let url = proxies[i % 2].url("/api/orders");
+            let key = keys[i % 4];
+            tokio::spawn(async move { (key, send(Method::POST, &url, &[("x-api-key", key)], "").await.status) })
+        })
+        .collect();
+    let mut admitted = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (key, status) = t.await.unwrap();
+        assert!(status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS, "{status}");
+        *admitted.entry(key).or_insert(0) += usize::from(status == StatusCode::OK);
+    }
+    assert_eq!(admitted.values().copied().collect::<Vec<_>>(), [10, 10, 10, 10], "{admitted:?}");
+    assert_eq!(upstream.requests(), 20 + 40);
+    assert!(nodes_holding(&cluster, "sidecache:rl:api:*") >= 2, "buckets on several shards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_load_fails_no_request() {
+    let mut cluster = TestCluster::start(3);
+    let upstream = TestUpstream::spawn().await;
+    let proxy = Arc::new(TestProxy::start(&config(&upstream, &cluster, r#"burst = 1000000, rate = "1000/1m""#)).await);
+    wait_for_redis(&proxy).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut answered, mut slowest) = (0u32, Duration::ZERO);
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                let path = format!("/gen/item-{}", (answered + c) % 30);
+                let t = Instant::now();
+                let a = get(&proxy.url(&path)).await;
+                slowest = slowest.max(t.elapsed());
+                assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
+                assert!(a.text().starts_with(&format!("{path} #")), "{path} answered {:?}", a.text());
+                answered += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (answered, slowest)
+        }));
+    }
+    let hits = || async {
+        let m = get(&proxy.admin_url("/metrics")).await.text();
+        metric(&m, r#"sidecache_cache_lookups_total{route="catalog",result="hit"}"#).unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits().await < 50.0 {
+        assert!(Instant::now() < deadline, "no hits before the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let killed = Instant::now();
+    cluster.nodes[1].kill();
+    // Without replicas the cluster is down until the node returns: the proxy must bypass it.
+    let status = || async { get(&proxy.admin_url("/status")).await.json() };
+    while status().await["redis"]["state"] == "up" {
+        assert!(killed.elapsed() < Duration::from_secs(10), "the breaker never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("breaker open {:?} after the kill", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The node comes back (empty, same cluster identity): hits resume without a restart.
+    cluster.nodes[1].restart();
+    cluster.wait_ok();
+    let back = Instant::now();
+    let before = hits().await;
+    while hits().await < before + 20.0 {
+        assert!(back.elapsed() < Duration::from_secs(20), "no hits after the node came back: {}", status().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("hits resumed {:?} after the node came back", back.elapsed());
+
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (answered, slowest) = client.await.expect("every answer was a correct 200");
+        total += answered;
+        assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?} on the dead master");
+        println!("slowest request of a client: {slowest:?}");
+    }
+    println!("{total} requests answered, all 200 with their own body");
+    assert!(total > 200, "only {total} requests under load");
+}
