@@ -11,21 +11,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use support::pki::Pki;
 use support::redis::TestCluster;
 use support::*;
 use tokio::time::Instant;
 
-fn config(upstream: &TestUpstream, cluster: &TestCluster, rate_limit: &str) -> String {
+/// A cached and limited GET route and a POST route limited per API key, on `redis` (a table).
+fn config(upstream: &TestUpstream, redis: &str, rate_limit: &str) -> String {
     config_text(
         upstream.addr,
         &format!(
-            "[redis]\nurl = \"{}\"\n\n\
+            "{redis}\n\
              [[route]]\nname = \"catalog\"\npath = \"/gen/*\"\ncache = {{ ttl = \"5m\" }}\nrate_limit = {{ {rate_limit} }}\n\n\
              [[route]]\nname = \"api\"\npath = \"/api/*\"\nmethods = [\"POST\"]\n\
-             rate_limit = {{ burst = 10, rate = \"1/1h\", key = \"header:x-api-key\" }}\n",
-            cluster.url()
+             rate_limit = {{ burst = 10, rate = \"1/1h\", key = \"header:x-api-key\" }}\n"
         ),
     )
+}
+
+fn redis_table(url: &str) -> String {
+    format!("[redis]\nurl = \"{url}\"\n")
 }
 
 /// How many of the cluster's nodes hold keys matching `pattern`.
@@ -41,7 +46,7 @@ fn nodes_holding(cluster: &TestCluster, pattern: &str) -> usize {
 async fn two_proxies_share_the_cache_and_exact_limits_across_shards() {
     let cluster = TestCluster::start(3);
     let upstream = TestUpstream::spawn().await;
-    let text = config(&upstream, &cluster, r#"burst = 1000000, rate = "1000/1m""#);
+    let text = config(&upstream, &redis_table(&cluster.url()), r#"burst = 1000000, rate = "1000/1m""#);
     let proxies = [BinaryProxy::spawn(&text), BinaryProxy::spawn(&text)];
     for p in &proxies {
         until_redis_ready(&format!("http://{}", p.admin)).await;
@@ -96,7 +101,10 @@ async fn two_proxies_share_the_cache_and_exact_limits_across_shards() {
 async fn a_master_killed_mid_load_fails_no_request() {
     let mut cluster = TestCluster::start(3);
     let upstream = TestUpstream::spawn().await;
-    let proxy = Arc::new(TestProxy::start(&config(&upstream, &cluster, r#"burst = 1000000, rate = "1000/1m""#)).await);
+    let proxy = Arc::new(
+        TestProxy::start(&config(&upstream, &redis_table(&cluster.url()), r#"burst = 1000000, rate = "1000/1m""#))
+            .await,
+    );
     wait_for_redis(&proxy).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -161,4 +169,42 @@ async fn a_master_killed_mid_load_fails_no_request() {
     }
     println!("{total} requests answered, all 200 with their own body");
     assert!(total > 200, "only {total} requests under load");
+}
+
+/// TLS as managed clusters do it: the certificates name a host, the slot map names nodes by IP
+/// address, and the client was given the host. Nodes are verified against that host.
+#[tokio::test]
+async fn a_tls_cluster_found_from_one_seed() {
+    let pki = Pki::with_server_names(&["localhost"]);
+    let cluster = TestCluster::start_with(3, Some(&pki));
+    let upstream = TestUpstream::spawn().await;
+    let url = cluster.tls_url("localhost");
+    let redis = format!("{}tls = {{ ca_file = {:?} }}\n", redis_table(&url), pki.file("ca.pem"));
+    let proxy = TestProxy::start(&config(&upstream, &redis, r#"burst = 1000000, rate = "1000/1m""#)).await;
+    wait_for_redis(&proxy).await;
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!((&status["redis"]["mode"], &status["redis"]["tls"]), (&"cluster".into(), &true.into()), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&proxy.admin_url("/status")).await.json()["redis"]["connected_nodes"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "not connected to every TLS node: {}",
+            get(&proxy.admin_url("/status")).await.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for i in 0..12 {
+        assert_eq!(get(&proxy.url(&format!("/gen/t{i}"))).await.headers["x-cache"], "MISS");
+    }
+    stored(&proxy, "catalog", 12.0).await;
+    for i in 0..12 {
+        assert_eq!(get(&proxy.url(&format!("/gen/t{i}"))).await.headers["x-cache"], "HIT", "/gen/t{i}");
+    }
+    assert!(nodes_holding(&cluster, "sidecache:c:*") >= 2, "entries on several shards");
+    let url = proxy.url("/api/x");
+    let answers =
+        futures_util::future::join_all((0..12).map(|_| send(Method::POST, &url, &[("x-api-key", "k")], ""))).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
 }

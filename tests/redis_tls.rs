@@ -6,51 +6,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use http::StatusCode;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use support::pki::Pki;
 use support::redis::{free_port, TestRedis};
 use support::*;
-
-/// A CA and, signed by it, a server certificate for 127.0.0.1 and a client certificate, as PEM
-/// files in their own directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = temp_path("pki");
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "sidecache test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        for (name, sans) in [("server", vec!["127.0.0.1".to_string(), "localhost".to_string()]), ("client", vec![])] {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.distinguished_name.push(DnType::CommonName, format!("sidecache test {name}"));
-            let cert = params.signed_by(&key, &ca).unwrap();
-            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.dir.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A redis-server with a plain port (for the test's own commands) and a TLS port.
 fn tls_redis(pki: &Pki, require_client_cert: bool) -> (TestRedis, u16) {

@@ -41,7 +41,13 @@ impl RedisTarget {
         let tls = match &config.tls {
             Some(settings) => Some(TlsConfig {
                 connector: TlsConnector::from(tls::redis_client_config(settings)?),
-                hostnames: TlsHostMapping::None,
+                // A cluster's slot map may name nodes by IP address while their certificates
+                // name the host the client was given (ElastiCache): verify those against the
+                // host that answered. Host names in the map are kept as they are.
+                hostnames: match config.topology {
+                    RedisTopology::Cluster { .. } => TlsHostMapping::DefaultHost,
+                    _ => TlsHostMapping::None,
+                },
             }),
             None => None,
         };

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = BoxBody<Bytes, BoxError>;
 
+pub mod pki;
 pub mod redis;
 
 // ---------------------------------------------------------------- deterministic streamed bodies

@@ -211,15 +211,24 @@ impl Drop for TestRedis {
 /// A Redis Cluster of `masters` nodes without replicas, made with `redis-cli --cluster create`.
 pub struct TestCluster {
     pub nodes: Vec<TestRedis>,
+    /// Each node's TLS port, when started with TLS.
+    tls_ports: Vec<u16>,
 }
 
 impl TestCluster {
     pub fn start(masters: usize) -> TestCluster {
+        Self::start_with(masters, None)
+    }
+
+    /// With `pki`, every node also serves TLS on a port of its own, and the cluster bus runs
+    /// over TLS; a TLS client is told the TLS ports in the slot map.
+    pub fn start_with(masters: usize, pki: Option<&super::pki::Pki>) -> TestCluster {
+        let mut tls_ports = Vec::new();
         let nodes: Vec<TestRedis> = (0..masters)
             .map(|_| {
                 // The bus port is set explicitly: the default (port + 10000) may not be free.
                 let bus = free_port().to_string();
-                TestRedis::start_with(&[
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -228,7 +237,28 @@ impl TestCluster {
                     "2000",
                     "--cluster-port",
                     &bus,
-                ])
+                ]
+                .map(String::from)
+                .into();
+                if let Some(pki) = pki {
+                    let tls_port = free_port();
+                    tls_ports.push(tls_port);
+                    args.extend([
+                        "--tls-port".into(),
+                        tls_port.to_string(),
+                        "--tls-cert-file".into(),
+                        pki.file("server.pem"),
+                        "--tls-key-file".into(),
+                        pki.file("server.key"),
+                        "--tls-ca-cert-file".into(),
+                        pki.file("ca.pem"),
+                        "--tls-cluster".into(),
+                        "yes".into(),
+                        "--tls-auth-clients".into(),
+                        "no".into(),
+                    ]);
+                }
+                TestRedis::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
@@ -239,7 +269,7 @@ impl TestCluster {
             .output()
             .expect("redis-cli runs");
         assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = TestCluster { nodes };
+        let cluster = TestCluster { nodes, tls_ports };
         cluster.wait_ok();
         cluster
     }
@@ -258,6 +288,12 @@ impl TestCluster {
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         format!("redis-cluster://{}", addrs.join(","))
+    }
+
+    /// `rediss-cluster://` with the first node's TLS port on `host` as the only seed: the rest
+    /// are found through the slot map.
+    pub fn tls_url(&self, host: &str) -> String {
+        format!("rediss-cluster://{host}:{}", self.tls_ports[0])
     }
 }
 
