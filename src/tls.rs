@@ -46,7 +46,7 @@ pub fn install_crypto_provider() {
 /// Build the acceptor from the configured PEM files.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     install_crypto_provider();
-    let (certs, key) = load_pair("server.tls", files)?;
+    let (certs, key) = load_pair(("server.tls", "server.tls"), files)?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -94,21 +94,21 @@ pub fn redis_client_config(tls: &RedisTls) -> Result<rustls::ClientConfig, TlsEr
     };
     match &tls.client_cert {
         Some(files) => {
-            let (certs, key) = load_pair("redis.tls.cert_file", files)?;
+            let (certs, key) = load_pair(("redis.tls.cert_file", "redis.tls.key_file"), files)?;
             builder.with_client_auth_cert(certs, key).map_err(|source| TlsError::Config { field: "redis.tls", source })
         }
         None => Ok(builder.with_no_client_auth()),
     }
 }
 
-/// A certificate chain and its key.
+/// A certificate chain and its key; `fields` name the certificate's and the key's settings.
 fn load_pair(
-    field: &'static str,
+    (cert_field, key_field): (&'static str, &'static str),
     files: &TlsFiles,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let certs = load_certs(field, &files.cert)?;
+    let certs = load_certs(cert_field, &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Load {
-        field,
+        field: key_field,
         path: files.key.clone(),
         reason: e.to_string(),
     })?;

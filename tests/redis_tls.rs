@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -160,15 +159,25 @@ async fn insecure_skip_verify_connects_to_anyone_and_says_so() {
 
 #[tokio::test]
 async fn unusable_tls_files_fail_start_up_with_the_field_named() {
+    let pki = Pki::new();
     let upstream = TestUpstream::spawn().await;
-    let missing = Path::new("/nonexistent/ca.pem");
-    let path = temp_path("bad-redis-tls.toml");
-    std::fs::write(&path, config(&upstream, 6380, &format!("ca_file = {:?}", missing))).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sidecache")).arg("--config").arg(&path).output().unwrap();
-    std::fs::remove_file(&path).unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("redis.tls.ca_file: cannot load /nonexistent/ca.pem"), "{stderr}");
+    let (ca, cert) = (pki.file("ca.pem"), pki.file("client.pem"));
+    for (tls, expected) in [
+        ("ca_file = \"/nonexistent/ca.pem\"".to_string(), "redis.tls.ca_file: cannot load /nonexistent/ca.pem"),
+        (
+            format!("ca_file = {ca:?}, cert_file = {cert:?}, key_file = \"/nonexistent/client.key\""),
+            "redis.tls.key_file: cannot load /nonexistent/client.key",
+        ),
+        (format!("ca_file = {cert:?}, cert_file = {ca:?}, key_file = {ca:?}"), "redis.tls.key_file: cannot load"),
+    ] {
+        let path = temp_path("bad-redis-tls.toml");
+        std::fs::write(&path, config(&upstream, 6380, &tls)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_sidecache")).arg("--config").arg(&path).output().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{tls}: {stderr}");
+        assert!(stderr.contains(expected), "{tls}: {stderr}");
+    }
 }
 
 #[tokio::test]

@@ -149,6 +149,9 @@ fn parse_node(s: &str, default_port: u16) -> Result<RedisNode, String> {
     if host.is_empty() || host.contains(['/', '@', ' ']) {
         return Err("has an empty or malformed host".into());
     }
+    if host.contains(':') && !s.starts_with('[') {
+        return Err("has an IPv6 address without brackets: [::1]:6379".into());
+    }
     let port = match port {
         None => default_port,
         Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("has a bad port {p:?}"))?,
@@ -244,6 +247,7 @@ mod tests {
             ("redis-cluster://a/1", "database 0"),
             ("redis://u:%zz@a", "%-escape"),
             ("redis://[::1:6379", "IPv6"),
+            ("redis://::1", "brackets"),
         ] {
             let err = parse(bad).expect_err(bad);
             assert!(err.contains(why), "{bad}: {err}");

@@ -10,6 +10,20 @@ use fred::types::config::{
 use crate::config::{RedisConfig, RedisNode, RedisTopology};
 use crate::tls::{self, TlsError};
 
+/// The topology in `/status` and the `sidecache_redis_*nodes` metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// `standalone`, `sentinel` or `cluster`.
+    pub mode: &'static str,
+    /// Whether connections use TLS.
+    pub tls: bool,
+    /// The servers requests go to: a cluster's primaries from its slot map, Sentinel's current
+    /// master once connected, or the one configured server.
+    pub nodes: Vec<String>,
+    /// Servers with an open connection from any of the store's clients.
+    pub connected_nodes: usize,
+}
+
 /// How to reach Redis: fred's configuration, built once from `[redis]` and shared by the cache's
 /// and the limiter's stores. TLS files are loaded here, so a bad one fails start-up with its field
 /// named; reaching Redis never does.
@@ -66,23 +80,7 @@ impl RedisTarget {
         };
         Ok(RedisTarget { fred, config: config.clone() })
     }
-}
 
-/// The topology in `/status` and the `sidecache_redis_*nodes` metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Topology {
-    /// `standalone`, `sentinel` or `cluster`.
-    pub mode: &'static str,
-    /// Whether connections use TLS.
-    pub tls: bool,
-    /// The servers requests go to: a cluster's primaries from its slot map, Sentinel's current
-    /// master once connected, or the one configured server.
-    pub nodes: Vec<String>,
-    /// Servers with an open connection from any of the store's clients.
-    pub connected_nodes: usize,
-}
-
-impl RedisTarget {
     /// What the clients of `pool` know now. Reads fred's state only: no command is sent.
     pub(super) fn topology(&self, pool: &Pool) -> Topology {
         let mut connected: Vec<String> =
