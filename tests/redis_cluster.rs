@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,26 +106,7 @@ async fn a_master_killed_mid_load_fails_no_request() {
     );
     wait_for_redis(&proxy).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..4 {
-        let (proxy, stop) = (proxy.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let (mut answered, mut slowest) = (0u32, Duration::ZERO);
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
-                let path = format!("/gen/item-{}", (answered + c) % 30);
-                let t = Instant::now();
-                let a = get(&proxy.url(&path)).await;
-                slowest = slowest.max(t.elapsed());
-                assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
-                assert!(a.text().starts_with(&format!("{path} #")), "{path} answered {:?}", a.text());
-                answered += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (answered, slowest)
-        }));
-    }
+    let load = SteadyLoad::start(&proxy, 30);
     let hits = || async {
         let m = get(&proxy.admin_url("/metrics")).await.text();
         metric(&m, r#"sidecache_cache_lookups_total{route="catalog",result="hit"}"#).unwrap_or(0.0)
@@ -159,15 +139,9 @@ async fn a_master_killed_mid_load_fails_no_request() {
     }
     println!("hits resumed {:?} after the node came back", back.elapsed());
 
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for client in clients {
-        let (answered, slowest) = client.await.expect("every answer was a correct 200");
-        total += answered;
-        assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?} on the dead master");
-        println!("slowest request of a client: {slowest:?}");
-    }
-    println!("{total} requests answered, all 200 with their own body");
+    let (total, slowest) = load.finish().await;
+    println!("{total} requests answered, all 200 with their own body; slowest {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?} on the dead master");
     assert!(total > 200, "only {total} requests under load");
 }
 

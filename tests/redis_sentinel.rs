@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,28 +63,8 @@ async fn master_killed_under_load_fails_over_without_a_failed_request() {
     assert_eq!(status["redis"]["mode"], "sentinel", "{status}");
     assert_eq!(status["redis"]["nodes"], serde_json::json!([format!("127.0.0.1:{}", master.port)]), "{status}");
 
-    // Steady load: 4 clients over 10 paths until told to stop (at most 60 s). Every answer must
-    // be a 200 carrying its own path's body, whether served from the cache or the backend.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..4 {
-        let (proxy, stop) = (proxy.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let (mut answered, mut slowest) = (0u32, Duration::ZERO);
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
-                let path = format!("/gen/item-{}", (answered + c) % 10);
-                let t = Instant::now();
-                let a = get(&proxy.url(&path)).await;
-                slowest = slowest.max(t.elapsed());
-                assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
-                assert!(a.text().starts_with(&format!("{path} #")), "{path} answered {:?}", a.text());
-                answered += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (answered, slowest)
-        }));
-    }
+    // Steady load: every answer must be a 200 carrying its own path's body.
+    let load = SteadyLoad::start(&proxy, 10);
     eventually(Duration::from_secs(10), "cache hits before the failover", || {
         master.reply_lines(&["DBSIZE"])[0] != ":0"
     })
@@ -142,14 +121,8 @@ async fn master_killed_under_load_fails_over_without_a_failed_request() {
     let status = get(&proxy.admin_url("/status")).await.json();
     assert_eq!(status["redis"]["nodes"], serde_json::json!([format!("127.0.0.1:{}", replica.port)]), "{status}");
 
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for client in clients {
-        let (answered, slowest) = client.await.expect("every answer was a correct 200");
-        total += answered;
-        assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?} on the failover");
-        println!("slowest request of a client: {slowest:?}");
-    }
+    let (total, slowest) = load.finish().await;
+    println!("{total} requests answered under load, all 200 with their own body; slowest {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?} on the failover");
     assert!(total > 200, "only {total} requests under load");
-    println!("{total} requests answered under load, all 200 with their own body");
 }

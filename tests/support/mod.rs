@@ -517,6 +517,53 @@ pub async fn until_redis_ready(admin_url: &str) {
     }
 }
 
+/// Four clients requesting `/gen/item-N` (N below `paths`) in a loop until [`SteadyLoad::finish`]
+/// (at most 60 s), checking every answer: a 200 carrying its own path's body, whether it came
+/// from the cache or the backend.
+pub struct SteadyLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<(u32, Duration)>>,
+}
+
+impl SteadyLoad {
+    pub fn start(proxy: &Arc<TestProxy>, paths: u32) -> SteadyLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..4)
+            .map(|c| {
+                let (proxy, stop) = (proxy.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut answered, mut slowest) = (0u32, Duration::ZERO);
+                    let started = tokio::time::Instant::now();
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                        let path = format!("/gen/item-{}", (answered + c) % paths);
+                        let t = tokio::time::Instant::now();
+                        let a = get(&proxy.url(&path)).await;
+                        slowest = slowest.max(t.elapsed());
+                        assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
+                        assert!(a.text().starts_with(&format!("{path} #")), "{path} answered {:?}", a.text());
+                        answered += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    (answered, slowest)
+                })
+            })
+            .collect();
+        SteadyLoad { stop, clients }
+    }
+
+    /// Stop the clients: requests answered and the slowest one (a wrong answer panics here).
+    pub async fn finish(self) -> (u32, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut total, mut slowest) = (0, Duration::ZERO);
+        for client in self.clients {
+            let (answered, slow) = client.await.expect("every answer was a correct 200");
+            total += answered;
+            slowest = slowest.max(slow);
+        }
+        (total, slowest)
+    }
+}
+
 /// [`until_redis_ready`] for an in-process proxy.
 pub async fn wait_for_redis(proxy: &TestProxy) {
     until_redis_ready(&proxy.admin_url("")).await
