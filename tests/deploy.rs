@@ -221,8 +221,9 @@ fn manifests_match_the_config_they_mount() {
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
     assert_eq!(volume["configMap"]["name"], "sidecache-config");
     let config_path = format!("{}/proxy.toml", mount["mountPath"].as_str().unwrap());
-    assert_eq!(dockerfile().env["SIDECACHE_CONFIG"], config_path);
-    assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(dockerfile().uid));
+    let image = dockerfile();
+    assert_eq!(image.env["SIDECACHE_CONFIG"], config_path);
+    assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(image.uid));
 
     // The kustomization's image entry is the one the sidecar names.
     let kustomization = yaml("deploy/kubernetes/kustomization.yaml");

@@ -61,12 +61,7 @@ async fn two_proxies_share_the_cache_and_exact_limits_across_shards() {
     for i in 0..20 {
         assert_eq!(get(&proxies[0].url(&format!("/gen/p{i}"))).await.headers["x-cache"], "MISS");
     }
-    let stored = r#"sidecache_cache_stores_total{route="catalog",result="stored"}"#;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&get(&format!("http://{}/metrics", proxies[0].admin)).await.text(), stored) != Some(20.0) {
-        assert!(Instant::now() < deadline, "the 20 entries were not stored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stored_at(&format!("http://{}", proxies[0].admin), "catalog", 20.0).await;
     for i in 0..20 {
         let a = get(&proxies[1].url(&format!("/gen/p{i}"))).await;
         assert_eq!(a.headers["x-cache"], "HIT", "/gen/p{i} on the second proxy");

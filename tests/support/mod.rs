@@ -572,9 +572,14 @@ pub async fn wait_for_redis(proxy: &TestProxy) {
 /// Waits until `n` responses of `route` were written to the cache store (writes never delay a
 /// response).
 pub async fn stored(proxy: &TestProxy, route: &str, n: f64) {
+    stored_at(&proxy.admin_url(""), route, n).await
+}
+
+/// [`stored`] for any proxy, by its admin base URL (`http://host:port`).
+pub async fn stored_at(admin_url: &str, route: &str, n: f64) {
     let series = format!(r#"sidecache_cache_stores_total{{route="{route}",result="stored"}}"#);
     for _ in 0..250 {
-        if metric(&get(&proxy.admin_url("/metrics")).await.text(), &series).unwrap_or(0.0) >= n {
+        if metric(&get(&format!("{admin_url}/metrics")).await.text(), &series).unwrap_or(0.0) >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

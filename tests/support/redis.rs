@@ -31,8 +31,13 @@ impl TestRedis {
 
     /// Start with extra `redis-server` arguments, e.g. `["--maxmemory", "1mb"]`.
     pub fn start_with(extra: &[&str]) -> TestRedis {
+        Self::start_on_a_free_port(|| Self::on_port(free_port(), extra))
+    }
+
+    /// Spawn what `make` prepares, on another free port if that one was taken meanwhile.
+    fn start_on_a_free_port(make: impl Fn() -> TestRedis) -> TestRedis {
         for _ in 0..5 {
-            let mut redis = Self::on_port(free_port(), extra);
+            let mut redis = make();
             if redis.spawn() {
                 return redis;
             }
@@ -57,7 +62,7 @@ impl TestRedis {
     /// A Sentinel monitoring the master on `master_port` as `mymaster` (quorum 2), declaring it
     /// down after 1 s without an answer.
     pub fn sentinel(master_port: u16) -> TestRedis {
-        for _ in 0..5 {
+        Self::start_on_a_free_port(|| {
             let mut s = Self::on_port(free_port(), &[]);
             s.sentinel = true;
             let conf = format!(
@@ -67,11 +72,8 @@ impl TestRedis {
                  sentinel parallel-syncs mymaster 1\n"
             );
             std::fs::write(s.dir.join("sentinel.conf"), conf).unwrap();
-            if s.spawn() {
-                return s;
-            }
-        }
-        panic!("redis-server --sentinel did not start");
+            s
+        })
     }
 
     /// Start the process; `true` once it answers PING (within 5 s).
