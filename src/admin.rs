@@ -9,19 +9,20 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use crate::app::ServerState;
+use crate::body::{self, Body};
 use crate::cache::{Cache, PurgeError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Conn;
 use crate::ratelimit::RateLimiter;
 use crate::respond;
-use crate::server::{Handler, ServerState};
+use crate::server::Handler;
 use crate::store::{CacheStore, RedisStore};
-use crate::Body;
 
 /// Largest `/purge` body accepted.
 const PURGE_BODY_MAX: usize = 64 * 1024;
@@ -73,7 +74,7 @@ impl Admin {
             "/readyz" => respond::text(StatusCode::OK, "ready\n"),
             "/status" => respond::json(StatusCode::OK, self.status().to_string()),
             "/metrics" => {
-                let mut resp = Response::new(Either::Right(Full::new(Bytes::from(self.metrics.render()))));
+                let mut resp = Response::new(body::full(Bytes::from(self.metrics.render())));
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
                 resp

@@ -4,7 +4,10 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod app;
+pub mod body;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
@@ -19,16 +22,11 @@ pub mod upstream;
 
 use std::future::Future;
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
-
+pub use app::Sidecache;
+pub use body::Body;
+pub use clock::Clock;
 pub use config::Config;
-pub use server::{Sidecache, StartError};
-
-/// Every body the proxy sends or receives: streamed from a peer (and perhaps recorded for the
-/// cache), or written whole by the proxy. An enum rather than a boxed body, so pass-through costs
-/// no allocation for it.
-pub type Body = Either<cache::body::RecordingBody, Full<Bytes>>;
+pub use server::StartError;
 
 /// Bind, serve until `shutdown` resolves, drain, return.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {

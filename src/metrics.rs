@@ -81,44 +81,41 @@ impl UpstreamErrorKind {
     }
 }
 
-/// Per-route handles, indexed like the route table; the last entry is for unmatched requests.
-struct RouteMetrics {
+/// One route's request handles (or those of unmatched requests, route `-`).
+#[derive(Clone)]
+pub struct RouteMetrics {
     requests_by_class: [Counter; 5],
     duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Count one answered request.
+    pub fn request(&self, status: http::StatusCode, elapsed: Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.requests_by_class[class].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
 }
 
 /// The proxy's metrics: pre-registered handles plus the renderer for `/metrics`.
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
-    routes: Vec<RouteMetrics>,
     upstream_duration: Histogram,
     upstream_errors: [Counter; 4],
     inflight: Gauge,
 }
 
 impl Metrics {
-    /// Describe every metric and register the handles for these route names.
-    pub fn new<'a>(route_names: impl IntoIterator<Item = &'a str>) -> Metrics {
+    /// Describe every metric and register the process-wide handles.
+    pub fn new() -> Metrics {
         let recorder =
             PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS).expect("bucket list is non-empty").build_recorder();
         let handle = recorder.handle();
         let recorder = Arc::new(recorder);
         describe(&recorder);
         let reg = Registrar(&recorder);
-
-        let mut names: Vec<&str> = route_names.into_iter().collect();
-        names.push(NO_ROUTE);
-        let routes = names
-            .iter()
-            .map(|route| RouteMetrics {
-                requests_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                    .map(|class| reg.counter(REQUESTS_TOTAL, &[("route", route), ("status_class", class)])),
-                duration: reg.histogram(REQUEST_DURATION, &[("route", route)]),
-            })
-            .collect();
         Metrics {
-            routes,
             upstream_duration: reg.histogram(UPSTREAM_DURATION, &[]),
             upstream_errors: UpstreamErrorKind::ALL
                 .map(|k| reg.counter(UPSTREAM_ERRORS_TOTAL, &[("kind", k.as_str())])),
@@ -128,12 +125,14 @@ impl Metrics {
         }
     }
 
-    /// Count one answered request of the route at `route_index` (`None`: no route matched).
-    pub fn request(&self, route_index: Option<usize>, status: http::StatusCode, elapsed: Duration) {
-        let m = &self.routes[route_index.unwrap_or(self.routes.len() - 1)];
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        m.requests_by_class[class].increment(1);
-        m.duration.record(elapsed.as_secs_f64());
+    /// The request handles of a route ([`NO_ROUTE`] for requests no route matched).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let reg = self.registrar();
+        RouteMetrics {
+            requests_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| reg.counter(REQUESTS_TOTAL, &[("route", route), ("status_class", class)])),
+            duration: reg.histogram(REQUEST_DURATION, &[("route", route)]),
+        }
     }
 
     /// Record the upstream's time to the response head.
@@ -166,6 +165,12 @@ impl Metrics {
     /// A registrar for modules that add their own metrics.
     pub fn registrar(&self) -> Registrar<'_> {
         Registrar(&self.recorder)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
     }
 }
 
@@ -231,7 +236,7 @@ fn describe(r: &PrometheusRecorder) {
     r.describe_counter(
         KeyName::from_const_str(CACHE_LOOKUPS_TOTAL),
         None,
-        text("Cache lookups by route and result (hit, miss, stale, bypass, error)."),
+        text("Cache lookups by route and result (hit, collapsed, revalidated, stale, stale_if_error, miss, error, bypass)."),
     );
     r.describe_counter(
         KeyName::from_const_str(CACHE_STORES_TOTAL),
@@ -286,9 +291,9 @@ mod tests {
 
     #[test]
     fn renders_registered_series_with_labels() {
-        let m = Metrics::new(["catalog"]);
-        m.request(Some(0), http::StatusCode::OK, Duration::from_millis(3));
-        m.request(None, http::StatusCode::BAD_GATEWAY, Duration::from_millis(1));
+        let m = Metrics::new();
+        m.route("catalog").request(http::StatusCode::OK, Duration::from_millis(3));
+        m.route(NO_ROUTE).request(http::StatusCode::BAD_GATEWAY, Duration::from_millis(1));
         m.upstream_error(UpstreamErrorKind::Timeout);
         {
             let _g = m.inflight();

@@ -4,17 +4,16 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-use http_body_util::{Either, Full};
 
+use crate::body::{self, Body};
 use crate::cache::entry::Entry;
-use crate::cache::policy;
+use crate::cache::{policy, Outcome};
 use crate::ratelimit::Quota;
 use crate::upstream::UpstreamError;
-use crate::Body;
 
 /// A short plain-text response.
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    let mut resp = Response::new(body::full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
@@ -29,7 +28,7 @@ pub fn method_not_allowed(body: &'static str) -> Response<Body> {
 
 /// A JSON response.
 pub fn json(status: StatusCode, body: String) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let mut resp = Response::new(body::full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -57,57 +56,23 @@ pub fn upstream_error(e: &UpstreamError) -> Response<Body> {
     }
 }
 
-/// How the cache took part in a response; decides `Cache-Status` (RFC 9211) and `X-Cache`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CacheOutcome {
-    /// The route does not cache.
-    #[default]
-    None,
-    /// Served from a fresh entry.
-    Hit,
-    /// Served from an expired entry because the upstream failed.
-    StaleOnError,
-    /// Served from the response another request in flight fetched.
-    Collapsed,
-    /// Served from an expired entry while it is refreshed in the background.
-    StaleWhileRevalidate,
-    /// Served from an expired entry the upstream confirmed with a 304.
-    Revalidated,
-    /// Forwarded: nothing usable was stored.
-    Miss,
-    /// Forwarded: the request may not use the cache.
-    Bypass,
-}
-
-/// `Cache-Status` and `X-Cache` for a forwarded response.
-pub fn cache_headers(headers: &mut HeaderMap, outcome: CacheOutcome) {
-    let (status, x_cache) = match outcome {
-        CacheOutcome::Miss => ("sidecache; fwd=miss", "MISS"),
-        CacheOutcome::Bypass => ("sidecache; fwd=bypass", "BYPASS"),
-        _ => return,
-    };
-    headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(status));
-    headers.insert(X_CACHE.clone(), HeaderValue::from_static(x_cache));
-}
-
-/// `Cache-Status` (RFC 9211).
-pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-/// `X-Cache`, for older dashboards.
-pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-
 /// Headers a 304 carries over from the stored response (RFC 9110 15.4.5).
 const NOT_MODIFIED_HEADERS: [HeaderName; 6] =
     [header::CACHE_CONTROL, header::CONTENT_LOCATION, header::DATE, header::ETAG, header::EXPIRES, header::VARY];
 
 /// A response from a stored entry: its status, end-to-end headers and body unchanged, plus `Age`
-/// and the cache headers. A fresh entry answers a matching conditional request with 304; HEAD
-/// gets the headers without the body.
-pub fn from_entry(entry: &Entry, head: bool, request: Option<&HeaderMap>, outcome: CacheOutcome) -> Response<Body> {
-    let now = SystemTime::now();
+/// and the cache headers of `outcome`. Given the request's headers, a fresh entry answers a
+/// matching conditional request with 304; HEAD gets the headers without the body.
+pub fn from_entry(
+    entry: &Entry,
+    head: bool,
+    conditional: Option<&HeaderMap>,
+    outcome: Outcome,
+    now: SystemTime,
+) -> Response<Body> {
     let age = entry.age(now).as_secs();
-    let conditional_hit = outcome == CacheOutcome::Hit && request.is_some_and(|r| policy::not_modified(r, entry));
-    let mut resp = if conditional_hit {
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let mut resp = if conditional.is_some_and(|r| policy::not_modified(r, entry)) {
+        let mut resp = Response::new(body::full(Bytes::new()));
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         for name in &NOT_MODIFIED_HEADERS {
             for value in entry.headers.get_all(name) {
@@ -117,24 +82,14 @@ pub fn from_entry(entry: &Entry, head: bool, request: Option<&HeaderMap>, outcom
         resp
     } else {
         let body = if head { Bytes::new() } else { entry.body.clone() };
-        let mut resp = Response::new(Either::Right(Full::new(body)));
+        let mut resp = Response::new(body::full(body));
         *resp.status_mut() = entry.status;
         *resp.headers_mut() = entry.headers.clone();
         resp
     };
     let h = resp.headers_mut();
     h.insert(header::AGE, HeaderValue::from(age));
-    let ttl = entry.lifetime.as_secs() as i64 - age as i64;
-    let (status, x_cache) = match outcome {
-        CacheOutcome::StaleOnError => (format!("sidecache; hit; ttl={ttl}; detail=stale-if-error"), "STALE"),
-        CacheOutcome::Collapsed => ("sidecache; fwd=miss; collapsed".to_string(), "MISS"),
-        CacheOutcome::StaleWhileRevalidate => {
-            (format!("sidecache; hit; ttl={ttl}; detail=stale-while-revalidate"), "STALE")
-        }
-        CacheOutcome::Revalidated => ("sidecache; fwd=stale; fwd-status=304".to_string(), "REVALIDATED"),
-        _ => (format!("sidecache; hit; ttl={ttl}"), "HIT"),
-    };
-    h.insert(CACHE_STATUS.clone(), HeaderValue::from_str(&status).expect("ASCII"));
-    h.insert(X_CACHE.clone(), HeaderValue::from_static(x_cache));
+    let lifetime = i64::try_from(entry.freshness.lifetime.as_secs()).unwrap_or(i64::MAX);
+    outcome.apply(h, lifetime.saturating_sub(i64::try_from(age).unwrap_or(i64::MAX)), false);
     resp
 }

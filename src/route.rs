@@ -7,10 +7,13 @@
 //! `/a/../login` cannot dodge a route's rate limit; the request itself is forwarded unchanged.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::RouteConfig;
+use crate::cache::RouteCache;
+use crate::metrics::RouteMetrics;
+use crate::ratelimit::Limit;
 
 /// A compiled path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,25 +92,45 @@ impl Pattern {
     }
 }
 
-/// A route ready for the request path.
-#[derive(Debug)]
+/// A route ready for the request path, compiled once: what it matches, and everything the
+/// request path needs of it.
 pub struct Route {
-    /// Position in file order; indexes per-route metric handles.
-    pub index: usize,
-    /// Its configuration.
-    pub config: RouteConfig,
+    /// Its name: metric label, cache key part, rate-limit policy id.
+    pub name: String,
+    pattern: Pattern,
+    methods: Vec<Method>,
+    /// Its cache, when it caches.
+    pub cache: Option<Arc<RouteCache>>,
+    /// Its rate limit, when it has one.
+    pub limit: Option<Arc<Limit>>,
+    /// Its request metrics.
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    /// A route matching `methods` on `pattern`.
+    pub fn new(
+        name: String,
+        pattern: Pattern,
+        methods: Vec<Method>,
+        cache: Option<Arc<RouteCache>>,
+        limit: Option<Arc<Limit>>,
+        metrics: RouteMetrics,
+    ) -> Route {
+        Route { name, pattern, methods, cache, limit, metrics }
+    }
 }
 
 /// The routes in file order.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Routes {
     routes: Vec<Route>,
 }
 
 impl Routes {
-    /// Build the table from the validated configuration.
-    pub fn new(configs: &[RouteConfig]) -> Routes {
-        Routes { routes: configs.iter().cloned().enumerate().map(|(index, config)| Route { index, config }).collect() }
+    /// The table, in file order.
+    pub fn new(routes: Vec<Route>) -> Routes {
+        Routes { routes }
     }
 
     /// The first route whose methods and pattern match.
@@ -116,12 +139,7 @@ impl Routes {
             return None;
         }
         let path = normalize(path);
-        self.routes.iter().find(|r| r.config.methods.contains(method) && r.config.pattern.matches(&path))
-    }
-
-    /// All routes, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &Route> {
-        self.routes.iter()
+        self.routes.iter().find(|r| r.methods.contains(method) && r.pattern.matches(&path))
     }
 }
 

@@ -24,17 +24,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::Admin;
-use crate::cache::Cache;
+use crate::body::Body;
 use crate::config::Config;
-use crate::metrics::Metrics;
 use crate::proxy::{Conn, Proxy};
-use crate::ratelimit::RateLimiter;
-use crate::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
-use crate::{tls, Body};
+use crate::tls;
 
 /// A client has this long to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,8 +39,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// How long admin connections get to finish once the proxy has drained.
 const ADMIN_DRAIN: Duration = Duration::from_secs(1);
-/// How often histogram samples are folded into buckets.
-const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// Pending connections the kernel queues while every worker is busy.
 const LISTEN_BACKLOG: u32 = 1024;
 
@@ -74,100 +67,22 @@ pub enum StartError {
     Worker(#[source] std::io::Error),
 }
 
-/// Facts the admin endpoints report about the running server.
-pub struct ServerState {
-    /// When the proxy started (for uptime).
-    pub started: Instant,
-    /// Set when shutdown begins: `/readyz` then answers 503.
-    pub draining: AtomicBool,
-}
-
-/// A bound but not yet serving proxy: its addresses are known (useful with port 0).
-pub struct Sidecache {
-    config: Arc<Config>,
+/// The bound listeners, not yet serving: their addresses are known (useful with port 0).
+pub struct Server {
     proxy_listener: std::net::TcpListener,
     admin_listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    proxies: Vec<Arc<Proxy>>,
-    admin: Arc<Admin>,
-    metrics: Arc<Metrics>,
-    state: Arc<ServerState>,
-    cache: Option<Arc<Cache>>,
 }
 
-/// The cache of the routes that have one: on Redis when configured, else the embedded store.
-/// Never waits for Redis: the client connects in the background.
-fn build_cache(
-    config: &Config,
-    redis: Option<&RedisTarget>,
-    metrics: &Metrics,
-) -> Result<Option<Arc<Cache>>, StartError> {
-    if !config.routes.iter().any(|r| r.cache.is_some()) {
-        return Ok(None);
-    }
-    let store = match redis {
-        Some(redis) => {
-            let store = RedisStore::start(redis, Role::Cache, &metrics.registrar()).map_err(StartError::Redis)?;
-            CacheStore::Redis(store)
-        }
-        None => {
-            tracing::info!(
-                memory_max = config.cache_memory_max,
-                "no [redis] url: the cache uses the embedded store, per instance only (replicas do not share it)"
-            );
-            CacheStore::Memory(MemoryStore::new(config.cache_memory_max))
-        }
-    };
-    Ok(Some(Arc::new(Cache::new(config, store, &metrics.registrar()))))
-}
-
-/// The rate limits of the routes that have one: shared through Redis when configured (its own
-/// breaker and a connection per worker, driven by the worker's runtime: every request takes a
-/// token, so the check must not cross threads), else in process. Never waits for Redis.
-fn build_limiter(
-    config: &Config,
-    redis: Option<&RedisTarget>,
-    metrics: &Metrics,
-) -> Result<Option<Arc<RateLimiter>>, StartError> {
-    if config.routes.iter().all(|r| r.rate_limit.is_none()) {
-        return Ok(None);
-    }
-    let redis = match redis {
-        Some(redis) => Some(
-            RedisStore::start_per_worker(redis, Role::RateLimit, config.server.workers, &metrics.registrar())
-                .map_err(StartError::Redis)?,
-        ),
-        None => None,
-    };
-    Ok(RateLimiter::new(config, redis, &metrics.registrar()).map(Arc::new))
-}
-
-impl Sidecache {
-    /// Bind both listeners and build the request path. Never waits on anything but the sockets.
-    pub async fn bind(config: Config) -> Result<Sidecache, StartError> {
+impl Server {
+    /// Bind both listeners (and load the TLS certificate). Waits on nothing but the sockets.
+    pub fn bind(config: &Config) -> Result<Server, StartError> {
         let tls = config.server.tls.as_ref().map(tls::acceptor).transpose()?;
         let proxy_listener = bind("server.listen", config.server.listen)?
             .into_std()
             .map_err(|source| StartError::Bind { what: "server.listen", addr: config.server.listen, source })?;
         let admin_listener = bind("admin.listen", config.admin.listen)?;
-
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.name.as_str())));
-        let state = Arc::new(ServerState { started: Instant::now(), draining: AtomicBool::new(false) });
-        let redis = config.redis.as_ref().map(RedisTarget::new).transpose()?;
-        if config.redis.as_ref().and_then(|r| r.tls.as_ref()).is_some_and(|t| t.insecure_skip_verify) {
-            tracing::warn!(
-                "redis.tls.insecure_skip_verify is true: Redis's certificate is NOT verified, so anyone on the \
-                 network path can pose as Redis and read or change the cache and the rate limits"
-            );
-        }
-        let cache = build_cache(&config, redis.as_ref(), &metrics)?;
-        let limiter = build_limiter(&config, redis.as_ref(), &metrics)?;
-        let proxies = (0..config.server.workers)
-            .map(|_| Proxy::new(&config, metrics.clone(), cache.clone(), limiter.clone()).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        let admin = Arc::new(Admin::new(config.clone(), metrics.clone(), state.clone(), cache.clone(), limiter));
-        Ok(Sidecache { config, proxy_listener, admin_listener, tls, proxies, admin, metrics, state, cache })
+        Ok(Server { proxy_listener, admin_listener, tls })
     }
 
     /// The bound proxy address.
@@ -180,37 +95,26 @@ impl Sidecache {
         self.admin_listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish within
+    /// Serve the proxies (one worker thread each) and the admin endpoints until `shutdown`
+    /// resolves, then stop accepting (setting `draining`), let in-flight requests finish within
     /// `server.shutdown_grace`, and return.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-        let Sidecache { config, proxy_listener, admin_listener, tls, proxies, admin, metrics, state, cache } = self;
+    pub async fn run<A: Handler>(
+        self,
+        config: &Config,
+        proxies: Vec<Arc<Proxy>>,
+        admin: Arc<A>,
+        draining: &AtomicBool,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let Server { proxy_listener, admin_listener, tls } = self;
         tracing::info!(
             proxy = %proxy_listener.local_addr().expect("bound"),
             admin = %admin_listener.local_addr().expect("bound"),
             "listening"
         );
 
-        let upkeep = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(METRICS_UPKEEP);
-            loop {
-                tick.tick().await;
-                metrics.upkeep();
-            }
-        });
-
-        // Another replica's route purge reaches this one within a refresh interval.
-        let generations = cache.filter(|c| matches!(c.store(), CacheStore::Redis(_))).map(|cache| {
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(crate::cache::GENERATION_REFRESH);
-                loop {
-                    tick.tick().await;
-                    cache.refresh_generations().await;
-                }
-            })
-        });
-
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_builder = Arc::new(http_builder(&config));
+        let admin_builder = Arc::new(http_builder(config));
         let admin_task = tokio::spawn(async move {
             let stop = async {
                 let _ = admin_stopped.await;
@@ -222,7 +126,7 @@ impl Sidecache {
 
         let (stop, stopped) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
-        let builder = Arc::new(http_builder(&config));
+        let builder = Arc::new(http_builder(config));
         let mut workers = Vec::with_capacity(proxies.len());
         let spawn_all = || -> std::io::Result<()> {
             for (i, proxy) in proxies.into_iter().enumerate() {
@@ -252,7 +156,7 @@ impl Sidecache {
         }
         // Only now is the listening socket closed in every worker: from here on new connections
         // are refused, and /readyz says so.
-        state.draining.store(true, Ordering::SeqCst);
+        draining.store(true, Ordering::SeqCst);
         tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: stopped accepting, draining");
         let mut clean = true;
         for worker in workers {
@@ -265,10 +169,6 @@ impl Sidecache {
         }
         let _ = admin_stop.send(());
         let _ = admin_task.await;
-        upkeep.abort();
-        if let Some(task) = generations {
-            task.abort();
-        }
         started
     }
 }

@@ -17,7 +17,7 @@ async fn redis_store(redis: &TestRedis) -> (CacheStore, Metrics) {
         redis.url()
     );
     let config = sidecache::Config::from_sources(&toml, &HashMap::new()).unwrap().redis.unwrap();
-    let metrics = Metrics::new([]);
+    let metrics = Metrics::new();
     let store = RedisStore::start(&RedisTarget::new(&config).unwrap(), Role::Cache, &metrics.registrar()).unwrap();
     for _ in 0..250 {
         if store.get("ready?").await.is_ok() {

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::pki::Pki;
 use support::redis::TestCluster;
@@ -57,13 +58,18 @@ async fn two_proxies_share_the_cache_and_exact_limits_across_shards() {
     assert_eq!((&status["redis"]["mode"], nodes), (&"cluster".into(), expected), "{status}");
     assert_eq!(status["redis"]["connected_nodes"], 3, "{status}");
 
-    // 20 paths stored by the first proxy are hits on the second: one shared cache.
+    // 20 paths stored by the first proxy are hits on the second: one shared cache. Clients name
+    // the service, not a replica's own address: the authority is part of the key.
+    let via_service = |proxy: &BinaryProxy, path: String| {
+        let url = proxy.url(&path);
+        async move { send(Method::GET, &url, &[("host", "shop.example")], Bytes::new()).await }
+    };
     for i in 0..20 {
-        assert_eq!(get(&proxies[0].url(&format!("/gen/p{i}"))).await.headers["x-cache"], "MISS");
+        assert_eq!(via_service(&proxies[0], format!("/gen/p{i}")).await.headers["x-cache"], "MISS");
     }
     stored_at(&format!("http://{}", proxies[0].admin), "catalog", 20.0).await;
     for i in 0..20 {
-        let a = get(&proxies[1].url(&format!("/gen/p{i}"))).await;
+        let a = via_service(&proxies[1], format!("/gen/p{i}")).await;
         assert_eq!(a.headers["x-cache"], "HIT", "/gen/p{i} on the second proxy");
         assert!(a.text().starts_with(&format!("/gen/p{i} #")));
     }

@@ -30,7 +30,7 @@ fn redis_config(url: &str) -> RedisConfig {
 }
 
 fn start_store(url: &str) -> (RedisStore, Metrics) {
-    let metrics = Metrics::new([]);
+    let metrics = Metrics::new();
     let target = RedisTarget::new(&redis_config(url)).expect("no TLS files to load");
     let store = RedisStore::start(&target, Role::Cache, &metrics.registrar()).expect("store starts");
     (store, metrics)

@@ -119,6 +119,7 @@ mod tests {
     use http::{HeaderMap, StatusCode};
 
     use super::*;
+    use crate::cache::policy::Freshness;
 
     fn entry() -> Arc<Entry> {
         Arc::new(Entry {
@@ -126,11 +127,13 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::from_static(b"shared"),
             stored_at: SystemTime::now(),
-            lifetime: Duration::from_secs(60),
-            initial_age: Duration::ZERO,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            must_revalidate: false,
+            freshness: Freshness {
+                lifetime: Duration::from_secs(60),
+                initial_age: Duration::ZERO,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                must_revalidate: false,
+            },
         })
     }
 

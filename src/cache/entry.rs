@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::policy::Freshness;
+
 const MAGIC: &[u8; 2] = b"SC";
 const VERSION: u8 = 1;
 const FLAG_MUST_REVALIDATE: u8 = 1;
@@ -26,16 +28,8 @@ pub struct Entry {
     pub body: Bytes,
     /// When it was stored (or last revalidated).
     pub stored_at: SystemTime,
-    /// How long it is fresh, counted from the response's generation.
-    pub lifetime: Duration,
-    /// Its age when stored (the origin's `Age`).
-    pub initial_age: Duration,
-    /// Serve stale this long past expiry while refreshing in the background.
-    pub stale_while_revalidate: Duration,
-    /// Serve stale this long past expiry when the upstream fails.
-    pub stale_if_error: Duration,
-    /// `must-revalidate` / `proxy-revalidate` / `no-cache`: never serve it stale.
-    pub must_revalidate: bool,
+    /// How long it is fresh and usable stale.
+    pub freshness: Freshness,
 }
 
 /// Why bytes are not an entry.
@@ -61,7 +55,7 @@ pub enum DecodeError {
 impl Entry {
     /// The entry's age at `now` (RFC 9111 4.2.3, with the origin's `Age` as the initial age).
     pub fn age(&self, now: SystemTime) -> Duration {
-        self.initial_age + now.duration_since(self.stored_at).unwrap_or_default()
+        self.freshness.initial_age.saturating_add(now.duration_since(self.stored_at).unwrap_or_default())
     }
 
     /// Encode for the store.
@@ -72,10 +66,11 @@ impl Entry {
         out.put_u8(VERSION);
         out.put_u16(self.status.as_u16());
         out.put_u64(millis(self.stored_at.duration_since(UNIX_EPOCH).unwrap_or_default()));
-        for d in [self.lifetime, self.initial_age, self.stale_while_revalidate, self.stale_if_error] {
+        let f = &self.freshness;
+        for d in [f.lifetime, f.initial_age, f.stale_while_revalidate, f.stale_if_error] {
             out.put_u64(millis(d));
         }
-        out.put_u8(if self.must_revalidate { FLAG_MUST_REVALIDATE } else { 0 });
+        out.put_u8(if f.must_revalidate { FLAG_MUST_REVALIDATE } else { 0 });
         out.put_u16(self.headers.len().min(u16::MAX as usize) as u16);
         for (name, value) in self.headers.iter().take(u16::MAX as usize) {
             out.put_u16(name.as_str().len() as u16);
@@ -124,17 +119,14 @@ impl Entry {
         if r.at != bytes.len() {
             return Err(DecodeError::Trailing);
         }
-        Ok(Entry {
-            status,
-            headers,
-            body,
-            stored_at,
+        let freshness = Freshness {
             lifetime,
             initial_age,
             stale_while_revalidate,
             stale_if_error,
             must_revalidate: flags & FLAG_MUST_REVALIDATE != 0,
-        })
+        };
+        Ok(Entry { status, headers, body, stored_at, freshness })
     }
 }
 
@@ -188,11 +180,13 @@ mod tests {
             headers,
             body: Bytes::from((0..=255u8).collect::<Vec<_>>()),
             stored_at: UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
-            lifetime: Duration::from_secs(300),
-            initial_age: Duration::from_secs(7),
-            stale_while_revalidate: Duration::from_secs(30),
-            stale_if_error: Duration::from_secs(600),
-            must_revalidate: true,
+            freshness: Freshness {
+                lifetime: Duration::from_secs(300),
+                initial_age: Duration::from_secs(7),
+                stale_while_revalidate: Duration::from_secs(30),
+                stale_if_error: Duration::from_secs(600),
+                must_revalidate: true,
+            },
         }
     }
 

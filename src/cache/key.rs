@@ -1,18 +1,25 @@
 //! Cache keys (DESIGN.md 4): `{prefix}c:{route}:{generation}:{method-class}:{path}?{query}`,
-//! plus a variant id for the route's `vary` request headers.
+//! plus a variant id for the request's authority and the route's `vary` request headers.
 //!
-//! The variant id is a SHA-256 of the `vary` values, not the values themselves: a route may key
-//! on `Authorization`, which must not appear in Redis key names, and a non-cryptographic hash
-//! would let a client craft a collision between two variants (cache poisoning). The path key and
-//! the variant are separate so that one path's variants can be stored together and purged in one
-//! operation.
+//! The variant id is a SHA-256 of those values, not the values themselves: a route may key on
+//! `Authorization`, which must not appear in Redis key names, and a non-cryptographic hash would
+//! let a client craft a collision between two variants (cache poisoning). The path key and the
+//! variant are separate so that one path's variants can be stored together and purged in one
+//! operation; that is also why the authority is in the variant rather than in the key name (a
+//! departure from DESIGN.md 4's key shape): a one-path purge then covers every host.
+//!
+//! Everything the backend answers differently for must be in the key, or a client can make the
+//! cache store one answer for another's request. The authority is: `Host` (as forwarded, lower
+//! case, default port dropped), and the `X-Forwarded-Host`/`-Proto` sent upstream (set by the
+//! proxy, or a trusted proxy's kept values), since the key is made from the prepared request.
 
 use std::fmt::Write as _;
 
-use http::{HeaderMap, Uri};
+use http::{header, HeaderMap, Uri};
 use sha2::{Digest, Sha256};
 
 use crate::config::{CacheConfig, QueryMode};
+use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// Path keys longer than this are hashed (request targets can be kilobytes long).
 const MAX_PLAIN_TARGET: usize = 1024;
@@ -22,34 +29,49 @@ const MAX_PLAIN_TARGET: usize = 1024;
 pub struct CacheKey {
     /// Shared by every variant of one route, generation and request target.
     pub path_key: String,
-    /// Identifies the `vary` header values; `"-"` when the route varies on nothing.
+    /// Identifies the authority and the `vary` header values.
     pub variant: String,
 }
 
-/// The key of a GET or HEAD request (HEAD is served from the GET entry: one method class).
+/// A query the key cannot represent faithfully: the request bypasses the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unrepresentable;
+
+/// The key of a GET or HEAD request (HEAD is served from the GET entry: one method class), made
+/// from the request as prepared for the upstream; `tls` says whether the client connection is.
 pub fn cache_key(
     prefix: &str,
     route: &str,
     generation: u64,
     uri: &Uri,
     headers: &HeaderMap,
+    tls: bool,
     cfg: &CacheConfig,
-) -> CacheKey {
-    CacheKey { path_key: path_key(prefix, route, generation, uri, &cfg.query), variant: variant(headers, cfg) }
+) -> Result<CacheKey, Unrepresentable> {
+    Ok(CacheKey {
+        path_key: path_key(prefix, route, generation, uri, &cfg.query)?,
+        variant: variant(headers, tls, cfg),
+    })
 }
 
 /// The path part of the key, also what a one-path purge deletes.
-pub fn path_key(prefix: &str, route: &str, generation: u64, uri: &Uri, query: &QueryMode) -> String {
+pub fn path_key(
+    prefix: &str,
+    route: &str,
+    generation: u64,
+    uri: &Uri,
+    query: &QueryMode,
+) -> Result<String, Unrepresentable> {
     let mut target = String::with_capacity(uri.path().len() + 32);
     target.push_str(uri.path());
-    if let Some(q) = normalize_query(uri.query(), query) {
+    if let Some(q) = normalize_query(uri.query(), query)? {
         target.push('?');
         target.push_str(&q);
     }
     if target.len() > MAX_PLAIN_TARGET {
         target = format!("#{}", hex(&Sha256::digest(target.as_bytes())));
     }
-    format!("{prefix}c:{route}:{generation}:g:{target}")
+    Ok(format!("{prefix}c:{route}:{generation}:g:{target}"))
 }
 
 /// The key holding a route's generation; a route purge increments it.
@@ -58,26 +80,92 @@ pub fn generation_key(prefix: &str, route: &str) -> String {
 }
 
 /// The query as it enters the key, or `None` for no query.
-fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Option<String> {
-    let query = query.filter(|q| !q.is_empty())?;
-    let mut params: Vec<&str> = match mode {
-        QueryMode::Keep => return Some(query.to_string()),
-        QueryMode::Ignore => return None,
-        QueryMode::Sorted => query.split('&').filter(|p| !p.is_empty()).collect(),
+///
+/// Parameter names are compared and sorted by their percent-decoded form, as backends read them:
+/// `?%6cimit=1` is the `limit` parameter. In a list of kept names, a parameter whose name does
+/// not decode, or a `;` (which some backends also split on), makes the query unrepresentable:
+/// dropping what the key cannot see would store one answer for another's request.
+fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<String>, Unrepresentable> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else { return Ok(None) };
+    let params = query.split('&').filter(|p| !p.is_empty());
+    let mut params: Vec<(String, &str)> = match mode {
+        QueryMode::Keep => return Ok(Some(query.to_string())),
+        QueryMode::Ignore => return Ok(None),
+        QueryMode::Sorted => params.map(|p| (decoded_name(p).unwrap_or_else(|| name(p).to_string()), p)).collect(),
         QueryMode::Only(names) => {
-            query.split('&').filter(|p| names.iter().any(|n| p.split('=').next() == Some(n.as_str()))).collect()
+            let mut kept = Vec::new();
+            for p in params {
+                if p.contains(';') {
+                    return Err(Unrepresentable);
+                }
+                let decoded = decoded_name(p).ok_or(Unrepresentable)?;
+                if names.contains(&decoded) {
+                    // The decoded name stands for the parameter: `%6cimit=1` and `limit=1` are one.
+                    let value = p.split_once('=').map(|(_, v)| v);
+                    kept.push((decoded, value));
+                }
+            }
+            kept.sort_by(|a, b| a.0.cmp(&b.0));
+            let joined: Vec<String> = kept
+                .into_iter()
+                .map(|(n, v)| match v {
+                    Some(v) => format!("{n}={v}"),
+                    None => n,
+                })
+                .collect();
+            return Ok((!joined.is_empty()).then(|| joined.join("&")));
         }
     };
-    // A stable sort keeps repeated parameters (`a=2&a=1`) in their order: they can mean a list.
-    params.sort_by_key(|p| p.split('=').next().unwrap_or(""));
-    (!params.is_empty()).then(|| params.join("&"))
+    // A stable sort keeps repeated parameters (`a=2&a=1`, or `a=2&%61=1`) in their order: they
+    // can mean a list.
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let joined: Vec<&str> = params.into_iter().map(|(_, p)| p).collect();
+    Ok((!joined.is_empty()).then(|| joined.join("&")))
 }
 
-fn variant(headers: &HeaderMap, cfg: &CacheConfig) -> String {
-    if cfg.vary.is_empty() {
-        return "-".to_string();
+fn name(param: &str) -> &str {
+    param.split('=').next().unwrap_or("")
+}
+
+/// A parameter's name, percent-decoded (and `+` as a space, as forms encode it); `None` when the
+/// encoding is broken or decodes to something that is not UTF-8.
+fn decoded_name(param: &str) -> Option<String> {
+    let raw = name(param).as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'%' => {
+                let hex = raw.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
     }
+    String::from_utf8(out).ok()
+}
+
+fn variant(headers: &HeaderMap, tls: bool, cfg: &CacheConfig) -> String {
     let mut hash = Sha256::new();
+    // The authority: every Host line, then the X-Forwarded-Host and -Proto lines the backend
+    // receives (lower case, a host's default port dropped).
+    let default_port = if tls { &b":443"[..] } else { &b":80"[..] };
+    for name in [&header::HOST, &X_FORWARDED_HOST, &X_FORWARDED_PROTO] {
+        for v in headers.get_all(name) {
+            let v = v.as_bytes().to_ascii_lowercase();
+            hash.update(v.strip_suffix(default_port).unwrap_or(&v));
+            hash.update(b"\x00");
+        }
+        hash.update(b"\x02");
+    }
     for name in &cfg.vary {
         hash.update(name.as_str().as_bytes());
         let mut values = headers.get_all(name).iter().peekable();
@@ -124,7 +212,15 @@ mod tests {
     }
 
     fn key(uri: &str, query: QueryMode) -> String {
-        path_key("sc:", "catalog", 3, &uri.parse().unwrap(), &query)
+        path_key("sc:", "catalog", 3, &uri.parse().unwrap(), &query).unwrap()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, val) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(val).unwrap());
+        }
+        h
     }
 
     #[test]
@@ -138,15 +234,36 @@ mod tests {
         assert_eq!(key("/m?utm=x&page=2&limit=10", only.clone()), "sc:c:catalog:3:g:/m?limit=10&page=2");
         assert_eq!(key("/m?utm=x", only.clone()), "sc:c:catalog:3:g:/m");
         assert_eq!(key("/m?", QueryMode::Keep), "sc:c:catalog:3:g:/m");
-        assert_ne!(key("/m?a=1", QueryMode::Sorted), key("/n?a=1", QueryMode::Sorted));
+        assert_ne!(key("/m?a=1", QueryMode::Sorted), key("/m?b=1", QueryMode::Sorted));
+    }
+
+    #[test]
+    fn kept_parameters_cannot_be_cloaked() {
+        let only = QueryMode::Only(vec!["limit".into()]);
+        let path = |uri: &str| path_key("sc:", "r", 0, &uri.parse().unwrap(), &only);
+        assert_eq!(path("/m?%6cimit=1000").unwrap(), "sc:c:r:0:g:/m?limit=1000", "names compare decoded");
+        assert_eq!(path("/m?%6Cimit=1000"), path("/m?limit=1000"));
+        assert_ne!(path("/m?%6cimit=1000"), path("/m"), "an encoded kept name is not dropped");
+        assert_eq!(path("/m?utm=1;limit=999"), Err(Unrepresentable), "a ; the backend may split on");
+        assert_eq!(path("/m?%zzimit=1"), Err(Unrepresentable), "a name that does not decode");
+        assert_eq!(path("/m?%ff=1"), Err(Unrepresentable), "a name that is not UTF-8");
+        assert_eq!(path("/m?limit=1&li%6dit=2").unwrap(), "sc:c:r:0:g:/m?limit=1&limit=2");
+        assert_ne!(path("/m?limit=1&limit=2"), path("/m?limit=2&limit=1"), "a repeated kept name keeps its order");
+    }
+
+    #[test]
+    fn sorting_by_decoded_names_keeps_the_order_of_a_repeated_parameter() {
+        assert_ne!(key("/m?a=2&%61=1", QueryMode::Sorted), key("/m?%61=1&a=2", QueryMode::Sorted));
+        assert_eq!(key("/m?b=1&a=2&%61=3", QueryMode::Sorted), "sc:c:catalog:3:g:/m?a=2&%61=3&b=1");
+        assert_eq!(key("/m?x=1;y=2", QueryMode::Sorted), "sc:c:catalog:3:g:/m?x=1;y=2", "kept whole, as sent");
     }
 
     #[test]
     fn generations_and_routes_separate_keys() {
         let uri: Uri = "/m".parse().unwrap();
-        let a = path_key("sc:", "catalog", 3, &uri, &QueryMode::Sorted);
-        assert_ne!(a, path_key("sc:", "catalog", 4, &uri, &QueryMode::Sorted));
-        assert_ne!(a, path_key("sc:", "other", 3, &uri, &QueryMode::Sorted));
+        let a = path_key("sc:", "catalog", 3, &uri, &QueryMode::Sorted).unwrap();
+        assert_ne!(a, path_key("sc:", "catalog", 4, &uri, &QueryMode::Sorted).unwrap());
+        assert_ne!(a, path_key("sc:", "other", 3, &uri, &QueryMode::Sorted).unwrap());
         assert_eq!(generation_key("sc:", "catalog"), "sc:g:catalog");
     }
 
@@ -159,15 +276,25 @@ mod tests {
     }
 
     #[test]
+    fn the_authority_is_part_of_the_variant() {
+        let c = cfg(QueryMode::Sorted, &[]);
+        let v = |pairs: &[(&str, &str)], tls: bool| variant(&map(pairs), tls, &c);
+        let shop = v(&[("host", "shop.example")], false);
+        assert_ne!(shop, v(&[("host", "evil.example")], false), "another host");
+        assert_eq!(shop, v(&[("host", "Shop.Example:80")], false), "lower case, default port dropped");
+        assert_ne!(shop, v(&[("host", "shop.example:8080")], false));
+        assert_ne!(shop, v(&[("host", "shop.example:80")], true), "80 is not the default port of https");
+        assert_eq!(v(&[("host", "shop.example")], true), v(&[("host", "shop.example:443")], true));
+        assert_ne!(shop, v(&[("host", "shop.example"), ("host", "evil.example")], false), "two Host lines");
+        assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-host", "evil.example")], false));
+        assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-proto", "https")], false));
+        assert_ne!(v(&[("host", "a"), ("x-forwarded-host", "b")], false), v(&[("host", "ab")], false));
+    }
+
+    #[test]
     fn variants_follow_the_vary_headers_and_hide_their_values() {
         let c = cfg(QueryMode::Sorted, &["accept-encoding", "authorization"]);
-        let v = |pairs: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
-            for (k, val) in pairs {
-                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(val).unwrap());
-            }
-            cache_key("sc:", "r", 0, &"/m".parse().unwrap(), &h, &c).variant
-        };
+        let v = |pairs: &[(&str, &str)]| variant(&map(pairs), false, &c);
         let gzip = v(&[("accept-encoding", "gzip")]);
         assert_eq!(gzip, v(&[("accept-encoding", "gzip"), ("user-agent", "x")]), "other headers do not matter");
         assert_ne!(gzip, v(&[("accept-encoding", "br")]));
@@ -175,7 +302,5 @@ mod tests {
         let secret = v(&[("authorization", "Bearer hunter2")]);
         assert!(!secret.contains("hunter2") && secret.len() == 32);
         assert_ne!(secret, v(&[("authorization", "Bearer other")]));
-        let none = cfg(QueryMode::Sorted, &[]);
-        assert_eq!(cache_key("sc:", "r", 0, &"/m".parse().unwrap(), &HeaderMap::new(), &none).variant, "-");
     }
 }

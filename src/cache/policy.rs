@@ -80,6 +80,18 @@ impl NotStorable {
     }
 }
 
+/// Delta-seconds (RFC 9111 1.2.2) are capped here: a larger value, however many digits it has,
+/// means 2^31 seconds, so no arithmetic on an origin's number can overflow.
+pub const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// A delta-seconds value: digits only, capped at [`MAX_DELTA_SECONDS`]; `None` when invalid.
+pub fn delta_seconds(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse::<u64>().unwrap_or(u64::MAX).min(MAX_DELTA_SECONDS))
+}
+
 /// How long a storable response stays fresh and usable stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Freshness {
@@ -103,20 +115,13 @@ impl Freshness {
         let fresh_left = self.lifetime.saturating_sub(self.initial_age);
         let stale = self.stale_while_revalidate.max(self.stale_if_error);
         let revalidation = if has_validators { fresh_left.max(Duration::from_secs(60)) } else { Duration::ZERO };
-        fresh_left + stale + revalidation
+        fresh_left.saturating_add(stale).saturating_add(revalidation)
     }
 }
 
 /// How long the store keeps an entry (see [`Freshness::keep_for`]).
 pub fn keep_for(entry: &Entry) -> Duration {
-    let freshness = Freshness {
-        lifetime: entry.lifetime,
-        initial_age: entry.initial_age,
-        stale_while_revalidate: entry.stale_while_revalidate,
-        stale_if_error: entry.stale_if_error,
-        must_revalidate: entry.must_revalidate,
-    };
-    freshness.keep_for(has_validators(&entry.headers))
+    entry.freshness.keep_for(has_validators(&entry.headers))
 }
 
 /// The `Cache-Control` directives a shared cache acts on.
@@ -139,7 +144,7 @@ impl CacheControl {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                     None => (directive.trim(), None),
                 };
-                let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+                let seconds = || arg.and_then(delta_seconds);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
                     // `private="field"` and `no-cache="field"` are treated like the bare forms:
@@ -240,7 +245,7 @@ pub fn storable(
         headers
             .get(header::AGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(|v| delta_seconds(v.trim()))
             .map(Duration::from_secs)
             .unwrap_or_default()
     } else {
@@ -273,21 +278,22 @@ pub enum Phase {
 /// The entry's phase at `now`.
 pub fn phase(entry: &Entry, now: SystemTime) -> Phase {
     let age = entry.age(now);
-    if age < entry.lifetime {
-        Phase::Fresh(entry.lifetime - age)
+    let lifetime = entry.freshness.lifetime;
+    if age < lifetime {
+        Phase::Fresh(lifetime - age)
     } else {
-        Phase::Stale(age - entry.lifetime)
+        Phase::Stale(age - lifetime)
     }
 }
 
 /// Whether a stale entry may be served while it is refreshed in the background.
 pub fn serve_while_revalidating(entry: &Entry, stale_for: Duration) -> bool {
-    !entry.must_revalidate && stale_for <= entry.stale_while_revalidate
+    !entry.freshness.must_revalidate && stale_for <= entry.freshness.stale_while_revalidate
 }
 
 /// Whether a stale entry may be served because the upstream failed.
 pub fn serve_on_error(entry: &Entry, stale_for: Duration) -> bool {
-    !entry.must_revalidate && stale_for <= entry.stale_if_error
+    !entry.freshness.must_revalidate && stale_for <= entry.freshness.stale_if_error
 }
 
 /// Whether a conditional request is satisfied by a (fresh) entry: answer 304 instead of the body.
@@ -318,10 +324,12 @@ pub fn conditional_headers(entry: &Entry) -> Vec<(HeaderName, http::HeaderValue)
     out
 }
 
-/// The entry after a 304: the 304's headers replace the stored ones of the same names (RFC 9111
-/// 4.3.4), freshness is computed anew from the merged headers, the body is kept. `None` when the
-/// merged response may no longer be stored.
-pub fn refreshed(entry: &Entry, not_modified: &HeaderMap, cfg: &CacheConfig, now: SystemTime) -> Option<Entry> {
+/// The entry after a 304 to our own conditional request (RFC 9111 4.3.4): the 304's headers
+/// replace the stored ones of the same names, freshness is computed anew from the merged headers,
+/// the body is kept. The flag says whether the merged response may be stored; when it may not
+/// (the 304 said `private`, or set a cookie), it still answers this request (4.3.3: a 304 to our
+/// own request is never passed on), with the old freshness, and is not stored again.
+pub fn revalidated(entry: &Entry, not_modified: &HeaderMap, cfg: &CacheConfig, now: SystemTime) -> (Entry, bool) {
     let mut headers = entry.headers.clone();
     for name in not_modified.keys() {
         // Framing and hop-by-hop fields of the 304 say nothing about the stored body.
@@ -333,18 +341,11 @@ pub fn refreshed(entry: &Entry, not_modified: &HeaderMap, cfg: &CacheConfig, now
             headers.append(name.clone(), value.clone());
         }
     }
-    let freshness = storable(entry.status, &headers, cfg, now).ok()?;
-    Some(Entry {
-        status: entry.status,
-        headers,
-        body: entry.body.clone(),
-        stored_at: now,
-        lifetime: freshness.lifetime,
-        initial_age: freshness.initial_age,
-        stale_while_revalidate: freshness.stale_while_revalidate,
-        stale_if_error: freshness.stale_if_error,
-        must_revalidate: freshness.must_revalidate,
-    })
+    let (freshness, stored_at, storable) = match storable(entry.status, &headers, cfg, now) {
+        Ok(freshness) => (freshness, now, true),
+        Err(_) => (entry.freshness, entry.stored_at, false),
+    };
+    (Entry { status: entry.status, headers, body: entry.body.clone(), stored_at, freshness }, storable)
 }
 
 #[cfg(test)]

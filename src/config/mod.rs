@@ -47,6 +47,9 @@ pub struct Config {
     pub cache_memory_max: u64,
     /// How long a fresh entry read from Redis is also kept in process (`[cache] hot_ttl`).
     pub cache_hot_ttl: Duration,
+    /// How long a request waits for another request's fetch of the same key before it forwards
+    /// on its own (`[cache] lock_timeout`).
+    pub cache_lock_timeout: Duration,
     /// `SIDECACHE_RATE_LIMIT_ENABLED=false` turns every rate limit off.
     pub rate_limit_enabled: bool,
 }

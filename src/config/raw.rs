@@ -83,6 +83,7 @@ pub struct RawRedisTls {
 pub struct RawCacheSettings {
     pub memory_max: Option<i64>,
     pub hot_ttl: Option<String>,
+    pub lock_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

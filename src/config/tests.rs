@@ -219,6 +219,25 @@ fn specific_messages() {
 }
 
 #[test]
+fn cache_settings_that_could_never_store_or_would_store_a_part() {
+    let route = |cache: &str| format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {{ {cache} }}\n");
+    for status in [206, 304, 101] {
+        assert_error(
+            &route(&format!("ttl = \"1m\", statuses = [200, {status}]")),
+            "route[0].cache.statuses[1]",
+            "storable",
+        );
+    }
+    assert_error(&route("respect_origin = false"), "route[0].cache.respect_origin", "no ttl");
+    ok(&route("respect_origin = false, ttl = \"1m\""));
+    ok(&route("statuses = [200, 203, 301, 404, 410]"));
+    let c = ok(&format!("{UP}[cache]\nlock_timeout = \"250ms\"\n"));
+    assert_eq!(c.cache_lock_timeout, Duration::from_millis(250));
+    assert_eq!(ok(UP).cache_lock_timeout, Duration::from_secs(5), "nginx's default");
+    assert_error(&format!("{UP}[cache]\nlock_timeout = \"soon\"\n"), "cache.lock_timeout", "not a duration");
+}
+
+#[test]
 fn environment_overrides_and_kill_switches() {
     let text = format!(
         "{UP}[redis]\nurl = \"redis://file:6379\"\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {{ ttl = \"1m\" }}\nrate_limit = {{ burst = 1, rate = \"1/s\" }}\n"

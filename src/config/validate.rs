@@ -117,6 +117,13 @@ impl Validator {
             Duration::from_secs(1),
             units::parse_duration_or_zero,
         );
+        // nginx's proxy_cache_lock_timeout is 5 s too.
+        let cache_lock_timeout = self.field(
+            "cache.lock_timeout",
+            raw.cache.lock_timeout.as_deref(),
+            Duration::from_secs(5),
+            units::parse_duration_or_zero,
+        );
         let rate_limit_enabled = self.env_bool(env, "SIDECACHE_RATE_LIMIT_ENABLED");
         let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
 
@@ -138,6 +145,7 @@ impl Validator {
             cache_enabled,
             cache_memory_max,
             cache_hot_ttl,
+            cache_lock_timeout,
             rate_limit_enabled,
         })
     }
@@ -371,14 +379,16 @@ impl Validator {
                 .iter()
                 .enumerate()
                 .filter_map(|(j, s)| {
+                    // 206 and 304 are answers to a request's own range or condition: stored, they
+                    // would answer everyone else with a part or with nothing.
                     u16::try_from(*s)
                         .ok()
-                        .filter(|s| (200..=599).contains(s))
+                        .filter(|s| (200..=599).contains(s) && *s != 206 && *s != 304)
                         .and_then(|s| StatusCode::from_u16(s).ok())
                         .ok_or_else(|| {
                             self.err(
                                 format!("{at}.cache.statuses[{j}]"),
-                                format!("{s} is not a final HTTP status (200-599)"),
+                                format!("{s} is not a storable final status (200-599, not 206 or 304)"),
                             )
                         })
                         .ok()
@@ -386,6 +396,13 @@ impl Validator {
                 .collect(),
         };
         let max_body = self.int(&f("max_body"), c.max_body, DEFAULT_MAX_BODY as u64, 0, 512 * 1024 * 1024) as usize;
+        let respect_origin = c.respect_origin.unwrap_or(true);
+        if !respect_origin && c.ttl.is_none() {
+            self.err(
+                f("respect_origin"),
+                "is false, so the origin's freshness is ignored, but there is no ttl: nothing would ever be stored",
+            );
+        }
         CacheConfig {
             ttl,
             vary,
@@ -394,7 +411,7 @@ impl Validator {
             stale_if_error: sie,
             statuses,
             max_body,
-            respect_origin: c.respect_origin.unwrap_or(true),
+            respect_origin,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod client;
 
 use std::fmt::Write;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::types::scripts::Script;
@@ -21,7 +22,7 @@ use ipnet::IpNet;
 use metrics::{Counter, Histogram};
 use tokio::time::Instant;
 
-use crate::config::{ClientKey, Config, OnRedisError};
+use crate::config::{ClientKey, Config, OnRedisError, RouteConfig};
 use crate::metrics::{Registrar, RATELIMIT_CHECKS_TOTAL, RATELIMIT_CHECK_DURATION};
 use crate::store::redis::Op;
 use crate::store::RedisStore;
@@ -84,8 +85,8 @@ impl Quota {
     }
 }
 
-/// One route's limit.
-struct Limit {
+/// One route's limit, built once; the route holds it.
+pub struct Limit {
     /// The route name, as the policy id.
     name: String,
     key: ClientKey,
@@ -100,67 +101,64 @@ struct Limit {
     checks: [Counter; 5],
 }
 
-/// Every route's limit, and the Redis they share. One per process (its buckets and connections
-/// are shared by all workers).
+/// What every route's limit shares: the Redis, the script, the trusted proxies. One per process
+/// (its connections are shared by all workers).
 pub struct RateLimiter {
-    routes: Vec<Option<Limit>>,
     redis: Option<RedisStore>,
+    prefix: String,
     script: Script,
     trusted: Vec<IpNet>,
     durations: [Histogram; 3],
 }
 
 impl RateLimiter {
-    /// The limits of `config`'s routes, shared through `redis` when given; `None` when no route
-    /// has a limit.
+    /// The limiter of `config`'s routes, shared through `redis` when given; `None` when no
+    /// route has a limit.
     pub fn new(config: &Config, redis: Option<RedisStore>, registrar: &Registrar<'_>) -> Option<RateLimiter> {
         if config.routes.iter().all(|r| r.rate_limit.is_none()) {
             return None;
         }
-        let prefix = config.redis.as_ref().map_or("", |r| r.key_prefix.as_str());
-        let routes = config
-            .routes
-            .iter()
-            .map(|route| {
-                let rl = route.rate_limit.as_ref()?;
-                let params = Params::new(rl);
-                let window = params.fill_time().as_secs_f64().ceil().max(1.0) as u64;
-                let policy = format!("\"{}\";q={};w={window}", route.name, rl.burst);
-                let local = redis.is_none() || rl.on_redis_error == OnRedisError::Local;
-                let count = |result: &str, backend: Backend| {
-                    registrar.counter(
-                        RATELIMIT_CHECKS_TOTAL,
-                        &[("route", &route.name), ("result", result), ("backend", backend.as_str())],
-                    )
-                };
-                Some(Limit {
-                    name: route.name.clone(),
-                    key: rl.key.clone(),
-                    on_redis_error: rl.on_redis_error,
-                    params,
-                    redis_prefix: format!("{prefix}rl:{}:", route.name),
-                    policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
-                    local: local.then(|| LocalBuckets::new(params)),
-                    checks: [
-                        count("allowed", Backend::Redis),
-                        count("limited", Backend::Redis),
-                        count("allowed", Backend::Local),
-                        count("limited", Backend::Local),
-                        count("error", Backend::AllowAll),
-                    ],
-                })
-            })
-            .collect();
         if redis.is_none() {
             tracing::info!("no [redis] url: rate limits use in-process buckets, per instance only");
         }
         Some(RateLimiter {
-            routes,
             redis,
+            prefix: config.redis.as_ref().map_or("", |r| r.key_prefix.as_str()).to_string(),
             script: Script::from_lua(bucket::SCRIPT),
             trusted: config.server.trusted_proxies.clone(),
             durations: Backend::ALL.map(|b| registrar.histogram(RATELIMIT_CHECK_DURATION, &[("backend", b.as_str())])),
         })
+    }
+
+    /// The limit of a route, when it has one.
+    pub fn limit(&self, route: &RouteConfig, registrar: &Registrar<'_>) -> Option<Arc<Limit>> {
+        let rl = route.rate_limit.as_ref()?;
+        let params = Params::new(rl);
+        let window = params.fill_time().as_secs_f64().ceil().max(1.0) as u64;
+        let policy = format!("\"{}\";q={};w={window}", route.name, rl.burst);
+        let local = self.redis.is_none() || rl.on_redis_error == OnRedisError::Local;
+        let count = |result: &str, backend: Backend| {
+            registrar.counter(
+                RATELIMIT_CHECKS_TOTAL,
+                &[("route", &route.name), ("result", result), ("backend", backend.as_str())],
+            )
+        };
+        Some(Arc::new(Limit {
+            name: route.name.clone(),
+            key: rl.key.clone(),
+            on_redis_error: rl.on_redis_error,
+            params,
+            redis_prefix: format!("{}rl:{}:", self.prefix, route.name),
+            policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
+            local: local.then(|| LocalBuckets::new(params)),
+            checks: [
+                count("allowed", Backend::Redis),
+                count("limited", Backend::Redis),
+                count("allowed", Backend::Local),
+                count("limited", Backend::Local),
+                count("error", Backend::AllowAll),
+            ],
+        }))
     }
 
     /// The shared limiter's Redis, if any.
@@ -168,12 +166,9 @@ impl RateLimiter {
         self.redis.as_ref()
     }
 
-    /// Take a token for a request to `route` from `peer`. Never waits longer than the Redis
+    /// Take a token from `limit` for a request from `peer`. Never waits longer than the Redis
     /// gate's budget, and never fails.
-    pub async fn check(&self, route: usize, peer: IpAddr, headers: &HeaderMap) -> Verdict {
-        let Some(limit) = self.routes.get(route).and_then(Option::as_ref) else {
-            return Verdict::Unlimited;
-        };
+    pub async fn check(&self, limit: &Limit, peer: IpAddr, headers: &HeaderMap) -> Verdict {
         let started = Instant::now();
         let id = client::bucket_id(&limit.key, peer, headers, &self.trusted);
         let shared = match &self.redis {

@@ -1,6 +1,7 @@
-//! The embedded store: the cache's storage in this process when no Redis is configured. Bounded
-//! by `cache.memory_max` bytes (moka evicts the least useful entries past it), each entry
-//! expiring after its own keep-for time. Per instance only: replicas do not share it.
+//! Entries kept in this process: the embedded store (the cache's storage when no Redis is
+//! configured, encoded entries) and the hot tier in front of Redis (decoded entries) are both
+//! this one structure. Bounded by `cache.memory_max` bytes (moka evicts the least useful entries
+//! past it), each entry expiring after its own keep-for time. Per instance only.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,9 +11,21 @@ use bytes::Bytes;
 use moka::sync::Cache;
 use moka::Expiry;
 
+/// What the store holds, weighed in bytes against `memory_max`.
+pub trait Weight: Clone + Send + Sync + 'static {
+    /// Approximate bytes held.
+    fn weight(&self) -> usize;
+}
+
+impl Weight for Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
 #[derive(Clone)]
-struct Item {
-    value: Bytes,
+struct Item<V> {
+    value: V,
     keep_for: Duration,
 }
 
@@ -20,15 +33,15 @@ struct KeepFor;
 
 // moka's trait names std's Instant in its signature; the value is not used here.
 #[allow(clippy::disallowed_types)]
-impl Expiry<String, Item> for KeepFor {
-    fn expire_after_create(&self, _key: &String, item: &Item, _now: std::time::Instant) -> Option<Duration> {
+impl<V> Expiry<String, Item<V>> for KeepFor {
+    fn expire_after_create(&self, _key: &String, item: &Item<V>, _now: std::time::Instant) -> Option<Duration> {
         Some(item.keep_for)
     }
 
     fn expire_after_update(
         &self,
         _key: &String,
-        item: &Item,
+        item: &Item<V>,
         _now: std::time::Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
@@ -36,18 +49,18 @@ impl Expiry<String, Item> for KeepFor {
     }
 }
 
-/// In-process storage for cache entries and route generations.
-pub struct MemoryStore {
-    entries: Cache<String, Item>,
+/// In-process storage for cache entries (by path key and variant) and route generations.
+pub struct MemoryStore<V = Bytes> {
+    entries: Cache<String, Item<V>>,
     generations: Mutex<HashMap<String, u64>>,
 }
 
-impl MemoryStore {
+impl<V: Weight> MemoryStore<V> {
     /// A store holding at most about `memory_max` bytes of keys and values.
-    pub fn new(memory_max: u64) -> MemoryStore {
+    pub fn new(memory_max: u64) -> MemoryStore<V> {
         let entries = Cache::builder()
             .max_capacity(memory_max)
-            .weigher(|key: &String, item: &Item| (key.len() + item.value.len()).try_into().unwrap_or(u32::MAX))
+            .weigher(|key: &String, item: &Item<V>| (key.len() + item.value.weight()).try_into().unwrap_or(u32::MAX))
             .expire_after(KeepFor)
             .support_invalidation_closures()
             .build();
@@ -55,12 +68,12 @@ impl MemoryStore {
     }
 
     /// One variant of a path.
-    pub fn get(&self, path_key: &str, variant: &str) -> Option<Bytes> {
+    pub fn get(&self, path_key: &str, variant: &str) -> Option<V> {
         self.entries.get(&super::entry_id(path_key, variant)).map(|item| item.value)
     }
 
     /// Store one variant for `keep_for`.
-    pub fn put(&self, path_key: &str, variant: &str, value: Bytes, keep_for: Duration) {
+    pub fn put(&self, path_key: &str, variant: &str, value: V, keep_for: Duration) {
         self.entries.insert(super::entry_id(path_key, variant), Item { value, keep_for });
     }
 
@@ -102,7 +115,7 @@ mod tests {
 
     #[test]
     fn variants_purges_and_generations() {
-        let m = MemoryStore::new(1 << 20);
+        let m = MemoryStore::<Bytes>::new(1 << 20);
         m.put("p1", "a", Bytes::from_static(b"A"), Duration::from_secs(60));
         m.put("p1", "b", Bytes::from_static(b"B"), Duration::from_secs(60));
         m.put("p10", "a", Bytes::from_static(b"other path"), Duration::from_secs(60));
@@ -119,7 +132,7 @@ mod tests {
 
     #[test]
     fn entries_expire_after_their_own_time() {
-        let m = MemoryStore::new(1 << 20);
+        let m = MemoryStore::<Bytes>::new(1 << 20);
         m.put("short", "-", Bytes::from_static(b"x"), Duration::from_millis(50));
         m.put("long", "-", Bytes::from_static(b"y"), Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(120));
@@ -129,7 +142,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let m = MemoryStore::new(256 * 1024);
+        let m = MemoryStore::<Bytes>::new(256 * 1024);
         let value = Bytes::from(vec![7u8; 16 * 1024]);
         for i in 0..100 {
             m.put(&format!("path{i}"), "-", value.clone(), Duration::from_secs(60));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use breaker::BreakerState;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, Weight};
 pub use redis::{RedisStore, Role};
 pub use target::{RedisTarget, Topology};
 

@@ -15,10 +15,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
+use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::metrics::UpstreamErrorKind;
 use crate::tls::{self, TlsError};
-use crate::Body;
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +75,8 @@ pub struct Upstream {
 
 /// A forwarded exchange: the response and how long the upstream took to its head.
 pub struct Forwarded {
-    /// The upstream's response, headers already rewritten for the client.
+    /// The upstream's response, hop-by-hop fields removed (the proxy adds its `Via` once, as the
+    /// response leaves).
     pub response: Response<Incoming>,
     /// Time from sending to the response head.
     pub elapsed: Duration,
@@ -110,11 +111,6 @@ impl Upstream {
         })
     }
 
-    /// The budget for a response head.
-    pub fn response_timeout(&self) -> Duration {
-        self.response_timeout
-    }
-
     /// Point a request prepared by [`prepare`] at the backend and send it. The response head must
     /// arrive within `response_timeout`; the body then streams without a total deadline (a
     /// download may legitimately take long). Dropping the returned future cancels the exchange.
@@ -137,7 +133,6 @@ impl Upstream {
                 if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     headers::remove_hop_by_hop(response.headers_mut());
                 }
-                headers::append_via(response.headers_mut(), Version::HTTP_11);
                 Ok(Forwarded { response, elapsed })
             }
         }

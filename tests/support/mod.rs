@@ -91,12 +91,65 @@ where
 
 // ---------------------------------------------------------------- the test upstream
 
-/// What the upstream saw.
+/// What the upstream saw, and how it answers `/gen` paths.
 #[derive(Default)]
 pub struct UpstreamState {
     pub requests: AtomicUsize,
     pub cancelled: AtomicUsize,
     pub completed_slow: AtomicUsize,
+    /// `/gen` answers by path prefix, first match wins; `Reply::default()` otherwise.
+    replies: std::sync::Mutex<Vec<(String, Reply)>>,
+    /// The head of every `/gen` request: path and query, headers.
+    seen: std::sync::Mutex<Vec<(String, HeaderMap)>>,
+}
+
+/// How the test upstream answers a `/gen` path: a generated body `"<target> #<n>"` (n counts the
+/// upstream's requests), with this status, headers, delay and size.
+#[derive(Clone, Default)]
+pub struct Reply {
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    delay: Duration,
+    size: Option<usize>,
+    not_modified: Option<(String, Vec<(String, String)>)>,
+}
+
+impl Reply {
+    /// 200 with the generated body.
+    pub fn ok() -> Reply {
+        Reply::default()
+    }
+
+    /// Answer with this status.
+    pub fn status(mut self, status: u16) -> Reply {
+        self.status = Some(status);
+        self
+    }
+
+    /// Add a response header.
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Answer after this long.
+    pub fn delay(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+
+    /// Pad (or cut) the body to this many bytes.
+    pub fn size(mut self, size: usize) -> Reply {
+        self.size = Some(size);
+        self
+    }
+
+    /// Answer `If-None-Match: etag` with a bodiless 304 carrying these headers.
+    pub fn not_modified_if(mut self, etag: &str, headers: &[(&str, &str)]) -> Reply {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.not_modified = Some((etag.to_string(), headers));
+        self
+    }
 }
 
 /// A real HTTP/1.1 backend on 127.0.0.1:0. Paths:
@@ -110,11 +163,49 @@ pub struct TestUpstream {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Builds a [`TestUpstream`]: `TestUpstream::new().route("/gen/x", Reply::ok().header(..)).spawn()`.
+#[derive(Default)]
+pub struct TestUpstreamBuilder {
+    replies: Vec<(String, Reply)>,
+}
+
+impl TestUpstreamBuilder {
+    /// Answer `/gen` paths starting with `prefix` so.
+    pub fn route(mut self, prefix: &str, reply: Reply) -> TestUpstreamBuilder {
+        self.replies.push((prefix.to_string(), reply));
+        self
+    }
+
+    pub async fn spawn(self) -> TestUpstream {
+        let state = Arc::new(UpstreamState { replies: std::sync::Mutex::new(self.replies), ..Default::default() });
+        TestUpstream::serve(state).await
+    }
+}
+
 impl TestUpstream {
+    /// A builder, so a test reads `TestUpstream::new().route(..).spawn()`.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new() -> TestUpstreamBuilder {
+        TestUpstreamBuilder::default()
+    }
+
     pub async fn spawn() -> TestUpstream {
+        TestUpstream::new().spawn().await
+    }
+
+    /// From now on, answer `/gen` paths starting with `prefix` so (before earlier routes).
+    pub fn set(&self, prefix: &str, reply: Reply) {
+        self.state.replies.lock().unwrap().insert(0, (prefix.to_string(), reply));
+    }
+
+    /// The headers of every `/gen` request for this path and query, in order.
+    pub fn seen(&self, target: &str) -> Vec<HeaderMap> {
+        self.state.seen.lock().unwrap().iter().filter(|(t, _)| t == target).map(|(_, h)| h.clone()).collect()
+    }
+
+    async fn serve(state: Arc<UpstreamState>) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(UpstreamState::default());
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -214,10 +305,16 @@ async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> 
         // every byte value after it; status and headers from the `x-reply` request header, a JSON
         // object like {"status": 200, "cache-control": "max-age=60"}.
         let n = st.requests.load(Ordering::SeqCst);
+        let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+        st.seen.lock().unwrap().push((target.clone(), req.headers().clone()));
+        let reply =
+            st.replies.lock().unwrap().iter().find(|(p, _)| path.starts_with(p.as_str())).map(|(_, r)| r.clone());
+        if let Some(reply) = reply {
+            return scripted(&reply, &target, n, req.headers()).await;
+        }
         if let Some(ms) = req.headers().get("x-reply-delay-ms").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
         let mut body = format!("{target} #{n}").into_bytes();
         if req.headers().contains_key("x-reply-binary") {
             body.extend((0..=255u8).cycle().take(1024));
@@ -281,6 +378,31 @@ async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> 
     resp
 }
 
+/// The answer a [`Reply`] describes.
+async fn scripted(reply: &Reply, target: &str, n: usize, request: &HeaderMap) -> Response<TestBody> {
+    tokio::time::sleep(reply.delay).await;
+    if let Some((etag, headers)) = &reply.not_modified {
+        if request.get("if-none-match").is_some_and(|v| v == etag.as_str()) {
+            let mut resp = Response::new(full(""));
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            for (k, v) in headers {
+                resp.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            }
+            return resp;
+        }
+    }
+    let mut body = format!("{target} #{n}").into_bytes();
+    if let Some(size) = reply.size {
+        body.resize(size, b'.');
+    }
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = StatusCode::from_u16(reply.status.unwrap_or(200)).unwrap();
+    for (k, v) in &reply.headers {
+        resp.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    resp
+}
+
 // ---------------------------------------------------------------- the proxy, in-process
 
 /// `proxy.toml` text for a proxy on loopback port 0 in front of `upstream`, plus `extra` TOML:
@@ -313,8 +435,13 @@ impl TestProxy {
     }
 
     pub async fn start_with_env(toml: &str, env: &HashMap<String, String>) -> TestProxy {
+        Self::start_with(toml, env, sidecache::Clock::system()).await
+    }
+
+    /// Start with the cache's freshness judged by `clock` (a manual clock the test moves).
+    pub async fn start_with(toml: &str, env: &HashMap<String, String>, clock: sidecache::Clock) -> TestProxy {
         let config = sidecache::Config::from_sources(toml, env).unwrap_or_else(|e| panic!("config: {e}\n{toml}"));
-        let server = sidecache::Sidecache::bind(config).await.expect("bind");
+        let server = sidecache::Sidecache::bind_with_clock(config, clock).await.expect("bind");
         let (addr, admin) = (server.proxy_addr(), server.admin_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run = server.run(async {

@@ -129,11 +129,13 @@ fn entry(lifetime: u64, stored_ago: u64, must_revalidate: bool, pairs: &[(&str, 
         headers: headers(pairs),
         body: Bytes::new(),
         stored_at: now() - Duration::from_secs(stored_ago),
-        lifetime: Duration::from_secs(lifetime),
-        initial_age: Duration::ZERO,
-        stale_while_revalidate: Duration::from_secs(30),
-        stale_if_error: Duration::from_secs(600),
-        must_revalidate,
+        freshness: Freshness {
+            lifetime: Duration::from_secs(lifetime),
+            initial_age: Duration::ZERO,
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+            must_revalidate,
+        },
     }
 }
 
@@ -182,13 +184,42 @@ fn a_304_refreshes_headers_and_freshness_and_keeps_the_body() {
     assert!(conditional_headers(&entry(60, 0, false, &[])).is_empty());
 
     let answer = headers(&[("cache-control", "max-age=120"), ("content-length", "0"), ("x-new", "1")]);
-    let fresh = refreshed(&stale, &answer, &cfg(Some(300)), now()).unwrap();
+    let (fresh, stored) = revalidated(&stale, &answer, &cfg(Some(300)), now());
+    assert!(stored);
     assert_eq!(fresh.body, stale.body);
-    assert_eq!(fresh.lifetime, Duration::from_secs(120));
+    assert_eq!(fresh.freshness.lifetime, Duration::from_secs(120));
     assert_eq!(fresh.stored_at, now());
     assert_eq!(fresh.headers["cache-control"], "max-age=120");
     assert_eq!(fresh.headers["x-kept"], "yes");
     assert_eq!(fresh.headers["x-new"], "1");
     assert!(fresh.headers.get("content-length").is_none(), "a 304's framing is not the body's");
-    assert!(refreshed(&stale, &headers(&[("cache-control", "no-store")]), &cfg(Some(300)), now()).is_none());
+    let (private, stored) = revalidated(&stale, &headers(&[("cache-control", "private")]), &cfg(Some(300)), now());
+    assert!(!stored, "a 304 that makes the response private is not stored");
+    assert_eq!((private.body, private.stored_at), (stale.body.clone(), stale.stored_at), "but still answers");
+    assert_eq!(private.headers["cache-control"], "private");
+}
+
+#[test]
+fn numbers_from_the_origin_cannot_overflow() {
+    for cc in ["max-age=18446744073709551615", "s-maxage=99999999999999999999999999", "max-age=2147483648"] {
+        let f = storable(StatusCode::OK, &headers(&[("cache-control", cc)]), &cfg(None), now()).unwrap();
+        assert_eq!(f.lifetime, Duration::from_secs(MAX_DELTA_SECONDS), "{cc}");
+        let huge_age = headers(&[("cache-control", cc), ("age", "18446744073709551615"), ("etag", "\"e\"")]);
+        let f = storable(StatusCode::OK, &huge_age, &cfg(None), now()).unwrap();
+        assert_eq!(f.initial_age, Duration::from_secs(MAX_DELTA_SECONDS));
+        let _ = f.keep_for(true);
+        let e = Entry { freshness: f, ..entry(0, 0, false, &[]) };
+        let _ = (phase(&e, now()), e.age(now() + Duration::from_secs(u32::MAX as u64)));
+    }
+    assert_eq!(delta_seconds("-1"), None);
+    assert_eq!(delta_seconds("+5"), None);
+    assert_eq!(delta_seconds("12"), Some(12));
+    let f = Freshness {
+        lifetime: Duration::MAX,
+        initial_age: Duration::ZERO,
+        stale_while_revalidate: Duration::MAX,
+        stale_if_error: Duration::MAX,
+        must_revalidate: false,
+    };
+    assert_eq!(f.keep_for(true), Duration::MAX, "saturates");
 }

@@ -1,0 +1,406 @@
+//! One request's cache phase (DESIGN.md 2.3), one object from start to end, modelled on
+//! Pingora's `HttpCache` and its `CachePhase` without the callback framework.
+//!
+//! The proxy asks the cache to [`begin`](Cache::begin): the answer is either a response now (a
+//! fresh entry, a stale one served while it is refreshed, another request's fetch), or an
+//! [`Exchange`] to forward with. The proxy lets the exchange [`prepare`](Exchange::prepare) the
+//! upstream request (our validators), then hands it the upstream's answer
+//! ([`respond`](Exchange::respond)) or its failure ([`fail`](Exchange::fail)). The exchange
+//! decides 304 refresh, stale-on-error, storing and coalescing, and counts its outcome exactly
+//! once, when it is dropped.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use hyper::body::{Frame, Incoming};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::coalesce::{self, FlightGuard, Join};
+use super::entry::Entry;
+use super::key::{self, CacheKey};
+use super::policy::{self, Phase};
+use super::{Cache, Found, Outcome, RouteCache, StoreResult};
+use crate::body::{self, Body, Streamed};
+use crate::config::CacheConfig;
+use crate::respond;
+use crate::store;
+use crate::upstream::Upstream;
+
+/// What [`Cache::begin`] decided.
+pub enum Begin {
+    /// Answer this, from the cache.
+    Answer(Response<Body>),
+    /// Forward the request, and hand the exchange the upstream's answer.
+    Forward(Exchange),
+}
+
+/// The cache phase of one forwarded request.
+pub struct Exchange {
+    cache: Arc<Cache>,
+    route: Arc<RouteCache>,
+    /// Counted when the exchange ends; `None` for a background refresh (the request that started
+    /// it counted its own).
+    outcome: Option<Outcome>,
+    /// `None` when the request bypasses the cache.
+    fetch: Option<Fetch>,
+}
+
+/// A forward the cache takes part in.
+struct Fetch {
+    key: CacheKey,
+    head: bool,
+    /// An expired entry: served if the upstream fails, refreshed by a 304.
+    stale: Option<Arc<Entry>>,
+    /// Our validators go upstream: a 304 answers from `stale`.
+    revalidate: bool,
+    /// Leading the fetch of this key: followers get what it yields.
+    flight: Option<FlightGuard>,
+    /// The answer may become an entry (no body, `Range` or conditionals of the request's own).
+    store: bool,
+}
+
+/// Why a request does not use the cache (logged at debug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bypass {
+    /// Only GET and HEAD are cached.
+    Method,
+    /// `Authorization` is present and not part of the key (RFC 9111 3.5).
+    Authorization,
+    /// `Cookie` is present and not part of the key.
+    Cookie,
+    /// A request body: a shared cache cannot key on it.
+    Body,
+    /// A protocol upgrade.
+    Upgrade,
+    /// A query the key cannot represent faithfully.
+    Query,
+}
+
+/// Why the request may not use the cache at all, if so.
+fn bypass(req: &Request<Incoming>, cfg: &CacheConfig) -> Option<Bypass> {
+    let method = req.method();
+    if *method != Method::GET && *method != Method::HEAD {
+        return Some(Bypass::Method);
+    }
+    let headers = req.headers();
+    let keyed = |name: &header::HeaderName| cfg.vary.contains(name);
+    if headers.contains_key(header::AUTHORIZATION) && !keyed(&header::AUTHORIZATION) {
+        return Some(Bypass::Authorization);
+    }
+    if headers.contains_key(header::COOKIE) && !keyed(&header::COOKIE) {
+        return Some(Bypass::Cookie);
+    }
+    if !hyper::body::Body::is_end_stream(req.body()) {
+        return Some(Bypass::Body);
+    }
+    if headers.contains_key(header::UPGRADE) {
+        return Some(Bypass::Upgrade);
+    }
+    None
+}
+
+/// Conditional header fields (RFC 9110 13.1) a client may send.
+const CONDITIONALS: [header::HeaderName; 5] =
+    [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_MATCH, header::IF_UNMODIFIED_SINCE, header::IF_RANGE];
+
+fn has_conditionals(headers: &HeaderMap) -> bool {
+    CONDITIONALS.iter().any(|name| headers.contains_key(name))
+}
+
+impl Cache {
+    /// Begin the cache phase of a request already prepared for the upstream (its forwarding
+    /// headers are what the key is made of); `tls` says whether the client connection is.
+    /// `upstream` serves a background refresh. Never fails: a failing store is a miss.
+    pub async fn begin(
+        self: &Arc<Self>,
+        route: &Arc<RouteCache>,
+        req: &Request<Incoming>,
+        tls: bool,
+        upstream: &Upstream,
+    ) -> Begin {
+        let bypassed = |reason: Bypass| {
+            tracing::debug!(route = %route.name, ?reason, "cache bypassed");
+            Begin::Forward(self.exchange(route, Some(Outcome::Bypass), None))
+        };
+        if let Some(reason) = bypass(req, &route.config) {
+            return bypassed(reason);
+        }
+        let generation = route.generation.load(std::sync::atomic::Ordering::Relaxed);
+        let Ok(key) =
+            key::cache_key(&self.prefix, &route.name, generation, req.uri(), req.headers(), tls, &route.config)
+        else {
+            return bypassed(Bypass::Query);
+        };
+        let head = req.method() == Method::HEAD;
+        let own_conditionals = has_conditionals(req.headers());
+        let store = !own_conditionals && !req.headers().contains_key(header::RANGE);
+
+        let (stale, outcome) = match self.find(route, &key).await {
+            Found::Entry(entry, Phase::Fresh(_)) => {
+                route.count_lookup(Outcome::Hit);
+                let now = self.clock.now();
+                return Begin::Answer(respond::from_entry(&entry, head, Some(req.headers()), Outcome::Hit, now));
+            }
+            Found::Entry(entry, Phase::Stale(by)) if policy::serve_while_revalidating(&entry, by) => {
+                // stale-while-revalidate: answer now, refresh once in the background.
+                if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
+                    self.refresh(route, key, entry.clone(), flight, req, upstream);
+                }
+                route.count_lookup(Outcome::Stale);
+                return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Stale, self.clock.now()));
+            }
+            Found::Entry(entry, Phase::Stale(_)) => (Some(entry), Outcome::Miss),
+            Found::Nothing => (None, Outcome::Miss),
+            Found::Unavailable => (None, Outcome::Error),
+        };
+        // Our validators only when the client sent none: its own 304 is its to receive.
+        let revalidate = !own_conditionals && stale.as_ref().is_some_and(|e| policy::has_validators(&e.headers));
+
+        // Coalescing: one upstream fetch per missing key in this process; the others wait for it
+        // (at most `lock_timeout`) and forward on their own if it yields nothing.
+        let mut flight = None;
+        match self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
+            Join::Lead(guard) if store && !head => flight = Some(guard),
+            Join::Lead(_) => {}
+            Join::Follow(rx) => {
+                if let Some(entry) = coalesce::follow(rx, self.lock_timeout).await {
+                    route.count_lookup(Outcome::Collapsed);
+                    let now = self.clock.now();
+                    return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
+                }
+            }
+        }
+        let fetch = Fetch { key, head, stale, revalidate, flight, store };
+        Begin::Forward(self.exchange(route, Some(outcome), Some(fetch)))
+    }
+
+    fn exchange(self: &Arc<Self>, route: &Arc<RouteCache>, outcome: Option<Outcome>, fetch: Option<Fetch>) -> Exchange {
+        Exchange { cache: self.clone(), route: route.clone(), outcome, fetch }
+    }
+
+    /// Refresh a stale entry in the background: the client's prepared request (the same
+    /// forwarding rules as every other), without its own conditionals or range, plus ours.
+    fn refresh(
+        self: &Arc<Self>,
+        route: &Arc<RouteCache>,
+        key: CacheKey,
+        stale: Arc<Entry>,
+        flight: FlightGuard,
+        req: &Request<Incoming>,
+        upstream: &Upstream,
+    ) {
+        let mut refresh = Request::new(body::full(Bytes::new()));
+        *refresh.uri_mut() = req.uri().clone();
+        *refresh.headers_mut() = req.headers().clone();
+        for name in CONDITIONALS.iter().chain([&header::RANGE]) {
+            refresh.headers_mut().remove(name);
+        }
+        let revalidate = policy::has_validators(&stale.headers);
+        let fetch = Fetch { key, head: false, stale: Some(stale), revalidate, flight: Some(flight), store: true };
+        let exchange = self.exchange(route, None, Some(fetch));
+        exchange.prepare(refresh.headers_mut());
+        let upstream = upstream.clone();
+        let task = async move {
+            match upstream.forward(refresh).await {
+                // Read to its end (a stored body is read whole before the answer): then dropped.
+                Ok(forwarded) => drop(exchange.respond(forwarded.response).await),
+                Err(e) => tracing::debug!(error = %e, "background refresh failed; the stale entry stays"),
+            }
+        };
+        tokio::spawn(task.in_current_span());
+    }
+}
+
+/// A response body read for storing: whole, or what was read before it proved too large, too
+/// slow or broken, followed by the rest.
+enum Read {
+    Whole(Bytes),
+    Partial(Vec<Result<Frame<Bytes>, hyper::Error>>, Incoming),
+}
+
+fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+}
+
+/// Read a body whole: at most `limit` bytes, before `deadline`.
+async fn read_whole(mut body: Incoming, limit: usize, deadline: Instant) -> Read {
+    use http_body_util::BodyExt;
+    let mut frames: Vec<Result<Frame<Bytes>, hyper::Error>> = Vec::new();
+    let mut len = 0usize;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => {
+                let Some(data) = frame.data_ref() else {
+                    // Trailers are not stored: the answer cannot be replayed faithfully.
+                    frames.push(Ok(frame));
+                    return Read::Partial(frames, body);
+                };
+                len += data.len();
+                frames.push(Ok(frame));
+                if len > limit {
+                    return Read::Partial(frames, body);
+                }
+            }
+            Ok(Some(Err(e))) => {
+                frames.push(Err(e));
+                return Read::Partial(frames, body);
+            }
+            Err(_) => return Read::Partial(frames, body),
+        }
+    }
+    let mut data = frames.into_iter().filter_map(|f| f.ok()?.into_data().ok());
+    let first = data.next().unwrap_or_default();
+    match data.next() {
+        None => Read::Whole(first),
+        Some(second) => {
+            let mut whole = BytesMut::with_capacity(len);
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&second);
+            data.for_each(|d| whole.extend_from_slice(&d));
+            Read::Whole(whole.freeze())
+        }
+    }
+}
+
+impl Exchange {
+    /// Add what the cache needs to the upstream request: our validators when revalidating an
+    /// expired entry (RFC 9111 4.3.1).
+    pub fn prepare(&self, headers: &mut HeaderMap) {
+        if let Some(Fetch { stale: Some(stale), revalidate: true, .. }) = &self.fetch {
+            for (name, value) in policy::conditional_headers(stale) {
+                headers.insert(name, value);
+            }
+        }
+    }
+
+    /// The upstream answered: answer the client, from the cache (a 304 to our own conditional
+    /// request, a 5xx with a stale entry to serve) or with the upstream's response, stored when
+    /// the rules allow. A response to store is read whole first (at most `max_body`, within the
+    /// response budget), so followers get it as soon as the upstream has sent it, whatever the
+    /// client does.
+    pub async fn respond(mut self, response: Response<Incoming>) -> Response<Body> {
+        let Some(mut fetch) = self.fetch.take() else {
+            return self.forwarded(response.map(Streamed::body), false);
+        };
+        let now = self.cache.clock.now();
+        let status = response.status();
+        if fetch.revalidate && status == StatusCode::NOT_MODIFIED {
+            if let Some(stale) = fetch.stale.take() {
+                return self.revalidated(fetch, &stale, response.headers(), now);
+            }
+        }
+        if status.is_server_error() {
+            if let Some(answer) = self.stale_on_error(&fetch, now) {
+                return answer;
+            }
+        }
+        if !fetch.store || fetch.head {
+            return self.forwarded(response.map(Streamed::body), false);
+        }
+        let config = &self.route.config;
+        let freshness = match policy::storable(status, response.headers(), config, now) {
+            Ok(freshness) => freshness,
+            Err(reason) => {
+                tracing::debug!(route = %self.route.name, reason = reason.as_str(), "response not stored");
+                self.route.count_store(StoreResult::NotStorable);
+                return self.forwarded(response.map(Streamed::body), false);
+            }
+        };
+        let declared =
+            response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > config.max_body as u64) {
+            self.route.count_store(StoreResult::TooLarge);
+            return self.forwarded(response.map(Streamed::body), false);
+        }
+        let (parts, incoming) = response.into_parts();
+        // A budget too large to add to now is as good as none.
+        let deadline = Instant::now().checked_add(self.cache.body_timeout).unwrap_or_else(far_future);
+        match read_whole(incoming, config.max_body, deadline).await {
+            Read::Whole(body) => {
+                let entry =
+                    Entry { status, headers: parts.headers.clone(), body: body.clone(), stored_at: now, freshness };
+                self.cache.write(&self.route, fetch.key, &entry);
+                if let Some(flight) = fetch.flight.take() {
+                    flight.publish(Arc::new(entry));
+                }
+                self.forwarded(Response::from_parts(parts, body::full(body)), true)
+            }
+            Read::Partial(read, rest) => {
+                // Too large, too slow or broken: streamed on, not stored; followers are released.
+                self.route.count_store(StoreResult::TooLarge);
+                self.forwarded(
+                    Response::from_parts(parts, http_body_util::Either::Left(Streamed::after(read, rest))),
+                    false,
+                )
+            }
+        }
+    }
+
+    /// The upstream failed: answer a stale entry when `stale_if_error` allows, else the error
+    /// response the proxy made.
+    pub fn fail(mut self, error: Response<Body>) -> Response<Body> {
+        let now = self.cache.clock.now();
+        if let Some(answer) = self.fetch.take().and_then(|fetch| self.stale_on_error(&fetch, now)) {
+            return answer;
+        }
+        self.forwarded(error, false)
+    }
+
+    /// A 304 to our own conditional request: answer from the stored response, updated by the
+    /// 304's headers, and store it again when it may still be stored (RFC 9111 4.3.3, 4.3.4).
+    fn revalidated(
+        &mut self,
+        mut fetch: Fetch,
+        stale: &Entry,
+        not_modified: &HeaderMap,
+        now: SystemTime,
+    ) -> Response<Body> {
+        let (entry, storable) = policy::revalidated(stale, not_modified, &self.route.config, now);
+        let entry = Arc::new(entry);
+        if storable {
+            self.cache.write(&self.route, fetch.key.clone(), &entry);
+            if let Some(flight) = fetch.flight.take() {
+                flight.publish(entry.clone());
+            }
+        }
+        self.set_outcome(Outcome::Revalidated);
+        respond::from_entry(&entry, fetch.head, None, Outcome::Revalidated, now)
+    }
+
+    /// stale-if-error: an expired entry beats a 502/504 or the backend's 5xx.
+    fn stale_on_error(&mut self, fetch: &Fetch, now: SystemTime) -> Option<Response<Body>> {
+        let entry = fetch.stale.as_ref()?;
+        let Phase::Stale(by) = policy::phase(entry, now) else { return None };
+        if !policy::serve_on_error(entry, by) {
+            return None;
+        }
+        self.set_outcome(Outcome::StaleIfError);
+        Some(respond::from_entry(entry, fetch.head, None, Outcome::StaleIfError, now))
+    }
+
+    fn set_outcome(&mut self, outcome: Outcome) {
+        if let Some(o) = &mut self.outcome {
+            *o = outcome;
+        }
+    }
+
+    /// A forwarded response, marked with the outcome.
+    fn forwarded(&self, mut response: Response<Body>, stored: bool) -> Response<Body> {
+        if let Some(outcome) = self.outcome {
+            outcome.apply(response.headers_mut(), 0, stored);
+        }
+        response
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.outcome {
+            self.route.count_lookup(outcome);
+        }
+    }
+}
