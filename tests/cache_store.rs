@@ -1,5 +1,5 @@
 //! The cache's storage layout on a real redis-server of the test's own: variants of one path in
-//! one hash, its expiry only ever extended, one-path purge, route generations, NOSCRIPT recovery.
+//! one hash with their own expiry and a cap, one-path purge, route generations, NOSCRIPT recovery.
 
 mod support;
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sidecache::metrics::Metrics;
-use sidecache::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
+use sidecache::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role, MAX_VARIANTS};
 use support::redis::TestRedis;
 
 async fn redis_store(redis: &TestRedis) -> (CacheStore, Metrics) {
@@ -58,8 +58,8 @@ async fn redis_layout() {
     let (store, _m) = redis_store(&redis).await;
     variants_purge_and_generations(&store).await;
 
-    // A new path key gets the entry's keep-for time; a shorter one never shortens it, a longer
-    // one extends it (variants share the key).
+    // A new path key lives as long as its entry; a shorter-lived variant does not shorten it, a
+    // longer-lived one extends it: the key lives as long as its longest-lived variant.
     store.put("k", "v1", Bytes::from_static(b"x"), Duration::from_secs(100)).await.unwrap();
     let first = pttl(&redis, "k");
     assert!((99_000..=100_000).contains(&first), "{first}");
@@ -67,7 +67,34 @@ async fn redis_layout() {
     assert!(pttl(&redis, "k") > 90_000, "not shortened");
     store.put("k", "v3", Bytes::from_static(b"z"), Duration::from_secs(500)).await.unwrap();
     assert!(pttl(&redis, "k") > 490_000, "extended");
-    assert_eq!(redis.command(&["HLEN", "k"]), ":3");
+    assert_eq!(redis.command(&["HLEN", "k"]), ":4", "three variants and the index");
+}
+
+#[tokio::test]
+async fn expired_variants_do_not_accumulate_and_a_path_holds_at_most_the_cap() {
+    let redis = TestRedis::start();
+    let (store, _m) = redis_store(&redis).await;
+    // 300 short-lived variants of one path (a `vary` header or a Host with many values).
+    for i in 0..300 {
+        store.put("p", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_millis(30)).await.unwrap();
+    }
+    assert_eq!(redis.command(&["HLEN", "p"]), format!(":{}", MAX_VARIANTS + 1), "capped while they live");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    store.put("p", "fresh", Bytes::from_static(b"y"), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(redis.command(&["HLEN", "p"]), ":2", "every expired variant went with the next write");
+    assert!(pttl(&redis, "p") > 59_000, "the key lives as long as its one live variant");
+
+    // Past the cap, the variants that expire first go; the one written always stays.
+    for i in 0..MAX_VARIANTS + 10 {
+        let keep = Duration::from_secs(100 + i as u64);
+        store.put("q", &format!("{i:x}"), Bytes::from_static(b"x"), keep).await.unwrap();
+    }
+    store.put("q", "short", Bytes::from_static(b"s"), Duration::from_secs(1)).await.unwrap();
+    assert_eq!(redis.command(&["HLEN", "q"]), format!(":{}", MAX_VARIANTS + 1));
+    assert!(store.get("q", "short").await.unwrap().is_some(), "the new variant is kept");
+    assert!(store.get("q", "0").await.unwrap().is_none(), "the soonest to expire went");
+    let last = format!("{:x}", MAX_VARIANTS + 9);
+    assert!(store.get("q", &last).await.unwrap().is_some(), "the longest-lived stayed");
 }
 
 #[tokio::test]

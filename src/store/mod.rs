@@ -30,6 +30,9 @@ pub fn path_prefix(path_key: &str) -> String {
     entry_id(path_key, "")
 }
 
+/// Variants (hosts × `vary` values) one path keeps in Redis at most.
+pub const MAX_VARIANTS: usize = 64;
+
 /// Where cache entries live. In Redis, one hash per path key holds that path's variants as
 /// fields, so a one-path purge is one DEL and every operation touches a single key (cluster-safe);
 /// a route's generation is a counter key of its own.
@@ -58,10 +61,11 @@ impl CacheStore {
         }
     }
 
-    /// Store one variant; the path's key lives at least `keep_for`.
+    /// Store one variant for `keep_for`; a path holds at most [`MAX_VARIANTS`] (in Redis, the
+    /// ones that expire first go; in process, each variant is an entry of its own).
     pub async fn put(&self, path_key: &str, variant: &str, value: Bytes, keep_for: Duration) -> Result<(), StoreError> {
         match self {
-            Self::Redis(r) => r.hset_keep(path_key, variant, value, keep_for).await,
+            Self::Redis(r) => r.hset_variant(path_key, variant, value, keep_for, MAX_VARIANTS).await,
             Self::Memory(m) => {
                 m.put(path_key, variant, value, keep_for);
                 Ok(())
