@@ -1,6 +1,7 @@
 //! The response cache through the real server: headers and bodies of hits, misses and bypasses,
 //! every storing rule, key isolation, expiry, 304 and HEAD, purges, corrupt entries, the kill
-//! switch; on the embedded store and on a redis-server of the test's own.
+//! switch; on the embedded store and on a redis-server of the test's own. The upstream is told
+//! how to answer by the test (`TestUpstream::new().route(..)`); time moves by a manual clock.
 
 mod support;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use sidecache::Clock;
 use support::redis::TestRedis;
 use support::*;
 
@@ -43,23 +45,37 @@ struct Setup {
     upstream: TestUpstream,
     proxy: TestProxy,
     redis: Option<TestRedis>,
+    clock: Clock,
+}
+
+async fn start(upstream: TestUpstreamBuilder, extra: &str, redis: Option<TestRedis>) -> Setup {
+    let upstream = upstream.spawn().await;
+    let clock = Clock::manual();
+    let toml = config_text(upstream.addr, &format!("{ROUTES}\n{extra}"));
+    let proxy = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
+    if redis.is_some() {
+        wait_for_redis(&proxy).await;
+    }
+    Setup { upstream, proxy, redis, clock }
+}
+
+async fn embedded_with(upstream: TestUpstreamBuilder) -> Setup {
+    start(upstream, "", None).await
 }
 
 async fn embedded() -> Setup {
-    let upstream = TestUpstream::spawn().await;
-    let proxy = TestProxy::start(&config_text(upstream.addr, ROUTES)).await;
-    Setup { upstream, proxy, redis: None }
+    embedded_with(TestUpstream::new()).await
+}
+
+async fn on_redis_with(upstream: TestUpstreamBuilder) -> Setup {
+    let redis = TestRedis::start();
+    // The hot tier off: these tests are about what Redis holds.
+    let extra = format!("[cache]\nhot_ttl = \"0s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
+    start(upstream, &extra, Some(redis)).await
 }
 
 async fn on_redis() -> Setup {
-    let redis = TestRedis::start();
-    let upstream = TestUpstream::spawn().await;
-    // The hot tier off: these tests are about what Redis holds.
-    let extra =
-        format!("{ROUTES}\n[cache]\nhot_ttl = \"0s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
-    let proxy = TestProxy::start(&config_text(upstream.addr, &extra)).await;
-    wait_for_redis(&proxy).await;
-    Setup { upstream, proxy, redis: Some(redis) }
+    on_redis_with(TestUpstream::new()).await
 }
 
 fn metrics_value(text: &str, route: &str, family: &str, result: &str) -> f64 {
@@ -70,19 +86,23 @@ async fn req(proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> Answer 
     send(Method::GET, &proxy.url(path), headers, Bytes::new()).await
 }
 
+fn binary() -> TestUpstreamBuilder {
+    TestUpstream::new().route("/gen/a", Reply::ok().binary())
+}
+
 async fn miss_then_hit(s: &Setup) {
-    let first = req(&s.proxy, "/gen/a?x=1", &[("x-reply-binary", "1")]).await;
+    let first = req(&s.proxy, "/gen/a?x=1", &[]).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.headers["x-cache"], "MISS");
     assert_eq!(first.headers["cache-status"], "sidecache; fwd=miss; stored");
     stored(&s.proxy, "cached", 1.0).await;
 
-    let hit = req(&s.proxy, "/gen/a?x=1", &[("x-reply-binary", "1")]).await;
+    let hit = req(&s.proxy, "/gen/a?x=1", &[]).await;
     assert_eq!(hit.status, StatusCode::OK);
     assert_eq!(hit.headers["x-cache"], "HIT");
     assert!(hit.headers["cache-status"].to_str().unwrap().starts_with("sidecache; hit; ttl="), "{:?}", hit.headers);
     assert!(hit.headers.contains_key("age"));
-    assert_eq!(hit.headers["via"], "1.1 sidecache", "one Via, not one per replay");
+    assert_eq!(hit.headers.get_all("via").iter().collect::<Vec<_>>(), ["1.1 sidecache"], "one Via, not one per replay");
     assert!(hit.body == first.body, "a hit replays the stored body byte for byte");
     assert_eq!(s.upstream.requests(), 1);
     let m = get(&s.proxy.admin_url("/metrics")).await.text();
@@ -92,12 +112,12 @@ async fn miss_then_hit(s: &Setup) {
 
 #[tokio::test]
 async fn miss_then_hit_on_the_embedded_store() {
-    miss_then_hit(&embedded().await).await;
+    miss_then_hit(&embedded_with(binary()).await).await;
 }
 
 #[tokio::test]
 async fn miss_then_hit_on_redis() {
-    miss_then_hit(&on_redis().await).await;
+    miss_then_hit(&on_redis_with(binary()).await).await;
 }
 
 #[tokio::test]
@@ -117,24 +137,26 @@ async fn credentials_bypass_the_cache() {
 
 #[tokio::test]
 async fn responses_that_must_not_be_stored_are_fetched_every_time() {
-    let s = embedded().await;
-    let cases: &[(&str, &str)] = &[
-        ("/gen/no-store", r#"{"cache-control": "no-store"}"#),
-        ("/gen/private", r#"{"cache-control": "private, max-age=60"}"#),
-        ("/gen/cookie", r#"{"set-cookie": "s=1"}"#),
-        ("/gen/vary-star", r#"{"vary": "*"}"#),
-        ("/gen/vary-other", r#"{"vary": "User-Agent"}"#),
-        ("/gen/status", r#"{"status": 500}"#),
+    let cases = [
+        ("/gen/no-store", Reply::ok().header("cache-control", "no-store")),
+        ("/gen/private", Reply::ok().header("cache-control", "private, max-age=60")),
+        ("/gen/cookie", Reply::ok().header("set-cookie", "s=1")),
+        ("/gen/vary-star", Reply::ok().header("vary", "*")),
+        ("/gen/vary-other", Reply::ok().header("vary", "User-Agent")),
+        ("/gen/status", Reply::ok().status(500)),
+        ("/gen/big", Reply::ok().size(5000)),
     ];
-    for (path, reply) in cases {
-        let a = req(&s.proxy, path, &[("x-reply", reply)]).await;
-        let b = req(&s.proxy, path, &[("x-reply", reply)]).await;
+    let upstream = cases.iter().fold(TestUpstream::new(), |u, (path, reply)| u.route(path, reply.clone()));
+    let s = embedded_with(upstream).await;
+    for (path, _) in &cases[..6] {
+        let a = req(&s.proxy, path, &[]).await;
+        let b = req(&s.proxy, path, &[]).await;
         assert_eq!(b.headers["x-cache"], "MISS", "{path} was served from the cache");
         assert_ne!(a.body, b.body, "{path}");
     }
-    let big = req(&s.proxy, "/gen/big", &[("x-reply-size", "5000")]).await;
+    let big = req(&s.proxy, "/gen/big", &[]).await;
     assert_eq!(big.body.len(), 5000, "bodies over max_body stream through whole");
-    let again = req(&s.proxy, "/gen/big", &[("x-reply-size", "5000")]).await;
+    let again = req(&s.proxy, "/gen/big", &[]).await;
     assert_eq!(again.headers["x-cache"], "MISS");
     let m = get(&s.proxy.admin_url("/metrics")).await.text();
     assert_eq!(metrics_value(&m, "cached", "cache_stores", "not_storable"), 12.0, "{m}");
@@ -144,12 +166,12 @@ async fn responses_that_must_not_be_stored_are_fetched_every_time() {
 
 #[tokio::test]
 async fn keys_separate_queries_vary_values_and_routes() {
-    let s = embedded().await;
+    let s = embedded_with(TestUpstream::new().route("/gen/v", Reply::ok().header("vary", "Accept-Encoding"))).await;
     req(&s.proxy, "/gen/k?b=2&a=1", &[]).await;
     stored(&s.proxy, "cached", 1.0).await;
     assert_eq!(req(&s.proxy, "/gen/k?a=1&b=2", &[]).await.headers["x-cache"], "HIT", "sorted query is the default");
     assert_eq!(req(&s.proxy, "/gen/k?a=1&b=3", &[]).await.headers["x-cache"], "MISS");
-    req(&s.proxy, "/gen/v", &[("accept-encoding", "gzip"), ("x-reply", r#"{"vary": "Accept-Encoding"}"#)]).await;
+    req(&s.proxy, "/gen/v", &[("accept-encoding", "gzip")]).await;
     stored(&s.proxy, "cached", 3.0).await;
     assert_eq!(req(&s.proxy, "/gen/v", &[("accept-encoding", "gzip")]).await.headers["x-cache"], "HIT");
     assert_eq!(req(&s.proxy, "/gen/v", &[("accept-encoding", "br")]).await.headers["x-cache"], "MISS");
@@ -158,23 +180,23 @@ async fn keys_separate_queries_vary_values_and_routes() {
 
 #[tokio::test]
 async fn entries_expire_with_the_route_ttl_and_the_origin_max_age() {
-    let s = embedded().await;
+    let s = embedded_with(TestUpstream::new().route("/gen/m", Reply::ok().header("cache-control", "max-age=1"))).await;
     req(&s.proxy, "/short/x", &[]).await;
-    req(&s.proxy, "/gen/m", &[("x-reply", r#"{"cache-control": "max-age=1"}"#)]).await;
+    req(&s.proxy, "/gen/m", &[]).await;
     stored(&s.proxy, "short", 1.0).await;
     stored(&s.proxy, "cached", 1.0).await;
     assert_eq!(req(&s.proxy, "/short/x", &[]).await.headers["x-cache"], "HIT");
     assert_eq!(req(&s.proxy, "/gen/m", &[]).await.headers["x-cache"], "HIT");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.clock.advance(Duration::from_millis(1100));
     assert_eq!(req(&s.proxy, "/short/x", &[]).await.headers["x-cache"], "MISS", "route ttl 1s");
     assert_eq!(req(&s.proxy, "/gen/m", &[]).await.headers["x-cache"], "MISS", "origin max-age=1 under a 60s ttl");
 }
 
 #[tokio::test]
 async fn conditional_requests_get_304_and_head_is_served_from_the_get_entry() {
-    let s = embedded().await;
-    let reply = r#"{"etag": "\"v1\"", "content-type": "text/plain"}"#;
-    let first = req(&s.proxy, "/gen/c", &[("x-reply", reply)]).await;
+    let reply = Reply::ok().header("etag", "\"v1\"").header("content-type", "text/plain");
+    let s = embedded_with(TestUpstream::new().route("/gen/c", reply)).await;
+    let first = req(&s.proxy, "/gen/c", &[]).await;
     stored(&s.proxy, "cached", 1.0).await;
     let nm = req(&s.proxy, "/gen/c", &[("if-none-match", "\"v1\"")]).await;
     assert_eq!(nm.status, StatusCode::NOT_MODIFIED);
@@ -269,12 +291,12 @@ async fn the_kill_switch_turns_the_cache_off() {
 
 #[tokio::test]
 async fn fifty_concurrent_cold_requests_cause_one_upstream_request() {
-    let s = embedded().await;
+    let s = embedded_with(TestUpstream::new().route("/gen/cold", Reply::ok().delay(Duration::from_millis(300)))).await;
     let url = s.proxy.url("/gen/cold");
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { send(Method::GET, &url, &[("x-reply-delay-ms", "300")], Bytes::new()).await })
+            tokio::spawn(async move { send(Method::GET, &url, &[], Bytes::new()).await })
         })
         .collect();
     let mut bodies = Vec::new();
@@ -289,14 +311,14 @@ async fn fifty_concurrent_cold_requests_cause_one_upstream_request() {
 
 #[tokio::test]
 async fn a_fetch_that_yields_nothing_releases_the_waiters() {
-    let s = embedded().await;
+    let failing = Reply::ok().delay(Duration::from_millis(200)).status(503);
+    let s = embedded_with(TestUpstream::new().route("/gen/fails", failing)).await;
     let url = s.proxy.url("/gen/fails");
     let started = tokio::time::Instant::now();
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let url = url.clone();
-            let headers = [("x-reply-delay-ms", "200"), ("x-reply", r#"{"status": 503}"#)];
-            tokio::spawn(async move { send(Method::GET, &url, &headers, Bytes::new()).await })
+            tokio::spawn(async move { send(Method::GET, &url, &[], Bytes::new()).await })
         })
         .collect();
     for t in tasks {
@@ -307,26 +329,30 @@ async fn a_fetch_that_yields_nothing_releases_the_waiters() {
 
 #[tokio::test]
 async fn stale_if_error_serves_the_expired_entry_when_the_upstream_fails() {
-    let s = embedded().await;
+    let must_revalidate = Reply::ok().header("cache-control", "max-age=1, must-revalidate");
+    let s = embedded_with(TestUpstream::new().route("/gen3/m", must_revalidate)).await;
     let first = req(&s.proxy, "/gen3/s", &[]).await;
     stored(&s.proxy, "fallback", 1.0).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let failing = req(&s.proxy, "/gen3/s", &[("x-reply", r#"{"status": 503}"#)]).await;
+    s.clock.advance(Duration::from_millis(1100));
+    s.upstream.set("/gen3/s", Reply::ok().status(503));
+    let failing = req(&s.proxy, "/gen3/s", &[]).await;
     assert_eq!(failing.status, StatusCode::OK);
     assert_eq!(failing.headers["x-cache"], "STALE");
     assert!(failing.headers["cache-status"].to_str().unwrap().contains("detail=stale-if-error"));
     assert_eq!(failing.body, first.body);
+    s.upstream.set("/gen3/s", Reply::ok());
     let fine = req(&s.proxy, "/gen3/s", &[]).await;
     assert_eq!(fine.headers["x-cache"], "MISS", "a working upstream answers, not the stale entry");
     assert_ne!(fine.body, first.body);
     let m = get(&s.proxy.admin_url("/metrics")).await.text();
     assert_eq!(metrics_value(&m, "fallback", "cache_lookups", "stale_if_error"), 1.0, "{m}");
 
-    let must = req(&s.proxy, "/gen3/m", &[("x-reply", r#"{"cache-control": "max-age=1, must-revalidate"}"#)]).await;
+    let must = req(&s.proxy, "/gen3/m", &[]).await;
     assert_eq!(must.status, StatusCode::OK);
     stored(&s.proxy, "fallback", 3.0).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let refused = req(&s.proxy, "/gen3/m", &[("x-reply", r#"{"status": 503}"#)]).await;
+    s.clock.advance(Duration::from_millis(1100));
+    s.upstream.set("/gen3/m", Reply::ok().status(503));
+    let refused = req(&s.proxy, "/gen3/m", &[]).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "must-revalidate forbids serving it stale");
 }
 
@@ -335,13 +361,13 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     let s = embedded().await;
     let first = req(&s.proxy, "/gen5/w", &[]).await;
     stored(&s.proxy, "swr", 1.0).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.clock.advance(Duration::from_millis(1100));
 
     // Ten concurrent requests on the expired entry, the upstream now slow: all answered at once
     // from the stale entry, one refresh in the background.
-    let slow = [("x-reply-delay-ms", "500")];
+    s.upstream.set("/gen5/w", Reply::ok().delay(Duration::from_millis(500)));
     let started = tokio::time::Instant::now();
-    let answers: Vec<Answer> = futures_util::future::join_all((0..10).map(|_| req(&s.proxy, "/gen5/w", &slow))).await;
+    let answers: Vec<Answer> = futures_util::future::join_all((0..10).map(|_| req(&s.proxy, "/gen5/w", &[]))).await;
     assert!(started.elapsed() < Duration::from_millis(400), "stale answers waited: {:?}", started.elapsed());
     for a in &answers {
         assert_eq!(a.headers["x-cache"], "STALE");
@@ -357,13 +383,15 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
 
 #[tokio::test]
 async fn a_stale_entry_with_validators_is_revalidated_by_a_conditional_request() {
-    let s = embedded().await;
-    let etag = [("x-reply", r#"{"etag": "\"v1\""}"#), ("x-reply-304-if", "\"v1\"")];
-    let first = req(&s.proxy, "/gen4/r", &etag).await;
+    let reply = Reply::ok()
+        .header("etag", "\"v1\"")
+        .not_modified_if("\"v1\"", &[("cache-control", "max-age=1"), ("x-revalidated", "yes")]);
+    let s = embedded_with(TestUpstream::new().route("/gen4/r", reply)).await;
+    let first = req(&s.proxy, "/gen4/r", &[]).await;
     stored(&s.proxy, "brief", 1.0).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.clock.advance(Duration::from_millis(1100));
 
-    let again = req(&s.proxy, "/gen4/r", &etag).await;
+    let again = req(&s.proxy, "/gen4/r", &[]).await;
     assert_eq!(again.status, StatusCode::OK, "the client asked unconditionally and gets the body");
     assert_eq!(again.headers["x-cache"], "REVALIDATED");
     assert_eq!(again.headers["x-revalidated"], "yes", "the 304's headers were merged");
@@ -378,26 +406,26 @@ async fn a_stale_entry_with_validators_is_revalidated_by_a_conditional_request()
 #[tokio::test]
 async fn the_hot_tier_answers_without_redis_for_at_most_hot_ttl() {
     let mut redis = TestRedis::start();
-    let upstream = TestUpstream::spawn().await;
     let extra = format!(
-        "{ROUTES}\n[cache]\nhot_ttl = \"1s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"50ms\"\nbreaker_cooldown = \"5s\"\n",
+        "[cache]\nhot_ttl = \"1s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"50ms\"\nbreaker_cooldown = \"5s\"\n",
         redis.url()
     );
-    let proxy = TestProxy::start(&config_text(upstream.addr, &extra)).await;
-    wait_for_redis(&proxy).await;
-    let first = req(&proxy, "/gen/h", &[]).await;
-    stored(&proxy, "cached", 1.0).await;
-    assert_eq!(req(&proxy, "/gen/h", &[]).await.headers["x-cache"], "HIT", "read back from Redis: admitted");
+    let s = start(TestUpstream::new(), &extra, None).await;
+    wait_for_redis(&s.proxy).await;
+    let proxy = &s.proxy;
+    let first = req(proxy, "/gen/h", &[]).await;
+    stored(proxy, "cached", 1.0).await;
+    assert_eq!(req(proxy, "/gen/h", &[]).await.headers["x-cache"], "HIT", "read back from Redis: admitted");
 
     redis.pause();
     let started = tokio::time::Instant::now();
-    let hot = req(&proxy, "/gen/h", &[]).await;
+    let hot = req(proxy, "/gen/h", &[]).await;
     assert_eq!(hot.headers["x-cache"], "HIT");
     assert_eq!(hot.body, first.body);
     assert!(started.elapsed() < Duration::from_millis(40), "a hot hit does not touch Redis: {:?}", started.elapsed());
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let after = req(&proxy, "/gen/h", &[]).await;
+    s.clock.advance(Duration::from_millis(1100));
+    let after = req(proxy, "/gen/h", &[]).await;
     assert_eq!(
         (after.status, after.headers["x-cache"].to_str().unwrap()),
         (StatusCode::OK, "MISS"),
@@ -405,14 +433,10 @@ async fn the_hot_tier_answers_without_redis_for_at_most_hot_ttl() {
     );
     redis.resume();
 
-    wait_for_redis(&proxy).await;
-    req(&proxy, "/gen/p", &[]).await;
-    stored(&proxy, "cached", 2.0).await;
-    assert_eq!(req(&proxy, "/gen/p", &[]).await.headers["x-cache"], "HIT");
-    assert_eq!(purge(&proxy, r#"{"route": "cached", "path": "/gen/p"}"#).await.status, StatusCode::OK);
-    assert_eq!(
-        req(&proxy, "/gen/p", &[]).await.headers["x-cache"],
-        "MISS",
-        "a local purge clears the hot tier at once"
-    );
+    wait_for_redis(proxy).await;
+    req(proxy, "/gen/p", &[]).await;
+    stored(proxy, "cached", 2.0).await;
+    assert_eq!(req(proxy, "/gen/p", &[]).await.headers["x-cache"], "HIT");
+    assert_eq!(purge(proxy, r#"{"route": "cached", "path": "/gen/p"}"#).await.status, StatusCode::OK);
+    assert_eq!(req(proxy, "/gen/p", &[]).await.headers["x-cache"], "MISS", "a local purge clears the hot tier at once");
 }

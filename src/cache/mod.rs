@@ -11,7 +11,7 @@ pub mod policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::Uri;
 use metrics::Counter;
@@ -124,16 +124,21 @@ pub struct Cache {
     body_timeout: Duration,
 }
 
-/// Fresh decoded entries, each kept for at most `ttl` and never past its freshness.
+/// Fresh decoded entries, each trusted for at most `ttl` (by the cache's clock) and never past
+/// its freshness; moka drops them at the same time by its own.
 struct HotTier {
-    entries: MemoryStore<Arc<Entry>>,
+    entries: MemoryStore<Hot>,
     ttl: Duration,
 }
 
-impl Weight for Arc<Entry> {
+/// An entry of the hot tier and when it was admitted.
+#[derive(Clone)]
+struct Hot(Arc<Entry>, SystemTime);
+
+impl Weight for Hot {
     fn weight(&self) -> usize {
-        let headers: usize = self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        headers + self.body.len()
+        let headers: usize = self.0.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        headers + self.0.body.len()
     }
 }
 
@@ -189,8 +194,9 @@ impl Cache {
     async fn find(&self, route: &RouteCache, key: &CacheKey) -> Found {
         let now = self.clock.now();
         if let Some(hot) = &self.hot {
-            if let Some(entry) = hot.entries.get(&key.path_key, &key.variant) {
-                if let fresh @ Phase::Fresh(_) = policy::phase(&entry, now) {
+            if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, &key.variant) {
+                let trusted = now.duration_since(admitted).is_ok_and(|held| held < hot.ttl);
+                if let (true, fresh @ Phase::Fresh(_)) = (trusted, policy::phase(&entry, now)) {
                     return Found::Entry(entry, fresh);
                 }
             }
@@ -208,7 +214,7 @@ impl Cache {
                 let entry = Arc::new(entry);
                 let phase = policy::phase(&entry, now);
                 if let (Some(hot), Phase::Fresh(left)) = (&self.hot, phase) {
-                    hot.entries.put(&key.path_key, &key.variant, entry.clone(), left.min(hot.ttl));
+                    hot.entries.put(&key.path_key, &key.variant, Hot(entry.clone(), now), left.min(hot.ttl));
                 }
                 Found::Entry(entry, phase)
             }

@@ -111,6 +111,7 @@ pub struct Reply {
     headers: Vec<(String, String)>,
     delay: Duration,
     size: Option<usize>,
+    binary: bool,
     not_modified: Option<(String, Vec<(String, String)>)>,
 }
 
@@ -144,6 +145,12 @@ impl Reply {
         self
     }
 
+    /// Follow the generated text with every byte value, four times over.
+    pub fn binary(mut self) -> Reply {
+        self.binary = true;
+        self
+    }
+
     /// Answer `If-None-Match: etag` with a bodiless 304 carrying these headers.
     pub fn not_modified_if(mut self, etag: &str, headers: &[(&str, &str)]) -> Reply {
         let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -156,7 +163,8 @@ impl Reply {
 /// `/echo*` echoes the body (streamed) with the request's content-type; `/headers` answers the
 /// request head as JSON; `/slow/{ms}` answers after a delay (counting cancellations);
 /// `/download/{bytes}` streams a pattern body; `/upload` answers "{len} {intact}" of a pattern
-/// body; `/status/{code}`; `/hop` answers with hop-by-hop headers; `/ws` is a WebSocket echo.
+/// body; `/status/{code}`; `/hop` answers with hop-by-hop headers; `/ws` is a WebSocket echo;
+/// `/gen*` answers `"<target> #<n>"` as the test's [`Reply`] for its prefix says.
 pub struct TestUpstream {
     pub addr: SocketAddr,
     pub state: Arc<UpstreamState>,
@@ -301,50 +309,13 @@ async fn upstream_handle(mut req: Request<Incoming>, st: Arc<UpstreamState>) -> 
         h.insert("x-end-to-end", "kept".parse().unwrap());
         resp = Response::from_parts(resp.into_parts().0, full("hop"));
     } else if path.starts_with("/gen") {
-        // A generated answer: "<target> #<n>" (n counts this upstream's requests), optionally with
-        // every byte value after it; status and headers from the `x-reply` request header, a JSON
-        // object like {"status": 200, "cache-control": "max-age=60"}.
+        // A generated answer, "<target> #<n>", shaped by the test's replies (see `Reply`).
         let n = st.requests.load(Ordering::SeqCst);
         let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
         st.seen.lock().unwrap().push((target.clone(), req.headers().clone()));
         let reply =
             st.replies.lock().unwrap().iter().find(|(p, _)| path.starts_with(p.as_str())).map(|(_, r)| r.clone());
-        if let Some(reply) = reply {
-            return scripted(&reply, &target, n, req.headers()).await;
-        }
-        if let Some(ms) = req.headers().get("x-reply-delay-ms").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-        let mut body = format!("{target} #{n}").into_bytes();
-        if req.headers().contains_key("x-reply-binary") {
-            body.extend((0..=255u8).cycle().take(1024));
-        }
-        if let Some(size) = req.headers().get("x-reply-size").and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
-            body.resize(size, b'.');
-        }
-        resp = Response::new(full(body));
-        // A conditional request the test wants confirmed: 304 without a body.
-        let inm = req.headers().get("if-none-match");
-        if inm.is_some() && inm == req.headers().get("x-reply-304-if") {
-            resp = Response::new(full(""));
-            *resp.status_mut() = StatusCode::NOT_MODIFIED;
-            resp.headers_mut().insert("cache-control", "max-age=1".parse().unwrap());
-            resp.headers_mut().insert("x-revalidated", "yes".parse().unwrap());
-            return resp;
-        }
-        if let Some(reply) = req.headers().get("x-reply").and_then(|v| v.to_str().ok()) {
-            let reply: serde_json::Value = serde_json::from_str(reply).expect("x-reply is JSON");
-            for (name, value) in reply.as_object().expect("x-reply is an object") {
-                if name == "status" {
-                    *resp.status_mut() = StatusCode::from_u16(value.as_u64().unwrap() as u16).unwrap();
-                } else {
-                    resp.headers_mut().append(
-                        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                        value.as_str().unwrap().parse().unwrap(),
-                    );
-                }
-            }
-        }
+        return scripted(&reply.unwrap_or_default(), &target, n, req.headers()).await;
     } else if path == "/ws" {
         let key = req.headers().get("sec-websocket-key").cloned().unwrap();
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -392,6 +363,9 @@ async fn scripted(reply: &Reply, target: &str, n: usize, request: &HeaderMap) ->
         }
     }
     let mut body = format!("{target} #{n}").into_bytes();
+    if reply.binary {
+        body.extend((0..=255u8).cycle().take(1024));
+    }
     if let Some(size) = reply.size {
         body.resize(size, b'.');
     }
