@@ -11,6 +11,8 @@
 #
 # Usage: benches/bench.sh [seconds per measurement, default 5] [connections, default 64] [rounds, default 3]
 #   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit).
+#   BENCH_BASELINE=path/to/an/older/sidecache also runs that binary, same configuration, in the
+#   pass-through and cache-hit rounds (before/after a change in one run).
 # Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
 # every process started here is stopped by pid on exit.
 set -euo pipefail
@@ -20,6 +22,7 @@ CONNECTIONS=${2:-64}
 ROUNDS=${3:-3}
 THREADS=2
 ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit}
+BASELINE=${BENCH_BASELINE:-}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 
@@ -42,6 +45,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); RP=$(free_port)
+BL=$(free_port); BLA=$(free_port)
 
 target/release/examples/bench-upstream "127.0.0.1:$UP" &
 PIDS+=($!)
@@ -107,6 +111,12 @@ TOML
 "$BIN" --config "$WORK/proxy.toml" >"$WORK/sidecache.log" 2>&1 &
 SC_PID=$!
 PIDS+=($SC_PID)
+if [ -n "$BASELINE" ]; then
+  sed -e "s/127.0.0.1:$SC\"/127.0.0.1:$BL\"/" -e "s/127.0.0.1:$SCA\"/127.0.0.1:$BLA\"/" "$WORK/proxy.toml" >"$WORK/baseline.toml"
+  "$BASELINE" --config "$WORK/baseline.toml" >"$WORK/baseline.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.1:$BLA/readyz" 2>/dev/null && break; sleep 0.05; done
+fi
 
 for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$NGX/" "http://127.0.0.1:$SCA/readyz"; do
   for _ in $(seq 1 100); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
@@ -150,6 +160,7 @@ for _ in $(seq 1 "$ROUNDS"); do
   if want passthrough || want ratelimit; then
     run direct "http://127.0.0.1:$UP/"
     run sidecache "http://127.0.0.1:$SC/"
+    [ -n "$BASELINE" ] && run baseline "http://127.0.0.1:$BL/"
     run nginx "http://127.0.0.1:$NGX/"
   fi
   if want ratelimit; then
@@ -159,6 +170,7 @@ for _ in $(seq 1 "$ROUNDS"); do
   if want cache; then
     run direct-cached-path "http://127.0.0.1:$UP/cached/a"
     run sidecache-hits "http://127.0.0.1:$SC/cached/a"
+    [ -n "$BASELINE" ] && run baseline-hits "http://127.0.0.1:$BL/cached/a"
     run nginx-proxy_cache-hits "http://127.0.0.1:$NGX/cached/a"
   fi
   if want slow; then
@@ -182,9 +194,9 @@ if want breaker; then
 fi
 LIMITED=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_ratelimit_checks_total\{route="limited",result="allowed",backend="redis"\}/ {print $2}')
 
-want passthrough && table "pass-through" direct sidecache nginx
+want passthrough && table "pass-through" direct sidecache ${BASELINE:+baseline} nginx
 want ratelimit && table "rate limit (all allowed)" sidecache sidecache-limited nginx nginx-limit_req
-want cache && table "cache hits" direct-cached-path sidecache-hits nginx-proxy_cache-hits
+want cache && table "cache hits" direct-cached-path sidecache-hits ${BASELINE:+baseline-hits} nginx-proxy_cache-hits
 want slow && table "20 ms upstream" slow-direct slow-sidecache-hits
 want breaker && table "Redis paused (breaker open)" redis-paused-passthrough redis-paused-cached-route
 errors=$(awk 'NF > 4' "$WORK/results")
@@ -193,6 +205,10 @@ errors=$(awk 'NF > 4' "$WORK/results")
 echo
 want passthrough && echo "pass-through  sidecache/nginx: throughput $(ratio sidecache nginx 2), p50 $(ratio sidecache nginx 3), p99 $(ratio sidecache nginx 4)"
 want ratelimit && echo "rate limit    limited/sidecache pass-through: throughput $(ratio sidecache-limited sidecache 2), p99 $(ratio sidecache-limited sidecache 4); limited/nginx limit_req: throughput $(ratio sidecache-limited nginx-limit_req 2), p99 $(ratio sidecache-limited nginx-limit_req 4)  (checks by Redis: ${LIMITED:-0})"
+if [ -n "$BASELINE" ]; then
+  want passthrough && echo "pass-through  baseline/nginx: throughput $(ratio baseline nginx 2), p50 $(ratio baseline nginx 3), p99 $(ratio baseline nginx 4); sidecache/baseline: throughput $(ratio sidecache baseline 2), p99 $(ratio sidecache baseline 4)"
+  want cache && echo "cache hits    baseline/nginx proxy_cache: throughput $(ratio baseline-hits nginx-proxy_cache-hits 2), p99 $(ratio baseline-hits nginx-proxy_cache-hits 4); sidecache/baseline: throughput $(ratio sidecache-hits baseline-hits 2), p99 $(ratio sidecache-hits baseline-hits 4)"
+fi
 want cache && echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4)  (hits counted: ${HITS:-0})"
 want slow && echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
 want breaker && echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
