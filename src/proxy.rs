@@ -148,33 +148,48 @@ impl Proxy {
             exchange.prepare(req.headers_mut());
         }
 
-        // 5. Forward.
-        let mut response = match self.upstream.forward(req.map(Streamed::body)).await {
-            Ok(forwarded) => {
-                self.metrics.upstream(forwarded.elapsed);
-                forwarded.response
-            }
-            Err(e) => {
-                self.metrics.upstream_error(e.kind());
-                tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream failed");
-                let error = respond::upstream_error(&e);
-                return match exchange {
-                    Some(exchange) => exchange.fail(error),
-                    None => error,
-                };
-            }
-        };
-        if let Some(client_upgrade) = client_upgrade {
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).in_current_span());
-            }
-        }
-
-        // 6. The cache finishes its phase: 304 refresh, stale on error, storing, coalescing.
+        // 5. Forward, and 6. the cache finishes its phase: 304 refresh, stale on error, storing,
+        // coalescing. A fetch other requests wait for runs as a task of its own, so a client
+        // that leaves cannot cancel it for them.
+        let req = req.map(Streamed::body);
         match exchange {
-            Some(exchange) => exchange.respond(response).await,
-            None => response.map(Streamed::body),
+            Some(exchange) if exchange.leads() => {
+                let (upstream, metrics) = (self.upstream.clone(), self.metrics.clone());
+                let fetch = async move {
+                    match forward(&upstream, &metrics, req).await {
+                        Ok(response) => exchange.respond(response).await,
+                        Err(error) => exchange.fail(error),
+                    }
+                };
+                match tokio::spawn(fetch.in_current_span()).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a cache fetch task failed");
+                        respond::text(StatusCode::BAD_GATEWAY, "upstream exchange failed\n")
+                    }
+                }
+            }
+            exchange => {
+                let mut response = match forward(&self.upstream, &self.metrics, req).await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        return match exchange {
+                            Some(exchange) => exchange.fail(error),
+                            None => error,
+                        }
+                    }
+                };
+                if let Some(client_upgrade) = client_upgrade {
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).in_current_span());
+                    }
+                }
+                match exchange {
+                    Some(exchange) => exchange.respond(response).await,
+                    None => response.map(Streamed::body),
+                }
+            }
         }
     }
 
@@ -195,5 +210,24 @@ impl Proxy {
             elapsed_us = elapsed.as_micros() as u64,
         );
         response
+    }
+}
+
+/// Send a prepared request to the upstream: its response, or the error as the response to give.
+async fn forward(
+    upstream: &Upstream,
+    metrics: &Metrics,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, Response<Body>> {
+    match upstream.forward(req).await {
+        Ok(forwarded) => {
+            metrics.upstream(forwarded.elapsed);
+            Ok(forwarded.response)
+        }
+        Err(e) => {
+            metrics.upstream_error(e.kind());
+            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream failed");
+            Err(respond::upstream_error(&e))
+        }
     }
 }

@@ -295,3 +295,95 @@ async fn followers_wait_at_most_the_lock_timeout() {
     assert_eq!(leader.await.unwrap().status, StatusCode::OK);
     assert_eq!(s.upstream.requests(), 2);
 }
+
+#[tokio::test]
+async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_keyed() {
+    let claims = [
+        ("forwarded", "host=evil.example;proto=https"),
+        ("x-forwarded-port", "6666"),
+        ("x-forwarded-prefix", "//evil.example"),
+        ("x-forwarded-scheme", "https"),
+        ("x-original-url", "/admin"),
+        ("x-real-ip", "6.6.6.6"),
+    ];
+    let s = setup(TestUpstream::new(), "").await;
+    for (name, value) in claims {
+        let path = format!("/gen/plain/claim-{name}");
+        req(&s, &path, &[("host", "shop.example"), (name, value)]).await;
+        let seen = s.upstream.seen(&path);
+        assert!(!seen[0].contains_key(name), "{name} from an untrusted client reached the backend");
+    }
+
+    // Behind a trusted proxy they are kept, and an answer made for one is not served for another.
+    let upstream = TestUpstream::new().spawn().await;
+    let toml = config_text(upstream.addr, &format!("trusted_proxies = [\"127.0.0.1\"]\n{ROUTES}"));
+    let proxy = TestProxy::start(&toml).await;
+    let url = proxy.url("/gen/plain/trusted");
+    let ask = |forwarded: &'static str| {
+        let url = url.clone();
+        async move { send(Method::GET, &url, &[("host", "shop"), ("forwarded", forwarded)], Bytes::new()).await }
+    };
+    ask("host=shop.example").await;
+    stored(&proxy, "plain", 1.0).await;
+    assert_eq!(ask("host=shop.example").await.headers["x-cache"], "HIT");
+    assert_eq!(ask("host=evil.example").await.headers["x-cache"], "MISS");
+    assert_eq!(upstream.seen("/gen/plain/trusted")[1]["forwarded"], "host=evil.example");
+}
+
+#[tokio::test]
+async fn a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is_not_stored() {
+    let s = setup(
+        TestUpstream::new().route("/gen/plain/odd", Reply::ok().header("cache-control", "private, x=\"café\"")),
+        "",
+    )
+    .await;
+    assert_eq!(x_cache(&req(&s, "/gen/limited/m?LIMIT=100000", &[]).await), "BYPASS");
+    assert_eq!(x_cache(&req(&s, "/gen/limited/m", &[]).await), "MISS", "nothing stored under the plain path");
+    let first = req(&s, "/gen/plain/odd", &[]).await;
+    let second = req(&s, "/gen/plain/odd", &[]).await;
+    assert_eq!(x_cache(&second), "MISS", "a Cache-Control that cannot be read is read as no-store");
+    assert_ne!(first.body, second.body);
+}
+
+#[tokio::test]
+async fn a_leader_whose_client_leaves_still_answers_the_followers() {
+    let s = setup(TestUpstream::new().route("/gen/plain/", Reply::ok().delay(Duration::from_millis(500))), "").await;
+    let mut leader = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    leader.write_all(b"GET /gen/plain/k HTTP/1.1\r\nhost: shop\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let url = s.proxy.url("/gen/plain/k");
+    let followers = tokio::spawn(async move {
+        futures_util::future::join_all((0..8).map(|_| send(Method::GET, &url, &[("host", "shop")], Bytes::new()))).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(leader);
+    for a in followers.await.unwrap() {
+        assert_eq!(a.headers["cache-status"], "sidecache; fwd=miss; collapsed");
+    }
+    assert_eq!(s.upstream.requests(), 1, "the fetch went on without its client");
+    stored(&s.proxy, "plain", 1.0).await;
+}
+
+#[tokio::test]
+async fn a_request_whose_client_leaves_is_still_counted() {
+    let s = setup(TestUpstream::new().route("/gen/plain/", Reply::ok().delay(Duration::from_millis(600))), "").await;
+    let url = s.proxy.url("/gen/plain/c");
+    let leader = tokio::spawn(async move { send(Method::GET, &url, &[], Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let mut follower = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+        let head = format!("GET /gen/plain/c HTTP/1.1\r\nhost: {}\r\n\r\n", s.proxy.addr);
+        follower.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    leader.await.unwrap();
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = lookups(&s, "plain", "miss").await + lookups(&s, "plain", "collapsed").await;
+        if counted >= 4.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(counted, 4.0, "four cacheable requests, four lookups");
+}

@@ -121,26 +121,28 @@ impl Cache {
         tls: bool,
         upstream: &Upstream,
     ) -> Begin {
-        let bypassed = |reason: Bypass| {
-            tracing::debug!(route = %route.name, ?reason, "cache bypassed");
-            Begin::Forward(self.exchange(route, Some(Outcome::Bypass), None))
-        };
+        // Counted when it is dropped, whatever happens from here: answered, forwarded, or the
+        // client gone while the store or another request's fetch was awaited.
+        let mut exchange = self.exchange(route, Some(Outcome::Bypass), None);
         if let Some(reason) = bypass(req, &route.config) {
-            return bypassed(reason);
+            tracing::debug!(route = %route.name, ?reason, "cache bypassed");
+            return Begin::Forward(exchange);
         }
         let generation = route.generation.load(std::sync::atomic::Ordering::Relaxed);
         let Ok(key) =
             key::cache_key(&self.prefix, &route.name, generation, req.uri(), req.headers(), tls, &route.config)
         else {
-            return bypassed(Bypass::Query);
+            tracing::debug!(route = %route.name, reason = ?Bypass::Query, "cache bypassed");
+            return Begin::Forward(exchange);
         };
+        exchange.set_outcome(Outcome::Miss);
         let head = req.method() == Method::HEAD;
         let own_conditionals = has_conditionals(req.headers());
         let store = !own_conditionals && !req.headers().contains_key(header::RANGE);
 
-        let (stale, outcome) = match self.find(route, &key).await {
+        let stale = match self.find(route, &key).await {
             Found::Entry(entry, Phase::Fresh(_)) => {
-                route.count_lookup(Outcome::Hit);
+                exchange.set_outcome(Outcome::Hit);
                 let now = self.clock.now();
                 return Begin::Answer(respond::from_entry(&entry, head, Some(req.headers()), Outcome::Hit, now));
             }
@@ -149,12 +151,15 @@ impl Cache {
                 if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
                     self.refresh(route, key, entry.clone(), flight, req, upstream);
                 }
-                route.count_lookup(Outcome::Stale);
+                exchange.set_outcome(Outcome::Stale);
                 return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Stale, self.clock.now()));
             }
-            Found::Entry(entry, Phase::Stale(_)) => (Some(entry), Outcome::Miss),
-            Found::Nothing => (None, Outcome::Miss),
-            Found::Unavailable => (None, Outcome::Error),
+            Found::Entry(entry, Phase::Stale(_)) => Some(entry),
+            Found::Nothing => None,
+            Found::Unavailable => {
+                exchange.set_outcome(Outcome::Error);
+                None
+            }
         };
         // Our validators only when the client sent none: its own 304 is its to receive.
         let revalidate = !own_conditionals && stale.as_ref().is_some_and(|e| policy::has_validators(&e.headers));
@@ -167,14 +172,14 @@ impl Cache {
             Join::Lead(_) => {}
             Join::Follow(rx) => {
                 if let Some(entry) = coalesce::follow(rx, self.lock_timeout).await {
-                    route.count_lookup(Outcome::Collapsed);
+                    exchange.set_outcome(Outcome::Collapsed);
                     let now = self.clock.now();
                     return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
                 }
             }
         }
-        let fetch = Fetch { key, head, stale, revalidate, flight, store };
-        Begin::Forward(self.exchange(route, Some(outcome), Some(fetch)))
+        exchange.fetch = Some(Fetch { key, head, stale, revalidate, flight, store });
+        Begin::Forward(exchange)
     }
 
     fn exchange(self: &Arc<Self>, route: &Arc<RouteCache>, outcome: Option<Outcome>, fetch: Option<Fetch>) -> Exchange {
@@ -214,11 +219,12 @@ impl Cache {
     }
 }
 
-/// A response body read for storing: whole, or what was read before it proved too large, too
-/// slow or broken, followed by the rest.
+/// A response body read for storing: whole, or what was read before it proved too large
+/// ([`StoreResult::TooLarge`]) or too slow, broken or with trailers ([`StoreResult::Incomplete`]),
+/// followed by the rest.
 enum Read {
     Whole(Bytes),
-    Partial(Vec<Result<Frame<Bytes>, hyper::Error>>, Incoming),
+    Partial(Vec<Result<Frame<Bytes>, hyper::Error>>, Incoming, StoreResult),
 }
 
 fn far_future() -> Instant {
@@ -237,19 +243,19 @@ async fn read_whole(mut body: Incoming, limit: usize, deadline: Instant) -> Read
                 let Some(data) = frame.data_ref() else {
                     // Trailers are not stored: the answer cannot be replayed faithfully.
                     frames.push(Ok(frame));
-                    return Read::Partial(frames, body);
+                    return Read::Partial(frames, body, StoreResult::Incomplete);
                 };
                 len += data.len();
                 frames.push(Ok(frame));
                 if len > limit {
-                    return Read::Partial(frames, body);
+                    return Read::Partial(frames, body, StoreResult::TooLarge);
                 }
             }
             Ok(Some(Err(e))) => {
                 frames.push(Err(e));
-                return Read::Partial(frames, body);
+                return Read::Partial(frames, body, StoreResult::Incomplete);
             }
-            Err(_) => return Read::Partial(frames, body),
+            Err(_) => return Read::Partial(frames, body, StoreResult::Incomplete),
         }
     }
     let mut data = frames.into_iter().filter_map(|f| f.ok()?.into_data().ok());
@@ -323,15 +329,15 @@ impl Exchange {
             Read::Whole(body) => {
                 let entry =
                     Entry { status, headers: parts.headers.clone(), body: body.clone(), stored_at: now, freshness };
-                self.cache.write(&self.route, fetch.key, &entry);
+                let stored = self.cache.write(&self.route, fetch.key, &entry);
                 if let Some(flight) = fetch.flight.take() {
                     flight.publish(Arc::new(entry));
                 }
-                self.forwarded(Response::from_parts(parts, body::full(body)), true)
+                self.forwarded(Response::from_parts(parts, body::full(body)), stored)
             }
-            Read::Partial(read, rest) => {
-                // Too large, too slow or broken: streamed on, not stored; followers are released.
-                self.route.count_store(StoreResult::TooLarge);
+            Read::Partial(read, rest, why) => {
+                // Streamed on, not stored; followers are released.
+                self.route.count_store(why);
                 self.forwarded(
                     Response::from_parts(parts, http_body_util::Either::Left(Streamed::after(read, rest))),
                     false,
@@ -380,6 +386,11 @@ impl Exchange {
         }
         self.set_outcome(Outcome::StaleIfError);
         Some(respond::from_entry(entry, fetch.head, None, Outcome::StaleIfError, now))
+    }
+
+    /// Whether this exchange leads a fetch other requests wait for.
+    pub fn leads(&self) -> bool {
+        self.fetch.as_ref().is_some_and(|f| f.flight.is_some())
     }
 
     fn set_outcome(&mut self, outcome: Outcome) {

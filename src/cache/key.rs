@@ -10,8 +10,9 @@
 //!
 //! Everything the backend answers differently for must be in the key, or a client can make the
 //! cache store one answer for another's request. The authority is: `Host` (as forwarded, lower
-//! case, default port dropped), and the `X-Forwarded-Host`/`-Proto` sent upstream (set by the
-//! proxy, or a trusted proxy's kept values), since the key is made from the prepared request.
+//! case, default port dropped), the `X-Forwarded-Host`/`-Proto` sent upstream (set by the proxy,
+//! or a trusted proxy's kept values), and the other forwarding claims only a trusted proxy may
+//! send (`Forwarded`, `X-Forwarded-Port`, ...), since the key is made from the prepared request.
 
 use std::fmt::Write as _;
 
@@ -19,7 +20,7 @@ use http::{header, HeaderMap, Uri};
 use sha2::{Digest, Sha256};
 
 use crate::config::{CacheConfig, QueryMode};
-use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::upstream::headers::{FORWARDING_CLAIMS, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 
 /// Path keys longer than this are hashed (request targets can be kilobytes long).
 const MAX_PLAIN_TARGET: usize = 1024;
@@ -81,17 +82,21 @@ pub fn generation_key(prefix: &str, route: &str) -> String {
 
 /// The query as it enters the key, or `None` for no query.
 ///
-/// Parameter names are compared and sorted by their percent-decoded form, as backends read them:
-/// `?%6cimit=1` is the `limit` parameter. In a list of kept names, a parameter whose name does
-/// not decode, or a `;` (which some backends also split on), makes the query unrepresentable:
-/// dropping what the key cannot see would store one answer for another's request.
+/// Parameter names are compared by their percent-decoded form, as backends read them:
+/// `?%6cimit=1` is the `limit` parameter; sorting goes by the name [`fold`]ed as lenient backends
+/// read it, so parameters they merge keep their order. In a list of kept names, a parameter whose
+/// name does not decode, folds to a kept name without being it (`LIMIT`), or a `;` (which some
+/// backends also split on), makes the query unrepresentable: dropping what the key cannot see
+/// would store one answer for another's request.
 fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<String>, Unrepresentable> {
     let Some(query) = query.filter(|q| !q.is_empty()) else { return Ok(None) };
     let params = query.split('&').filter(|p| !p.is_empty());
     let mut params: Vec<(String, &str)> = match mode {
         QueryMode::Keep => return Ok(Some(query.to_string())),
         QueryMode::Ignore => return Ok(None),
-        QueryMode::Sorted => params.map(|p| (decoded_name(p).unwrap_or_else(|| name(p).to_string()), p)).collect(),
+        QueryMode::Sorted => {
+            params.map(|p| (fold(&decoded_name(p).unwrap_or_else(|| name(p).to_string())), p)).collect()
+        }
         QueryMode::Only(names) => {
             let mut kept = Vec::new();
             for p in params {
@@ -99,6 +104,10 @@ fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<Strin
                     return Err(Unrepresentable);
                 }
                 let decoded = decoded_name(p).ok_or(Unrepresentable)?;
+                if !names.contains(&decoded) && names.iter().any(|n| fold(n) == fold(&decoded)) {
+                    // `LIMIT` or `li.mit`: one of the kept names to a backend that folds names.
+                    return Err(Unrepresentable);
+                }
                 if names.contains(&decoded) {
                     // The decoded name stands for the parameter: `%6cimit=1` and `limit=1` are one.
                     let value = p.split_once('=').map(|(_, v)| v);
@@ -116,8 +125,8 @@ fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<Strin
             return Ok((!joined.is_empty()).then(|| joined.join("&")));
         }
     };
-    // A stable sort keeps repeated parameters (`a=2&a=1`, or `a=2&%61=1`) in their order: they
-    // can mean a list.
+    // A stable sort keeps the order of parameters a backend may read as one (`a=2&a=1`,
+    // `a=2&%61=1`, `A=2&a=1`, `page.size=1&page_size=2`): a list, or the last one wins.
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let joined: Vec<&str> = params.into_iter().map(|(_, p)| p).collect();
     Ok((!joined.is_empty()).then(|| joined.join("&")))
@@ -125,6 +134,17 @@ fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<Strin
 
 fn name(param: &str) -> &str {
     param.split('=').next().unwrap_or("")
+}
+
+/// A parameter name as the most lenient backends read it: ASCII case folded (ASP.NET), and `.`,
+/// space and `[` read as `_` (PHP).
+fn fold(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '.' | ' ' | '[' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
 }
 
 /// A parameter's name, percent-decoded (and `+` as a space, as forms encode it); `None` when the
@@ -162,6 +182,14 @@ fn variant(headers: &HeaderMap, tls: bool, cfg: &CacheConfig) -> String {
         for v in headers.get_all(name) {
             let v = v.as_bytes().to_ascii_lowercase();
             hash.update(v.strip_suffix(default_port).unwrap_or(&v));
+            hash.update(b"\x00");
+        }
+        hash.update(b"\x02");
+    }
+    // What a trusted proxy in front said of the original request (removed from anyone else).
+    for name in &FORWARDING_CLAIMS {
+        for v in headers.get_all(name) {
+            hash.update(v.as_bytes());
             hash.update(b"\x00");
         }
         hash.update(b"\x02");
@@ -249,6 +277,11 @@ mod tests {
         assert_eq!(path("/m?%ff=1"), Err(Unrepresentable), "a name that is not UTF-8");
         assert_eq!(path("/m?limit=1&li%6dit=2").unwrap(), "sc:c:r:0:g:/m?limit=1&limit=2");
         assert_ne!(path("/m?limit=1&limit=2"), path("/m?limit=2&limit=1"), "a repeated kept name keeps its order");
+        assert_eq!(path("/m?LIMIT=100000"), Err(Unrepresentable), "case-insensitive backends read it as limit");
+        let page_size = QueryMode::Only(vec!["page_size".into()]);
+        let php = path_key("sc:", "r", 0, &"/m?page.size=9".parse().unwrap(), &page_size);
+        assert_eq!(php, Err(Unrepresentable), "PHP reads page.size as page_size");
+        assert_eq!(path("/m?other=1").unwrap(), "sc:c:r:0:g:/m");
     }
 
     #[test]
@@ -256,6 +289,10 @@ mod tests {
         assert_ne!(key("/m?a=2&%61=1", QueryMode::Sorted), key("/m?%61=1&a=2", QueryMode::Sorted));
         assert_eq!(key("/m?b=1&a=2&%61=3", QueryMode::Sorted), "sc:c:catalog:3:g:/m?a=2&%61=3&b=1");
         assert_eq!(key("/m?x=1;y=2", QueryMode::Sorted), "sc:c:catalog:3:g:/m?x=1;y=2", "kept whole, as sent");
+        let php = |q: &str| key(&format!("/m?{q}"), QueryMode::Sorted);
+        assert_ne!(php("page_size=10&page.size=9"), php("page.size=9&page_size=10"), "PHP merges them: order kept");
+        assert_ne!(php("A=1&a=2"), php("a=2&A=1"), "a case-insensitive backend merges them");
+        assert_eq!(php("b=1&A=2"), "sc:c:catalog:3:g:/m?A=2&b=1");
     }
 
     #[test]
@@ -289,6 +326,8 @@ mod tests {
         assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-host", "evil.example")], false));
         assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-proto", "https")], false));
         assert_ne!(v(&[("host", "a"), ("x-forwarded-host", "b")], false), v(&[("host", "ab")], false));
+        assert_ne!(shop, v(&[("host", "shop.example"), ("forwarded", "host=evil.example")], false));
+        assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-prefix", "/x")], false));
     }
 
     #[test]

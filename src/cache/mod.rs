@@ -43,6 +43,8 @@ pub enum StoreResult {
     NotStorable,
     /// The body exceeded `max_body`.
     TooLarge,
+    /// The body did not arrive whole in time, broke off, or ended with trailers.
+    Incomplete,
     /// Too many writes in flight: dropped.
     Dropped,
     /// The store failed.
@@ -50,7 +52,8 @@ pub enum StoreResult {
 }
 
 impl StoreResult {
-    const ALL: [StoreResult; 5] = [Self::Stored, Self::NotStorable, Self::TooLarge, Self::Dropped, Self::Error];
+    const ALL: [StoreResult; 6] =
+        [Self::Stored, Self::NotStorable, Self::TooLarge, Self::Incomplete, Self::Dropped, Self::Error];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl StoreResult {
             Self::Stored => "stored",
             Self::NotStorable => "not_storable",
             Self::TooLarge => "too_large",
+            Self::Incomplete => "incomplete",
             Self::Dropped => "dropped",
             Self::Error => "error",
         }
@@ -232,15 +236,15 @@ impl Cache {
     }
 
     /// Write an entry in the background, at most `MAX_PENDING_WRITES` at once; past that the
-    /// write is dropped and counted, never queued.
-    fn write(&self, route: &Arc<RouteCache>, key: CacheKey, entry: &Entry) {
+    /// write is dropped and counted, never queued. Whether the write was sent.
+    fn write(&self, route: &Arc<RouteCache>, key: CacheKey, entry: &Entry) -> bool {
         if !self.store.accepting() {
             route.count_store(StoreResult::Error);
-            return;
+            return false;
         }
         let Ok(permit) = self.writes.clone().try_acquire_owned() else {
             route.count_store(StoreResult::Dropped);
-            return;
+            return false;
         };
         let (store, route) = (self.store.clone(), route.clone());
         let (bytes, keep_for) = (entry.encode(), policy::keep_for(entry));
@@ -249,6 +253,7 @@ impl Cache {
             route.count_store(if result.is_ok() { StoreResult::Stored } else { StoreResult::Error });
             drop(permit);
         });
+        true
     }
 
     /// Purge a whole route: bump its generation (O(1), every replica within a second).

@@ -138,7 +138,12 @@ struct CacheControl {
 impl CacheControl {
     fn parse(headers: &HeaderMap) -> CacheControl {
         let mut cc = CacheControl::default();
-        for value in headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()) {
+        for value in headers.get_all(header::CACHE_CONTROL) {
+            // A line that cannot be read could say `private` or `no-store`: the safe reading.
+            let Ok(value) = value.to_str() else {
+                cc.no_store = true;
+                continue;
+            };
             for directive in value.split(',') {
                 let (name, arg) = match directive.split_once('=') {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),

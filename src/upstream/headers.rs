@@ -13,6 +13,26 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Fields in which a proxy in front describes the original request: RFC 7239 `Forwarded` and the
+/// de-facto fields web frameworks build absolute URLs and routes from. Only a trusted proxy may
+/// send them; from anyone else they are removed, or a client could make the backend answer for a
+/// host, port, scheme or path of its choosing, and the cache would store that answer for
+/// everyone. From a trusted proxy they are kept, and the cache keys on them.
+pub const FORWARDING_CLAIMS: [HeaderName; 8] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+];
+
+/// `X-Real-IP`: the client address as a proxy in front saw it; removed from untrusted peers like
+/// the forwarding claims, but not keyed (it differs per client, like `X-Forwarded-For`).
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// Fields that describe one connection, never forwarded (RFC 9110 7.6.1, plus the legacy
 /// `Proxy-Connection` and `Keep-Alive` that old clients still send).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -95,8 +115,14 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
 
 /// Set the forwarding headers on a request going upstream. `X-Forwarded-For` gets the peer
 /// appended to what came before; `-Proto` and `-Host` describe this hop unless a trusted proxy
-/// already described the original one.
+/// already described the original one; the other [`FORWARDING_CLAIMS`] and `X-Real-IP` are only
+/// kept from a trusted proxy.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, trusted_peer: bool) {
+    if !trusted_peer && headers.keys().any(|name| FORWARDING_CLAIMS.contains(name) || name == X_REAL_IP) {
+        for name in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
+            headers.remove(name);
+        }
+    }
     // All earlier hops go into one field line: many backends read only the first line.
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -183,8 +209,16 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil.example"),
+            ("forwarded", "host=evil.example;proto=https"),
+            ("x-forwarded-port", "6666"),
+            ("x-forwarded-prefix", "//evil.example"),
+            ("x-original-url", "/admin"),
+            ("x-real-ip", "6.6.6.6"),
         ]);
         set_forwarded(&mut h, &peer_value("192.0.2.7".parse().unwrap()), false, false);
+        for claim in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
+            assert!(!h.contains_key(claim), "{claim} from an untrusted peer");
+        }
         assert_eq!(h["x-forwarded-for"], "6.6.6.6, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example");
@@ -198,8 +232,12 @@ mod tests {
             ("x-forwarded-for", "10.0.0.2"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "shop.example"),
+            ("forwarded", "for=203.0.113.1;host=shop.example;proto=https"),
+            ("x-forwarded-port", "443"),
         ]);
         set_forwarded(&mut h, &peer_value("::ffff:10.0.0.3".parse().unwrap()), false, true);
+        assert_eq!(h["forwarded"], "for=203.0.113.1;host=shop.example;proto=https");
+        assert_eq!(h["x-forwarded-port"], "443");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2, 10.0.0.3");
         assert_eq!(h["x-forwarded-proto"], "https");

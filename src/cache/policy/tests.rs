@@ -63,6 +63,13 @@ fn responses_that_must_not_be_stored() {
     assert_eq!(check(StatusCode::OK, &[("vary", "*")]), Some(NotStorable::VaryStar));
     assert_eq!(check(StatusCode::OK, &[("vary", "Accept-Encoding, User-Agent")]), Some(NotStorable::VaryOutside));
     assert_eq!(check(StatusCode::OK, &[("vary", "accept-encoding")]), None);
+    let mut unreadable = headers(&[]);
+    unreadable.insert("cache-control", HeaderValue::from_bytes(b"private, max-age=60, x=\"caf\xe9\"").unwrap());
+    assert_eq!(
+        storable(StatusCode::OK, &unreadable, &c, now()).err(),
+        Some(NotStorable::NoStore),
+        "not ASCII: not stored"
+    );
 }
 
 #[test]
