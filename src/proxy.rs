@@ -19,7 +19,7 @@ use crate::ratelimit::{RateLimiter, Verdict};
 use crate::respond;
 use crate::route::{Route, Routes};
 use crate::tls::TlsError;
-use crate::upstream::{self, headers, Upstream};
+use crate::upstream::{self, headers, Hop, Upstream};
 
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -129,21 +129,29 @@ impl Proxy {
 
     /// Steps 3 to 6: prepare, cache begin, forward, cache finish.
     async fn serve(&self, mut req: Request<Incoming>, route: Option<&Route>, conn: &Conn) -> Response<Body> {
-        // 3. One preparation for every request to the upstream, foreground or background:
-        // hop-by-hop fields, X-Forwarded-*, Via; an HTTP/1.1 upgrade keeps its handshake headers.
+        // 3. One preparation for every request to the upstream, foreground or background. What
+        // the backend will see of the client's request is decided first (hop-by-hop fields,
+        // forwarding claims of untrusted peers): the cache keys on it. An HTTP/1.1 upgrade keeps
+        // its handshake headers.
+        let hop = Hop {
+            peer: conn.peer_value.clone(),
+            tls: conn.tls,
+            trusted: headers::is_trusted(conn.peer.ip(), &self.trusted_proxies),
+        };
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let trusted = headers::is_trusted(conn.peer.ip(), &self.trusted_proxies);
-        upstream::prepare(&mut req, &conn.peer_value, conn.tls, trusted, upgrade);
+        hop.sanitize(&mut req, upgrade);
 
         // 4. Cache: answer from it, or forward with an exchange that finishes the phase.
         let exchange = match (route.and_then(|r| r.cache.as_ref()), &self.cache) {
-            (Some(route_cache), Some(cache)) => match cache.begin(route_cache, &req, conn.tls, &self.upstream).await {
+            (Some(route_cache), Some(cache)) => match cache.begin(route_cache, &req, &hop, &self.upstream).await {
                 Begin::Answer(response) => return response,
                 Begin::Forward(exchange) => Some(exchange),
             },
             _ => None,
         };
+        // The rest of the preparation (X-Forwarded-*, Via), and the cache's validators.
+        hop.annotate(&mut req);
         if let Some(exchange) = &exchange {
             exchange.prepare(req.headers_mut());
         }

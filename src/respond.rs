@@ -57,7 +57,7 @@ pub fn upstream_error(e: &UpstreamError) -> Response<Body> {
 }
 
 /// Headers a 304 carries over from the stored response (RFC 9110 15.4.5).
-const NOT_MODIFIED_HEADERS: [HeaderName; 6] =
+static NOT_MODIFIED_HEADERS: [HeaderName; 6] =
     [header::CACHE_CONTROL, header::CONTENT_LOCATION, header::DATE, header::ETAG, header::EXPIRES, header::VARY];
 
 /// A response from a stored entry: its status, end-to-end headers and body unchanged, plus `Age`

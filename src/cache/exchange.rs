@@ -27,7 +27,7 @@ use crate::body::{self, Body, Streamed};
 use crate::config::CacheConfig;
 use crate::respond;
 use crate::store;
-use crate::upstream::Upstream;
+use crate::upstream::{Hop, Upstream};
 
 /// What [`Cache::begin`] decided.
 pub enum Begin {
@@ -103,7 +103,7 @@ fn bypass(req: &Request<Incoming>, cfg: &CacheConfig) -> Option<Bypass> {
 }
 
 /// Conditional header fields (RFC 9110 13.1) a client may send.
-const CONDITIONALS: [header::HeaderName; 5] =
+static CONDITIONALS: [header::HeaderName; 5] =
     [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_MATCH, header::IF_UNMODIFIED_SINCE, header::IF_RANGE];
 
 fn has_conditionals(headers: &HeaderMap) -> bool {
@@ -111,14 +111,14 @@ fn has_conditionals(headers: &HeaderMap) -> bool {
 }
 
 impl Cache {
-    /// Begin the cache phase of a request already prepared for the upstream (its forwarding
-    /// headers are what the key is made of); `tls` says whether the client connection is.
-    /// `upstream` serves a background refresh. Never fails: a failing store is a miss.
+    /// Begin the cache phase of a client's request that arrived on `hop`, already sanitized by
+    /// it ([`Hop::sanitize`]: the key is made of what the backend will receive); `upstream`
+    /// serves a background refresh. Never fails: a failing store is a miss.
     pub async fn begin(
         self: &Arc<Self>,
         route: &Arc<RouteCache>,
         req: &Request<Incoming>,
-        tls: bool,
+        hop: &Hop,
         upstream: &Upstream,
     ) -> Begin {
         // Counted when it is dropped, whatever happens from here: answered, forwarded, or the
@@ -130,15 +130,13 @@ impl Cache {
         }
         let generation = route.generation.load(std::sync::atomic::Ordering::Relaxed);
         let Ok(key) =
-            key::cache_key(&self.prefix, &route.name, generation, req.uri(), req.headers(), tls, &route.config)
+            key::cache_key(&self.prefix, &route.name, generation, req.uri(), req.headers(), hop, &route.config)
         else {
             tracing::debug!(route = %route.name, reason = ?Bypass::Query, "cache bypassed");
             return Begin::Forward(exchange);
         };
         exchange.set_outcome(Outcome::Miss);
         let head = req.method() == Method::HEAD;
-        let own_conditionals = has_conditionals(req.headers());
-        let store = !own_conditionals && !req.headers().contains_key(header::RANGE);
 
         let stale = match self.find(route, &key).await {
             Found::Entry(entry, Phase::Fresh(_)) => {
@@ -149,7 +147,7 @@ impl Cache {
             Found::Entry(entry, Phase::Stale(by)) if policy::serve_while_revalidating(&entry, by) => {
                 // stale-while-revalidate: answer now, refresh once in the background.
                 if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
-                    self.refresh(route, key, entry.clone(), flight, req, upstream);
+                    self.refresh(route, key, entry.clone(), flight, req, hop, upstream);
                 }
                 exchange.set_outcome(Outcome::Stale);
                 return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Stale, self.clock.now()));
@@ -161,6 +159,8 @@ impl Cache {
                 None
             }
         };
+        let own_conditionals = has_conditionals(req.headers());
+        let store = !own_conditionals && !req.headers().contains_key(header::RANGE);
         // Our validators only when the client sent none: its own 304 is its to receive.
         let revalidate = !own_conditionals && stale.as_ref().is_some_and(|e| policy::has_validators(&e.headers));
 
@@ -186,8 +186,9 @@ impl Cache {
         Exchange { cache: self.clone(), route: route.clone(), outcome, fetch }
     }
 
-    /// Refresh a stale entry in the background: the client's prepared request (the same
-    /// forwarding rules as every other), without its own conditionals or range, plus ours.
+    /// Refresh a stale entry in the background: the client's request, prepared like every other
+    /// (the same forwarding rules), without its own conditionals or range, plus ours.
+    #[allow(clippy::too_many_arguments)]
     fn refresh(
         self: &Arc<Self>,
         route: &Arc<RouteCache>,
@@ -195,11 +196,14 @@ impl Cache {
         stale: Arc<Entry>,
         flight: FlightGuard,
         req: &Request<Incoming>,
+        hop: &Hop,
         upstream: &Upstream,
     ) {
         let mut refresh = Request::new(body::full(Bytes::new()));
         *refresh.uri_mut() = req.uri().clone();
+        *refresh.version_mut() = req.version();
         *refresh.headers_mut() = req.headers().clone();
+        hop.prepare(&mut refresh, false);
         for name in CONDITIONALS.iter().chain([&header::RANGE]) {
             refresh.headers_mut().remove(name);
         }

@@ -14,13 +14,14 @@
 //! or a trusted proxy's kept values), and the other forwarding claims only a trusted proxy may
 //! send (`Forwarded`, `X-Forwarded-Port`, ...), since the key is made from the prepared request.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 
-use http::{header, HeaderMap, Uri};
+use http::{header, HeaderMap, HeaderName, Uri};
 use sha2::{Digest, Sha256};
 
 use crate::config::{CacheConfig, QueryMode};
 use crate::upstream::headers::{FORWARDING_CLAIMS, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::upstream::Hop;
 
 /// Path keys longer than this are hashed (request targets can be kilobytes long).
 const MAX_PLAIN_TARGET: usize = 1024;
@@ -46,12 +47,12 @@ pub fn cache_key(
     generation: u64,
     uri: &Uri,
     headers: &HeaderMap,
-    tls: bool,
+    hop: &Hop,
     cfg: &CacheConfig,
 ) -> Result<CacheKey, Unrepresentable> {
     Ok(CacheKey {
         path_key: path_key(prefix, route, generation, uri, &cfg.query)?,
-        variant: variant(headers, tls, cfg),
+        variant: variant(headers, hop, cfg),
     })
 }
 
@@ -63,16 +64,43 @@ pub fn path_key(
     uri: &Uri,
     query: &QueryMode,
 ) -> Result<String, Unrepresentable> {
-    let mut target = String::with_capacity(uri.path().len() + 32);
-    target.push_str(uri.path());
-    if let Some(q) = normalize_query(uri.query(), query)? {
-        target.push('?');
-        target.push_str(&q);
+    let query = normalize_query(uri.query(), query)?;
+    let mut key = String::with_capacity(
+        prefix.len() + route.len() + 32 + uri.path().len() + query.as_ref().map_or(0, |q| q.len() + 1),
+    );
+    key.push_str(prefix);
+    key.push_str("c:");
+    key.push_str(route);
+    key.push(':');
+    key.push_str(itoa_u64(generation, &mut [0; 20]));
+    key.push_str(":g:");
+    let target = key.len();
+    key.push_str(uri.path());
+    if let Some(q) = query {
+        key.push('?');
+        key.push_str(&q);
     }
-    if target.len() > MAX_PLAIN_TARGET {
-        target = format!("#{}", hex(&Sha256::digest(target.as_bytes())));
+    if key.len() - target > MAX_PLAIN_TARGET {
+        let digest = hex(&Sha256::digest(&key.as_bytes()[target..]));
+        key.truncate(target);
+        key.push('#');
+        key.push_str(&digest);
     }
-    Ok(format!("{prefix}c:{route}:{generation}:g:{target}"))
+    Ok(key)
+}
+
+/// `n` in decimal, written into `buf`.
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[at..]).expect("ASCII digits")
 }
 
 /// The key holding a route's generation; a route purge increments it.
@@ -173,26 +201,46 @@ fn decoded_name(param: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn variant(headers: &HeaderMap, tls: bool, cfg: &CacheConfig) -> String {
+fn variant(headers: &HeaderMap, hop: &Hop, cfg: &CacheConfig) -> String {
     let mut hash = Sha256::new();
-    // The authority: every Host line, then the X-Forwarded-Host and -Proto lines the backend
-    // receives (lower case, a host's default port dropped).
-    let default_port = if tls { &b":443"[..] } else { &b":80"[..] };
-    for name in [&header::HOST, &X_FORWARDED_HOST, &X_FORWARDED_PROTO] {
-        for v in headers.get_all(name) {
-            let v = v.as_bytes().to_ascii_lowercase();
-            hash.update(v.strip_suffix(default_port).unwrap_or(&v));
-            hash.update(b"\x00");
-        }
-        hash.update(b"\x02");
+    // The authority as the backend will receive it: the request is sanitized (`Hop::sanitize`:
+    // Host set, hop-by-hop fields and untrusted forwarding claims gone) but a hit is never
+    // annotated, so X-Forwarded-Host and -Proto are taken as `Hop::annotate` will set them: a
+    // trusted proxy's, else made from Host and the connection. Host-like values are compared
+    // in lower case, a default port dropped. `the_key_is_what_the_backend_receives` checks this
+    // against the preparation itself.
+    let default_port = if hop.tls { &b":443"[..] } else { &b":80"[..] };
+    let mut authority = |v: &[u8]| {
+        // Allocates only for a value with upper case in it.
+        let lower =
+            if v.iter().any(u8::is_ascii_uppercase) { Cow::Owned(v.to_ascii_lowercase()) } else { Cow::Borrowed(v) };
+        hash.update(lower.strip_suffix(default_port).unwrap_or(&lower));
+        hash.update(b"\x00");
+    };
+    headers.get_all(header::HOST).iter().for_each(|v| authority(v.as_bytes()));
+    authority(b"\x02");
+    let kept = |name: &HeaderName| hop.trusted && headers.contains_key(name);
+    if kept(&X_FORWARDED_HOST) {
+        headers.get_all(&X_FORWARDED_HOST).iter().for_each(|v| authority(v.as_bytes()));
+    } else if let Some(host) = headers.get(header::HOST) {
+        authority(host.as_bytes());
     }
-    // What a trusted proxy in front said of the original request (removed from anyone else).
-    for name in &FORWARDING_CLAIMS {
-        for v in headers.get_all(name) {
-            hash.update(v.as_bytes());
-            hash.update(b"\x00");
+    authority(b"\x02");
+    if kept(&X_FORWARDED_PROTO) {
+        headers.get_all(&X_FORWARDED_PROTO).iter().for_each(|v| authority(v.as_bytes()));
+    } else {
+        authority(if hop.tls { b"https" } else { b"http" });
+    }
+    authority(b"\x02");
+    // A trusted proxy's other claims about the original request (anyone else's are removed).
+    if headers.keys().any(|name| FORWARDING_CLAIMS.contains(name)) {
+        for name in &FORWARDING_CLAIMS {
+            for v in headers.get_all(name) {
+                hash.update(v.as_bytes());
+                hash.update(b"\x00");
+            }
+            hash.update(b"\x02");
         }
-        hash.update(b"\x02");
     }
     for name in &cfg.vary {
         hash.update(name.as_str().as_bytes());
@@ -211,9 +259,11 @@ fn variant(headers: &HeaderMap, tls: bool, cfg: &CacheConfig) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
     }
     s
 }
@@ -302,6 +352,10 @@ mod tests {
         assert_ne!(a, path_key("sc:", "catalog", 4, &uri, &QueryMode::Sorted).unwrap());
         assert_ne!(a, path_key("sc:", "other", 3, &uri, &QueryMode::Sorted).unwrap());
         assert_eq!(generation_key("sc:", "catalog"), "sc:g:catalog");
+        assert_eq!(
+            path_key("sc:", "r", u64::MAX, &uri, &QueryMode::Sorted).unwrap(),
+            format!("sc:c:r:{}:g:/m", u64::MAX)
+        );
     }
 
     #[test]
@@ -312,28 +366,105 @@ mod tests {
         assert_ne!(k, key(&format!("/m?q={}", "y".repeat(5000)), QueryMode::Keep));
     }
 
+    fn hop(tls: bool, trusted: bool) -> Hop {
+        Hop { peer: HeaderValue::from_static("192.0.2.7"), tls, trusted }
+    }
+
+    fn request(uri: &str, pairs: &[(&str, &str)]) -> http::Request<()> {
+        let mut req = http::Request::builder().uri(uri).body(()).unwrap();
+        *req.headers_mut() = map(pairs);
+        req
+    }
+
     #[test]
     fn the_authority_is_part_of_the_variant() {
         let c = cfg(QueryMode::Sorted, &[]);
-        let v = |pairs: &[(&str, &str)], tls: bool| variant(&map(pairs), tls, &c);
-        let shop = v(&[("host", "shop.example")], false);
-        assert_ne!(shop, v(&[("host", "evil.example")], false), "another host");
-        assert_eq!(shop, v(&[("host", "Shop.Example:80")], false), "lower case, default port dropped");
-        assert_ne!(shop, v(&[("host", "shop.example:8080")], false));
-        assert_ne!(shop, v(&[("host", "shop.example:80")], true), "80 is not the default port of https");
-        assert_eq!(v(&[("host", "shop.example")], true), v(&[("host", "shop.example:443")], true));
-        assert_ne!(shop, v(&[("host", "shop.example"), ("host", "evil.example")], false), "two Host lines");
-        assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-host", "evil.example")], false));
-        assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-proto", "https")], false));
-        assert_ne!(v(&[("host", "a"), ("x-forwarded-host", "b")], false), v(&[("host", "ab")], false));
-        assert_ne!(shop, v(&[("host", "shop.example"), ("forwarded", "host=evil.example")], false));
-        assert_ne!(shop, v(&[("host", "shop.example"), ("x-forwarded-prefix", "/x")], false));
+        let untrusted = |pairs: &[(&str, &str)], tls: bool| {
+            let mut req = request("/m", pairs);
+            hop(tls, false).sanitize(&mut req, false);
+            variant(req.headers(), &hop(tls, false), &c)
+        };
+        let shop = untrusted(&[("host", "shop.example")], false);
+        assert_ne!(shop, untrusted(&[("host", "evil.example")], false), "another host");
+        assert_eq!(shop, untrusted(&[("host", "Shop.Example:80")], false), "lower case, default port dropped");
+        assert_ne!(shop, untrusted(&[("host", "shop.example:8080")], false));
+        assert_ne!(shop, untrusted(&[("host", "shop.example:80")], true), "80 is not the default port of https");
+        assert_eq!(untrusted(&[("host", "shop.example")], true), untrusted(&[("host", "shop.example:443")], true));
+        assert_ne!(shop, untrusted(&[("host", "shop.example"), ("host", "evil.example")], false), "two Host lines");
+        assert_eq!(
+            shop,
+            untrusted(&[("host", "shop.example"), ("x-forwarded-host", "evil.example")], false),
+            "replaced"
+        );
+        assert_eq!(shop, untrusted(&[("host", "shop.example"), ("forwarded", "host=evil.example")], false), "removed");
+        let mut absolute = request("http://shop.example/m", &[]);
+        hop(false, false).sanitize(&mut absolute, false);
+        assert_eq!(shop, variant(absolute.headers(), &hop(false, false), &c), "no Host: the target's authority");
+
+        let trusted = |pairs: &[(&str, &str)]| variant(&map(pairs), &hop(false, true), &c);
+        let behind = trusted(&[("host", "internal"), ("x-forwarded-host", "shop.example")]);
+        assert_ne!(behind, trusted(&[("host", "internal"), ("x-forwarded-host", "evil.example")]));
+        assert_ne!(
+            behind,
+            trusted(&[("host", "internal"), ("x-forwarded-host", "shop.example"), ("x-forwarded-proto", "https")])
+        );
+        assert_ne!(
+            behind,
+            trusted(&[("host", "internal"), ("x-forwarded-host", "shop.example"), ("forwarded", "host=x")])
+        );
+        assert_ne!(
+            behind,
+            trusted(&[("host", "internal"), ("x-forwarded-host", "shop.example"), ("x-forwarded-prefix", "/x")])
+        );
+    }
+
+    /// The key is made when the request is sanitized but not annotated (a hit never is): it must
+    /// be what the backend receives after the whole preparation, whatever a client or a trusted
+    /// proxy sends.
+    #[test]
+    fn the_key_is_what_the_backend_receives() {
+        let c = cfg(QueryMode::Sorted, &["accept-language"]);
+        let requests: &[(&str, &[(&str, &str)])] = &[
+            ("/m", &[("host", "Shop.Example")]),
+            ("/m", &[("host", "shop.example:80"), ("host", "other")]),
+            ("/m", &[]),
+            ("http://shop.example:80/m", &[]),
+            ("http://evil.example/m", &[("host", "shop.example")]),
+            ("/m", &[("host", "shop.example"), ("x-forwarded-host", "Evil.Example"), ("x-forwarded-proto", "https")]),
+            ("/m", &[("host", "shop.example"), ("x-forwarded-proto", "HTTP")]),
+            (
+                "/m",
+                &[
+                    ("host", "shop.example"),
+                    ("forwarded", "host=evil"),
+                    ("x-forwarded-port", "1"),
+                    ("x-real-ip", "1.2.3.4"),
+                ],
+            ),
+            ("/m", &[("host", "shop.example"), ("connection", "x-forwarded-host"), ("x-forwarded-host", "evil")]),
+            ("/m", &[("host", "shop.example"), ("connection", "host, accept-language"), ("accept-language", "de")]),
+            ("/m", &[("host", "shop.example"), ("accept-language", "de"), ("x-forwarded-for", "6.6.6.6")]),
+        ];
+        for (uri, pairs) in requests {
+            for (tls, trusted) in [(false, false), (true, false), (false, true), (true, true)] {
+                let hop = hop(tls, trusted);
+                let mut req = request(uri, pairs);
+                hop.sanitize(&mut req, false);
+                let keyed = variant(req.headers(), &hop, &c);
+                hop.annotate(&mut req);
+                let received = variant(req.headers(), &hop, &c);
+                assert_eq!(keyed, received, "{uri} {pairs:?} tls={tls} trusted={trusted}");
+                let mut whole = request(uri, pairs);
+                hop.prepare(&mut whole, false);
+                assert_eq!(whole.headers(), req.headers(), "prepare is sanitize then annotate");
+            }
+        }
     }
 
     #[test]
     fn variants_follow_the_vary_headers_and_hide_their_values() {
         let c = cfg(QueryMode::Sorted, &["accept-encoding", "authorization"]);
-        let v = |pairs: &[(&str, &str)]| variant(&map(pairs), false, &c);
+        let v = |pairs: &[(&str, &str)]| variant(&map(pairs), &hop(false, false), &c);
         let gzip = v(&[("accept-encoding", "gzip")]);
         assert_eq!(gzip, v(&[("accept-encoding", "gzip"), ("user-agent", "x")]), "other headers do not matter");
         assert_ne!(gzip, v(&[("accept-encoding", "br")]));

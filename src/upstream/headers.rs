@@ -18,7 +18,7 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// send them; from anyone else they are removed, or a client could make the backend answer for a
 /// host, port, scheme or path of its choosing, and the cache would store that answer for
 /// everyone. From a trusted proxy they are kept, and the cache keys on them.
-pub const FORWARDING_CLAIMS: [HeaderName; 8] = [
+pub static FORWARDING_CLAIMS: [HeaderName; 8] = [
     header::FORWARDED,
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
@@ -35,7 +35,7 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Fields that describe one connection, never forwarded (RFC 9110 7.6.1, plus the legacy
 /// `Proxy-Connection` and `Keep-Alive` that old clients still send).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -113,16 +113,19 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&canonical(peer).to_string()).expect("an IP address is a valid header value")
 }
 
-/// Set the forwarding headers on a request going upstream. `X-Forwarded-For` gets the peer
-/// appended to what came before; `-Proto` and `-Host` describe this hop unless a trusted proxy
-/// already described the original one; the other [`FORWARDING_CLAIMS`] and `X-Real-IP` are only
-/// kept from a trusted proxy.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, trusted_peer: bool) {
-    if !trusted_peer && headers.keys().any(|name| FORWARDING_CLAIMS.contains(name) || name == X_REAL_IP) {
+/// Remove the [`FORWARDING_CLAIMS`] and `X-Real-IP` of a peer that is not trusted.
+pub fn remove_forwarding_claims(headers: &mut HeaderMap) {
+    if headers.keys().any(|name| FORWARDING_CLAIMS.contains(name) || name == X_REAL_IP) {
         for name in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
             headers.remove(name);
         }
     }
+}
+
+/// Set the forwarding headers on a request going upstream. `X-Forwarded-For` gets the peer
+/// appended to what came before; `-Proto` and `-Host` describe this hop unless a trusted proxy
+/// already described the original one.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, trusted_peer: bool) {
     // All earlier hops go into one field line: many backends read only the first line.
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -215,6 +218,7 @@ mod tests {
             ("x-original-url", "/admin"),
             ("x-real-ip", "6.6.6.6"),
         ]);
+        remove_forwarding_claims(&mut h);
         set_forwarded(&mut h, &peer_value("192.0.2.7".parse().unwrap()), false, false);
         for claim in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
             assert!(!h.contains_key(claim), "{claim} from an untrusted peer");

@@ -139,25 +139,57 @@ impl Upstream {
     }
 }
 
-/// Rewrite a client request's headers for the backend: keep `Host` as the client sent it (h2
-/// clients send `:authority` instead), drop hop-by-hop fields (keeping an upgrade's own
-/// `Connection: upgrade` + `Upgrade`), set `X-Forwarded-*` and `Via`.
-pub fn prepare<B>(req: &mut Request<B>, peer: &HeaderValue, tls: bool, trusted_peer: bool, upgrade: bool) {
-    let version = req.version();
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            req.headers_mut().insert(header::HOST, host);
+/// The hop a request arrived on, and so how it is prepared for the backend.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// The client address as a header value.
+    pub peer: HeaderValue,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// Whether the peer is in `server.trusted_proxies` (its forwarding headers are kept).
+    pub trusted: bool,
+}
+
+impl Hop {
+    /// Prepare a client request for the backend: [`Hop::sanitize`], then [`Hop::annotate`].
+    /// Every request to the backend, foreground or background, is prepared here.
+    pub fn prepare<B>(&self, req: &mut Request<B>, upgrade: bool) {
+        self.sanitize(req, upgrade);
+        self.annotate(req);
+    }
+
+    /// The part of the preparation that decides what of the client's request the backend sees
+    /// (and so what the cache keys on): `Host` as the client sent it (h2 clients send
+    /// `:authority` instead), hop-by-hop fields dropped (keeping an upgrade's own
+    /// `Connection: upgrade` + `Upgrade`), forwarding claims dropped unless the peer is trusted.
+    pub fn sanitize<B>(&self, req: &mut Request<B>, upgrade: bool) {
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+        let upgrade_to = if upgrade { req.headers().get(header::UPGRADE).cloned() } else { None };
+        let h = req.headers_mut();
+        headers::remove_hop_by_hop(h);
+        if let Some(protocol) = upgrade_to {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, protocol);
+        }
+        if !self.trusted {
+            headers::remove_forwarding_claims(h);
         }
     }
-    let upgrade_to = if upgrade { req.headers().get(header::UPGRADE).cloned() } else { None };
-    let h = req.headers_mut();
-    headers::remove_hop_by_hop(h);
-    if let Some(protocol) = upgrade_to {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, protocol);
+
+    /// The rest, which only adds what this hop says: `X-Forwarded-*` and `Via`. A request
+    /// answered from the cache never needs it.
+    pub fn annotate<B>(&self, req: &mut Request<B>) {
+        let version = req.version();
+        let h = req.headers_mut();
+        // Room for X-Forwarded-For, -Proto, -Host and Via at once, rather than growing by doubling.
+        h.reserve(4);
+        headers::set_forwarded(h, &self.peer, self.tls, self.trusted);
+        headers::append_via(h, version);
     }
-    headers::set_forwarded(h, peer, tls, trusted_peer);
-    headers::append_via(h, version);
 }
 
 /// Join an upgraded client connection to the upgraded upstream connection and copy bytes both
