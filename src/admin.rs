@@ -4,7 +4,7 @@
 //! turns 503 only while the proxy drains for shutdown, so the pod leaves endpoints first.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,8 +12,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
+use tokio::time::Instant;
 
-use crate::app::ServerState;
 use crate::body::{self, Body};
 use crate::cache::{Cache, PurgeError};
 use crate::config::Config;
@@ -28,6 +28,14 @@ use crate::store::{CacheStore, RedisStore};
 const PURGE_BODY_MAX: usize = 64 * 1024;
 /// How long a `/purge` body may take to arrive.
 const PURGE_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Facts the admin endpoints report about the running server.
+pub struct ServerState {
+    /// When the proxy started (for uptime).
+    pub started: Instant,
+    /// Set when shutdown begins: `/readyz` then answers 503.
+    pub draining: AtomicBool,
+}
 
 /// The admin endpoints and what they report on.
 pub struct Admin {

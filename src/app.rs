@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, ServerState};
 use crate::cache::{Cache, GENERATION_REFRESH};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -23,14 +23,6 @@ use crate::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
 
 /// How often histogram samples are folded into buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
-
-/// Facts the admin endpoints report about the running server.
-pub struct ServerState {
-    /// When the proxy started (for uptime).
-    pub started: Instant,
-    /// Set when shutdown begins: `/readyz` then answers 503.
-    pub draining: AtomicBool,
-}
 
 /// A bound but not yet serving proxy: its addresses are known (useful with port 0).
 pub struct Sidecache {

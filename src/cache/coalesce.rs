@@ -119,7 +119,7 @@ mod tests {
     use http::{HeaderMap, StatusCode};
 
     use super::*;
-    use crate::cache::policy::Freshness;
+    use crate::cache::entry::Freshness;
 
     fn entry() -> Arc<Entry> {
         Arc::new(Entry {

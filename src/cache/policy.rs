@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, StatusCode};
 
 use super::entry::Entry;
+pub use super::entry::Freshness;
 use crate::config::CacheConfig;
 
 /// Why a request does not use the cache; also the `bypass` label.
@@ -90,33 +91,6 @@ pub fn delta_seconds(s: &str) -> Option<u64> {
         return None;
     }
     Some(s.parse::<u64>().unwrap_or(u64::MAX).min(MAX_DELTA_SECONDS))
-}
-
-/// How long a storable response stays fresh and usable stale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Freshness {
-    /// Freshness lifetime (RFC 9111 4.2.1), counted from the response's generation.
-    pub lifetime: Duration,
-    /// The response's age on arrival (`Age`).
-    pub initial_age: Duration,
-    /// Stale-while-revalidate window (zero when revalidation is mandatory).
-    pub stale_while_revalidate: Duration,
-    /// Stale-if-error window (zero when revalidation is mandatory).
-    pub stale_if_error: Duration,
-    /// Never serve stale: `must-revalidate`, `proxy-revalidate` or `no-cache`.
-    pub must_revalidate: bool,
-}
-
-impl Freshness {
-    /// How long the store should keep the entry: fresh time left plus the stale windows, and,
-    /// for an entry with validators, as long again so a stale entry can still be revalidated
-    /// by a conditional request instead of a full transfer.
-    pub fn keep_for(&self, has_validators: bool) -> Duration {
-        let fresh_left = self.lifetime.saturating_sub(self.initial_age);
-        let stale = self.stale_while_revalidate.max(self.stale_if_error);
-        let revalidation = if has_validators { fresh_left.max(Duration::from_secs(60)) } else { Duration::ZERO };
-        fresh_left.saturating_add(stale).saturating_add(revalidation)
-    }
 }
 
 /// How long the store keeps an entry (see [`Freshness::keep_for`]).

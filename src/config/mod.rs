@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode, Uri};
 use ipnet::IpNet;
 
-use crate::route::Pattern;
+use crate::route::pattern::Pattern;
 use raw::RawConfig;
 pub use redis_url::{RedisNode, RedisTopology};
 pub use units::Rate;

@@ -12,7 +12,7 @@ use super::raw::{self, RawCache, RawConfig, RawQuery, RawRateLimit, RawRedis, Ra
 use super::redis_url;
 use super::units::{self, Rate};
 use super::*;
-use crate::route::Pattern;
+use crate::route::pattern::Pattern;
 
 /// Collects errors while turning raw values into typed ones.
 #[derive(Default)]

@@ -1,5 +1,4 @@
-//! Compiled path patterns and the route table: the first route in file order whose methods and
-//! pattern match a request wins.
+//! Compiled path patterns and path normalization: what a route matches.
 //!
 //! Patterns are `/exact/path`, `{param}` segments that match one non-empty segment, and a trailing
 //! `/*` that matches the prefix itself and everything below it. Matching runs on a normalized path
@@ -7,13 +6,6 @@
 //! `/a/../login` cannot dodge a route's rate limit; the request itself is forwarded unchanged.
 
 use std::borrow::Cow;
-use std::sync::Arc;
-
-use http::Method;
-
-use crate::cache::RouteCache;
-use crate::metrics::RouteMetrics;
-use crate::ratelimit::Limit;
 
 /// A compiled path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,57 +81,6 @@ impl Pattern {
         }
         // Exact patterns need the path to end here; prefix patterns accept anything below.
         self.prefix || parts.next().is_none()
-    }
-}
-
-/// A route ready for the request path, compiled once: what it matches, and everything the
-/// request path needs of it.
-pub struct Route {
-    /// Its name: metric label, cache key part, rate-limit policy id.
-    pub name: String,
-    pattern: Pattern,
-    methods: Vec<Method>,
-    /// Its cache, when it caches.
-    pub cache: Option<Arc<RouteCache>>,
-    /// Its rate limit, when it has one.
-    pub limit: Option<Arc<Limit>>,
-    /// Its request metrics.
-    pub metrics: RouteMetrics,
-}
-
-impl Route {
-    /// A route matching `methods` on `pattern`.
-    pub fn new(
-        name: String,
-        pattern: Pattern,
-        methods: Vec<Method>,
-        cache: Option<Arc<RouteCache>>,
-        limit: Option<Arc<Limit>>,
-        metrics: RouteMetrics,
-    ) -> Route {
-        Route { name, pattern, methods, cache, limit, metrics }
-    }
-}
-
-/// The routes in file order.
-#[derive(Default)]
-pub struct Routes {
-    routes: Vec<Route>,
-}
-
-impl Routes {
-    /// The table, in file order.
-    pub fn new(routes: Vec<Route>) -> Routes {
-        Routes { routes }
-    }
-
-    /// The first route whose methods and pattern match.
-    pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
-        if self.routes.is_empty() {
-            return None;
-        }
-        let path = normalize(path);
-        self.routes.iter().find(|r| r.methods.contains(method) && r.pattern.matches(&path))
     }
 }
 
