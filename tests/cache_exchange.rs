@@ -1,7 +1,8 @@
 //! The cache phase as a hostile client meets it: what it can make the cache store for everyone,
 //! what it can make it skip, and the seams between lookup, forward and answer (an unsolicited
-//! 304, a doubled `Via`, lookups left uncounted, a slow client holding everyone else). Time moves
-//! by a manual clock, not by sleeping.
+//! 304, a doubled `Via`, lookups left uncounted, a slow client holding everyone else), on the
+//! embedded store and on a redis-server of the test's own. Time moves by a manual clock, not by
+//! sleeping.
 
 mod support;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use sidecache::Clock;
+use support::redis::TestRedis;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -41,19 +43,74 @@ path = "/gen/big/*"
 cache = { ttl = "60s", max_body = 4194304 }
 "#;
 
+/// Where the cache keeps its entries: every test here runs on both.
+#[derive(Clone, Copy)]
+enum Store {
+    Embedded,
+    Redis,
+}
+
 struct Setup {
     upstream: TestUpstream,
     proxy: TestProxy,
     clock: Clock,
+    _redis: Option<TestRedis>,
 }
 
-async fn setup(upstream: TestUpstreamBuilder, extra: &str) -> Setup {
+/// The proxy in front of `upstream`, with these `[cache]` settings; on Redis, the hot tier is
+/// off so that every lookup reaches Redis.
+async fn setup(store: Store, upstream: TestUpstreamBuilder, cache: &str) -> Setup {
     let upstream = upstream.spawn().await;
     let clock = Clock::manual();
+    let redis = matches!(store, Store::Redis).then(TestRedis::start);
+    let extra = match &redis {
+        Some(redis) => {
+            format!("[cache]\nhot_ttl = \"0s\"\n{cache}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url())
+        }
+        None => format!("[cache]\n{cache}\n"),
+    };
     let toml = config_text(upstream.addr, &format!("{ROUTES}\n{extra}"));
     let proxy = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
-    Setup { upstream, proxy, clock }
+    if redis.is_some() {
+        wait_for_redis(&proxy).await;
+    }
+    Setup { upstream, proxy, clock, _redis: redis }
 }
+
+/// Runs each scenario on the embedded store and on a redis-server of its own.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(super::Store::Embedded).await
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                super::$name(super::Store::Redis).await
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    the_host_is_part_of_the_key,
+    a_background_refresh_is_prepared_like_every_other_upstream_request,
+    requests_with_a_body_bypass_the_cache,
+    kept_query_parameters_cannot_be_cloaked,
+    a_304_to_our_own_revalidation_is_never_passed_on,
+    one_via_on_every_answer,
+    every_cacheable_request_counts_one_lookup,
+    a_huge_max_age_is_capped_not_a_panic,
+    range_and_conditional_requests_never_create_an_entry,
+    a_slow_client_does_not_hold_the_requests_that_wait_for_its_fetch,
+    followers_wait_at_most_the_lock_timeout,
+    forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_keyed,
+    a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is_not_stored,
+    a_leader_whose_client_leaves_still_answers_the_followers,
+    a_request_whose_client_leaves_is_still_counted,
+);
 
 async fn req(s: &Setup, path: &str, headers: &[(&str, &str)]) -> Answer {
     send(Method::GET, &s.proxy.url(path), headers, Bytes::new()).await
@@ -68,9 +125,8 @@ async fn lookups(s: &Setup, route: &str, result: &str) -> f64 {
     metric(&text, &format!(r#"sidecache_cache_lookups_total{{route="{route}",result="{result}"}}"#)).unwrap_or(0.0)
 }
 
-#[tokio::test]
-async fn the_host_is_part_of_the_key() {
-    let s = setup(TestUpstream::new(), "").await;
+async fn the_host_is_part_of_the_key(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
     let evil = req(&s, "/gen/plain/p1", &[("host", "evil.example")]).await;
     stored(&s.proxy, "plain", 1.0).await;
     let shop = req(&s, "/gen/plain/p1", &[("host", "shop.example")]).await;
@@ -104,9 +160,8 @@ async fn a_trusted_proxys_forwarded_host_and_proto_are_part_of_the_key() {
     assert_eq!(upstream.requests(), 3);
 }
 
-#[tokio::test]
-async fn a_background_refresh_is_prepared_like_every_other_upstream_request() {
-    let s = setup(TestUpstream::new(), "").await;
+async fn a_background_refresh_is_prepared_like_every_other_upstream_request(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
     let spoofed = [
         ("host", "shop.example"),
         ("x-forwarded-host", "evil.example"),
@@ -129,9 +184,8 @@ async fn a_background_refresh_is_prepared_like_every_other_upstream_request() {
     }
 }
 
-#[tokio::test]
-async fn requests_with_a_body_bypass_the_cache() {
-    let s = setup(TestUpstream::new(), "").await;
+async fn requests_with_a_body_bypass_the_cache(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
     for _ in 0..2 {
         let a = send(Method::GET, &s.proxy.url("/gen/plain/b"), &[], "smuggled").await;
         assert_eq!(x_cache(&a), "BYPASS");
@@ -150,9 +204,8 @@ async fn requests_with_a_body_bypass_the_cache() {
     assert_eq!(lookups(&s, "plain", "bypass").await, 3.0);
 }
 
-#[tokio::test]
-async fn kept_query_parameters_cannot_be_cloaked() {
-    let s = setup(TestUpstream::new(), "").await;
+async fn kept_query_parameters_cannot_be_cloaked(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
     let cloaked = req(&s, "/gen/limited/m?%6cimit=1000", &[]).await;
     assert_eq!(x_cache(&cloaked), "MISS");
     stored(&s.proxy, "limited", 1.0).await;
@@ -168,10 +221,9 @@ async fn kept_query_parameters_cannot_be_cloaked() {
     assert!(after.text().starts_with("/gen/limited/n #"), "{}", after.text());
 }
 
-#[tokio::test]
-async fn a_304_to_our_own_revalidation_is_never_passed_on() {
+async fn a_304_to_our_own_revalidation_is_never_passed_on(store: Store) {
     let reply = Reply::ok().header("etag", "\"v1\"").not_modified_if("\"v1\"", &[("cache-control", "private")]);
-    let s = setup(TestUpstream::new().route("/gen/brief/", reply), "").await;
+    let s = setup(store, TestUpstream::new().route("/gen/brief/", reply), "").await;
     let first = req(&s, "/gen/brief/r", &[]).await;
     stored(&s.proxy, "brief", 1.0).await;
     s.clock.advance(Duration::from_secs(11));
@@ -186,10 +238,9 @@ async fn a_304_to_our_own_revalidation_is_never_passed_on() {
     assert_eq!(lookups(&s, "brief", "revalidated").await, 2.0);
 }
 
-#[tokio::test]
-async fn one_via_on_every_answer() {
+async fn one_via_on_every_answer(store: Store) {
     let reply = Reply::ok().header("etag", "\"v1\"").not_modified_if("\"v1\"", &[]);
-    let s = setup(TestUpstream::new().route("/gen/brief/", reply), "").await;
+    let s = setup(store, TestUpstream::new().route("/gen/brief/", reply), "").await;
     let mut answers = vec![req(&s, "/gen/brief/v", &[]).await];
     stored(&s.proxy, "brief", 1.0).await;
     answers.push(req(&s, "/gen/brief/v", &[]).await);
@@ -204,9 +255,8 @@ async fn one_via_on_every_answer() {
     }
 }
 
-#[tokio::test]
-async fn every_cacheable_request_counts_one_lookup() {
-    let s = setup(TestUpstream::new(), "").await;
+async fn every_cacheable_request_counts_one_lookup(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
     req(&s, "/gen/brief/c", &[]).await;
     stored(&s.proxy, "brief", 1.0).await;
     s.clock.advance(Duration::from_secs(11));
@@ -226,13 +276,12 @@ async fn every_cacheable_request_counts_one_lookup() {
     assert_eq!(lookups(&s, "brief", "miss").await, 2.0);
 }
 
-#[tokio::test]
-async fn a_huge_max_age_is_capped_not_a_panic() {
+async fn a_huge_max_age_is_capped_not_a_panic(store: Store) {
     let reply = Reply::ok().header("cache-control", "max-age=18446744073709551615").header("etag", "\"e\"");
     let upstream = TestUpstream::new()
         .route("/gen/origin/", reply)
         .route("/gen/plain/", Reply::ok().header("age", "99999999999999999999"));
-    let s = setup(upstream, "").await;
+    let s = setup(store, upstream, "").await;
     assert_eq!(req(&s, "/gen/origin/h", &[]).await.status, StatusCode::OK);
     stored(&s.proxy, "origin", 1.0).await;
     let hit = req(&s, "/gen/origin/h", &[]).await;
@@ -241,9 +290,8 @@ async fn a_huge_max_age_is_capped_not_a_panic() {
     assert_eq!(req(&s, "/gen/plain/age", &[]).await.status, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn range_and_conditional_requests_never_create_an_entry() {
-    let s = setup(TestUpstream::new().route("/gen/plain/", Reply::ok().header("etag", "\"e\"")), "").await;
+async fn range_and_conditional_requests_never_create_an_entry(store: Store) {
+    let s = setup(store, TestUpstream::new().route("/gen/plain/", Reply::ok().header("etag", "\"e\"")), "").await;
     for (i, header) in
         [("range", "bytes=0-3"), ("if-none-match", "\"other\""), ("if-modified-since", "Mon, 01 Jan 2024 00:00:00 GMT")]
             .into_iter()
@@ -257,10 +305,9 @@ async fn range_and_conditional_requests_never_create_an_entry() {
     assert_eq!(x_cache(&req(&s, "/gen/plain/r0", &[("range", "bytes=0-3")]).await), "HIT", "served from an entry");
 }
 
-#[tokio::test]
-async fn a_slow_client_does_not_hold_the_requests_that_wait_for_its_fetch() {
+async fn a_slow_client_does_not_hold_the_requests_that_wait_for_its_fetch(store: Store) {
     let reply = Reply::ok().delay(Duration::from_millis(300)).size(3 << 20);
-    let s = setup(TestUpstream::new().route("/gen/big/", reply), "").await;
+    let s = setup(store, TestUpstream::new().route("/gen/big/", reply), "").await;
     // The leader's client sends its request and never reads: 3 MiB cannot fit the socket buffers.
     let mut leader = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
     leader.write_all(b"GET /gen/big/x HTTP/1.1\r\nhost: shop\r\n\r\n").await.unwrap();
@@ -278,10 +325,9 @@ async fn a_slow_client_does_not_hold_the_requests_that_wait_for_its_fetch() {
     assert_eq!(&head, b"HTTP/1.1 200");
 }
 
-#[tokio::test]
-async fn followers_wait_at_most_the_lock_timeout() {
+async fn followers_wait_at_most_the_lock_timeout(store: Store) {
     let reply = Reply::ok().delay(Duration::from_millis(1500));
-    let s = setup(TestUpstream::new().route("/gen/plain/", reply), "[cache]\nlock_timeout = \"300ms\"\n").await;
+    let s = setup(store, TestUpstream::new().route("/gen/plain/", reply), "lock_timeout = \"300ms\"").await;
     let url = s.proxy.url("/gen/plain/l");
     let leader = tokio::spawn(async move { send(Method::GET, &url, &[], Bytes::new()).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -296,8 +342,7 @@ async fn followers_wait_at_most_the_lock_timeout() {
     assert_eq!(s.upstream.requests(), 2);
 }
 
-#[tokio::test]
-async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_keyed() {
+async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_keyed(store: Store) {
     let claims = [
         ("forwarded", "host=evil.example;proto=https"),
         ("x-forwarded-port", "6666"),
@@ -306,7 +351,7 @@ async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_k
         ("x-original-url", "/admin"),
         ("x-real-ip", "6.6.6.6"),
     ];
-    let s = setup(TestUpstream::new(), "").await;
+    let s = setup(store, TestUpstream::new(), "").await;
     for (name, value) in claims {
         let path = format!("/gen/plain/claim-{name}");
         req(&s, &path, &[("host", "shop.example"), (name, value)]).await;
@@ -330,9 +375,9 @@ async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_k
     assert_eq!(upstream.seen("/gen/plain/trusted")[1]["forwarded"], "host=evil.example");
 }
 
-#[tokio::test]
-async fn a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is_not_stored() {
+async fn a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is_not_stored(store: Store) {
     let s = setup(
+        store,
         TestUpstream::new().route("/gen/plain/odd", Reply::ok().header("cache-control", "private, x=\"café\"")),
         "",
     )
@@ -345,9 +390,9 @@ async fn a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is
     assert_ne!(first.body, second.body);
 }
 
-#[tokio::test]
-async fn a_leader_whose_client_leaves_still_answers_the_followers() {
-    let s = setup(TestUpstream::new().route("/gen/plain/", Reply::ok().delay(Duration::from_millis(500))), "").await;
+async fn a_leader_whose_client_leaves_still_answers_the_followers(store: Store) {
+    let s =
+        setup(store, TestUpstream::new().route("/gen/plain/", Reply::ok().delay(Duration::from_millis(500))), "").await;
     let mut leader = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
     leader.write_all(b"GET /gen/plain/k HTTP/1.1\r\nhost: shop\r\n\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -364,9 +409,9 @@ async fn a_leader_whose_client_leaves_still_answers_the_followers() {
     stored(&s.proxy, "plain", 1.0).await;
 }
 
-#[tokio::test]
-async fn a_request_whose_client_leaves_is_still_counted() {
-    let s = setup(TestUpstream::new().route("/gen/plain/", Reply::ok().delay(Duration::from_millis(600))), "").await;
+async fn a_request_whose_client_leaves_is_still_counted(store: Store) {
+    let s =
+        setup(store, TestUpstream::new().route("/gen/plain/", Reply::ok().delay(Duration::from_millis(600))), "").await;
     let url = s.proxy.url("/gen/plain/c");
     let leader = tokio::spawn(async move { send(Method::GET, &url, &[], Bytes::new()).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
