@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use sidecache::Clock;
 use support::redis::TestRedis;
 use support::*;
 
@@ -41,26 +40,10 @@ path = "/gen5/*"
 cache = { ttl = "1s", stale_while_revalidate = "60s" }
 "#;
 
-struct Setup {
-    upstream: TestUpstream,
-    proxy: TestProxy,
-    redis: Option<TestRedis>,
-    clock: Clock,
-}
-
-async fn start(upstream: TestUpstreamBuilder, extra: &str, redis: Option<TestRedis>) -> Setup {
-    let upstream = upstream.spawn().await;
-    let clock = Clock::manual();
-    let toml = config_text(upstream.addr, &format!("{ROUTES}\n{extra}"));
-    let proxy = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
-    if redis.is_some() {
-        wait_for_redis(&proxy).await;
-    }
-    Setup { upstream, proxy, redis, clock }
-}
+type Setup = CacheSetup;
 
 async fn embedded_with(upstream: TestUpstreamBuilder) -> Setup {
-    start(upstream, "", None).await
+    CacheSetup::start(ROUTES, upstream, Store::Embedded, "").await
 }
 
 async fn embedded() -> Setup {
@@ -68,10 +51,7 @@ async fn embedded() -> Setup {
 }
 
 async fn on_redis_with(upstream: TestUpstreamBuilder) -> Setup {
-    let redis = TestRedis::start();
-    // The hot tier off: these tests are about what Redis holds.
-    let extra = format!("[cache]\nhot_ttl = \"0s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url());
-    start(upstream, &extra, Some(redis)).await
+    CacheSetup::start(ROUTES, upstream, Store::Redis, "").await
 }
 
 async fn on_redis() -> Setup {
@@ -410,7 +390,7 @@ async fn the_hot_tier_answers_without_redis_for_at_most_hot_ttl() {
         "[cache]\nhot_ttl = \"1s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"50ms\"\nbreaker_cooldown = \"5s\"\n",
         redis.url()
     );
-    let s = start(TestUpstream::new(), &extra, None).await;
+    let s = CacheSetup::with(ROUTES, &extra, TestUpstream::new(), None).await;
     wait_for_redis(&s.proxy).await;
     let proxy = &s.proxy;
     let first = req(proxy, "/gen/h", &[]).await;

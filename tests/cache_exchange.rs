@@ -6,13 +6,10 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use sidecache::Clock;
-use support::redis::TestRedis;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -43,38 +40,10 @@ path = "/gen/big/*"
 cache = { ttl = "60s", max_body = 4194304 }
 "#;
 
-/// Where the cache keeps its entries: every test here runs on both.
-#[derive(Clone, Copy)]
-enum Store {
-    Embedded,
-    Redis,
-}
+type Setup = CacheSetup;
 
-struct Setup {
-    upstream: TestUpstream,
-    proxy: TestProxy,
-    clock: Clock,
-    _redis: Option<TestRedis>,
-}
-
-/// The proxy in front of `upstream`, with these `[cache]` settings; on Redis, the hot tier is
-/// off so that every lookup reaches Redis.
 async fn setup(store: Store, upstream: TestUpstreamBuilder, cache: &str) -> Setup {
-    let upstream = upstream.spawn().await;
-    let clock = Clock::manual();
-    let redis = matches!(store, Store::Redis).then(TestRedis::start);
-    let extra = match &redis {
-        Some(redis) => {
-            format!("[cache]\nhot_ttl = \"0s\"\n{cache}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url())
-        }
-        None => format!("[cache]\n{cache}\n"),
-    };
-    let toml = config_text(upstream.addr, &format!("{ROUTES}\n{extra}"));
-    let proxy = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
-    if redis.is_some() {
-        wait_for_redis(&proxy).await;
-    }
-    Setup { upstream, proxy, clock, _redis: redis }
+    CacheSetup::start(ROUTES, upstream, store, cache).await
 }
 
 /// Runs each scenario on the embedded store and on a redis-server of its own.

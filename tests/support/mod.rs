@@ -448,6 +448,58 @@ impl Drop for TestProxy {
     }
 }
 
+// ---------------------------------------------------------------- a cached proxy and its upstream
+
+/// Where a test's cache keeps its entries.
+#[derive(Clone, Copy, Debug)]
+pub enum Store {
+    Embedded,
+    Redis,
+}
+
+/// A proxy with cached routes in front of a test upstream, its freshness on a manual clock.
+pub struct CacheSetup {
+    pub upstream: TestUpstream,
+    pub proxy: TestProxy,
+    pub clock: sidecache::Clock,
+    pub redis: Option<redis::TestRedis>,
+}
+
+impl CacheSetup {
+    /// `routes`, then a `[cache]` table with `cache` in it; on `Store::Redis` a redis-server of
+    /// the test's own, with the hot tier off so that every lookup reaches Redis.
+    pub async fn start(routes: &str, upstream: TestUpstreamBuilder, store: Store, cache: &str) -> CacheSetup {
+        let redis = matches!(store, Store::Redis).then(redis::TestRedis::start);
+        let extra = match &redis {
+            Some(redis) => {
+                format!(
+                    "[cache]\nhot_ttl = \"0s\"\n{cache}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n",
+                    redis.url()
+                )
+            }
+            None => format!("[cache]\n{cache}\n"),
+        };
+        Self::with(routes, &extra, upstream, redis).await
+    }
+
+    /// `routes` and `extra` TOML as given; waits for `redis` when there is one.
+    pub async fn with(
+        routes: &str,
+        extra: &str,
+        upstream: TestUpstreamBuilder,
+        redis: Option<redis::TestRedis>,
+    ) -> CacheSetup {
+        let upstream = upstream.spawn().await;
+        let clock = sidecache::Clock::manual();
+        let toml = config_text(upstream.addr, &format!("{routes}\n{extra}"));
+        let proxy = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
+        if redis.is_some() {
+            wait_for_redis(&proxy).await;
+        }
+        CacheSetup { upstream, proxy, clock, redis }
+    }
+}
+
 // ---------------------------------------------------------------- the proxy, as the real binary
 
 /// A unique temporary file path for this process.
