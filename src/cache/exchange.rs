@@ -21,10 +21,9 @@ use tracing::Instrument;
 use super::coalesce::{self, FlightGuard, Join};
 use super::entry::Entry;
 use super::key::{self, CacheKey};
-use super::policy::{self, Phase};
+use super::policy::{self, Bypass, Phase};
 use super::{Cache, Found, Outcome, RouteCache, StoreResult};
 use crate::body::{self, Body, Streamed};
-use crate::config::CacheConfig;
 use crate::respond;
 use crate::store;
 use crate::upstream::{Hop, Upstream};
@@ -62,46 +61,6 @@ struct Fetch {
     store: bool,
 }
 
-/// Why a request does not use the cache (logged at debug).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Bypass {
-    /// Only GET and HEAD are cached.
-    Method,
-    /// `Authorization` is present and not part of the key (RFC 9111 3.5).
-    Authorization,
-    /// `Cookie` is present and not part of the key.
-    Cookie,
-    /// A request body: a shared cache cannot key on it.
-    Body,
-    /// A protocol upgrade.
-    Upgrade,
-    /// A query the key cannot represent faithfully.
-    Query,
-}
-
-/// Why the request may not use the cache at all, if so.
-fn bypass(req: &Request<Incoming>, cfg: &CacheConfig) -> Option<Bypass> {
-    let method = req.method();
-    if *method != Method::GET && *method != Method::HEAD {
-        return Some(Bypass::Method);
-    }
-    let headers = req.headers();
-    let keyed = |name: &header::HeaderName| cfg.vary.contains(name);
-    if headers.contains_key(header::AUTHORIZATION) && !keyed(&header::AUTHORIZATION) {
-        return Some(Bypass::Authorization);
-    }
-    if headers.contains_key(header::COOKIE) && !keyed(&header::COOKIE) {
-        return Some(Bypass::Cookie);
-    }
-    if !hyper::body::Body::is_end_stream(req.body()) {
-        return Some(Bypass::Body);
-    }
-    if headers.contains_key(header::UPGRADE) {
-        return Some(Bypass::Upgrade);
-    }
-    None
-}
-
 /// Conditional header fields (RFC 9110 13.1) a client may send.
 static CONDITIONALS: [header::HeaderName; 5] =
     [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE, header::IF_MATCH, header::IF_UNMODIFIED_SINCE, header::IF_RANGE];
@@ -124,7 +83,8 @@ impl Cache {
         // Counted when it is dropped, whatever happens from here: answered, forwarded, or the
         // client gone while the store or another request's fetch was awaited.
         let mut exchange = self.exchange(route, Some(Outcome::Bypass), None);
-        if let Some(reason) = bypass(req, &route.config) {
+        let has_body = !hyper::body::Body::is_end_stream(req.body());
+        if let Some(reason) = policy::request_bypass(req.method(), req.headers(), has_body, &route.config) {
             tracing::debug!(route = %route.name, ?reason, "cache bypassed");
             return Begin::Forward(exchange);
         }

@@ -10,7 +10,7 @@ use super::entry::Entry;
 pub use super::entry::Freshness;
 use crate::config::CacheConfig;
 
-/// Why a request does not use the cache; also the `bypass` label.
+/// Why a request does not use the cache (logged at debug).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bypass {
     /// Only GET and HEAD are cached.
@@ -19,21 +19,17 @@ pub enum Bypass {
     Authorization,
     /// `Cookie` is present and not part of the key.
     Cookie,
+    /// A request body: a shared cache cannot key on it.
+    Body,
+    /// A protocol upgrade.
+    Upgrade,
+    /// A query the key cannot represent faithfully.
+    Query,
 }
 
-impl Bypass {
-    /// The reason as a word.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Method => "method",
-            Self::Authorization => "authorization",
-            Self::Cookie => "cookie",
-        }
-    }
-}
-
-/// Whether a request must bypass the cache of a route.
-pub fn request_bypass(method: &Method, headers: &HeaderMap, cfg: &CacheConfig) -> Option<Bypass> {
+/// Whether a (sanitized) request must bypass the cache of a route; `has_body` says it carries a
+/// body (`Content-Length` > 0, chunked, or an h2 DATA frame).
+pub fn request_bypass(method: &Method, headers: &HeaderMap, has_body: bool, cfg: &CacheConfig) -> Option<Bypass> {
     if *method != Method::GET && *method != Method::HEAD {
         return Some(Bypass::Method);
     }
@@ -43,6 +39,13 @@ pub fn request_bypass(method: &Method, headers: &HeaderMap, cfg: &CacheConfig) -
     }
     if headers.contains_key(header::COOKIE) && !keyed(&header::COOKIE) {
         return Some(Bypass::Cookie);
+    }
+    if has_body {
+        return Some(Bypass::Body);
+    }
+    // Sanitizing removed `Upgrade` unless the request really asks for one.
+    if headers.contains_key(header::UPGRADE) {
+        return Some(Bypass::Upgrade);
     }
     None
 }

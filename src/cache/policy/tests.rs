@@ -36,18 +36,20 @@ fn lifetime(pairs: &[(&str, &str)], ttl: Option<u64>) -> Result<Duration, NotSto
 }
 
 #[test]
-fn requests_with_credentials_bypass_unless_keyed() {
+fn requests_with_credentials_a_body_or_an_upgrade_bypass() {
     let c = cfg(Some(60));
-    assert_eq!(request_bypass(&Method::POST, &HeaderMap::new(), &c), Some(Bypass::Method));
-    assert_eq!(request_bypass(&Method::GET, &HeaderMap::new(), &c), None);
-    assert_eq!(request_bypass(&Method::HEAD, &headers(&[("cookie", "a=1")]), &c), Some(Bypass::Cookie));
-    assert_eq!(
-        request_bypass(&Method::GET, &headers(&[("authorization", "Bearer x")]), &c),
-        Some(Bypass::Authorization)
-    );
+    let bypass =
+        |method: Method, pairs: &[(&str, &str)], body: bool| request_bypass(&method, &headers(pairs), body, &c);
+    assert_eq!(bypass(Method::POST, &[], false), Some(Bypass::Method));
+    assert_eq!(bypass(Method::GET, &[], false), None);
+    assert_eq!(bypass(Method::HEAD, &[("cookie", "a=1")], false), Some(Bypass::Cookie));
+    assert_eq!(bypass(Method::GET, &[("authorization", "Bearer x")], false), Some(Bypass::Authorization));
+    assert_eq!(bypass(Method::GET, &[], true), Some(Bypass::Body));
+    assert_eq!(bypass(Method::HEAD, &[], true), Some(Bypass::Body));
+    assert_eq!(bypass(Method::GET, &[("upgrade", "websocket")], false), Some(Bypass::Upgrade));
     let mut keyed = c.clone();
     keyed.vary.push(http::header::AUTHORIZATION);
-    assert_eq!(request_bypass(&Method::GET, &headers(&[("authorization", "Bearer x")]), &keyed), None);
+    assert_eq!(request_bypass(&Method::GET, &headers(&[("authorization", "Bearer x")]), false, &keyed), None);
 }
 
 #[test]
