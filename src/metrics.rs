@@ -241,7 +241,7 @@ fn describe(r: &PrometheusRecorder) {
     r.describe_counter(
         KeyName::from_const_str(CACHE_STORES_TOTAL),
         None,
-        text("Responses offered to the cache by route and result (stored, not_storable, too_large, incomplete, dropped, error)."),
+        text("Responses offered to the cache by route and result (stored, not_storable, too_large, incomplete, dropped, too_many_variants, error)."),
     );
     r.describe_counter(
         KeyName::from_const_str(RATELIMIT_CHECKS_TOTAL),

@@ -79,6 +79,7 @@ on_both_stores!(
     a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is_not_stored,
     a_leader_whose_client_leaves_still_answers_the_followers,
     a_request_whose_client_leaves_is_still_counted,
+    a_refresh_sends_the_host_the_entry_was_keyed_on,
 );
 
 async fn req(s: &Setup, path: &str, headers: &[(&str, &str)]) -> Answer {
@@ -126,7 +127,64 @@ async fn a_trusted_proxys_forwarded_host_and_proto_are_part_of_the_key() {
     assert_eq!(ask("shop.example", "https").await.body, first.body);
     assert_eq!(ask("evil.example", "https").await.headers["x-cache"], "MISS");
     assert_eq!(ask("shop.example", "http").await.headers["x-cache"], "MISS");
-    assert_eq!(upstream.requests(), 3);
+    // The backend would build https://shop.example:80/ and HTTPS links from these: not the same.
+    assert_eq!(ask("shop.example:80", "https").await.headers["x-cache"], "MISS");
+    assert_eq!(ask("shop.example", "HTTPS").await.headers["x-cache"], "MISS");
+    assert_eq!(ask("shop.example:443", "https").await.headers["x-cache"], "HIT", "443 is https's own port");
+    assert_eq!(upstream.requests(), 5);
+}
+
+/// A raw HTTP/1 exchange: the whole answer, the connection closed by the request.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer)).await.unwrap().unwrap();
+    answer
+}
+
+async fn a_refresh_sends_the_host_the_entry_was_keyed_on(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
+    // HTTP/1.0 without Host: keyed without one, and the backend gets the client's default.
+    raw(s.proxy.addr, "GET /gen/swr/h HTTP/1.0\r\n\r\n").await;
+    stored(&s.proxy, "swr", 1.0).await;
+    s.clock.advance(Duration::from_secs(11));
+    // The same key by another road: an absolute target whose Host is then removed as hop-by-hop.
+    let stale =
+        raw(s.proxy.addr, "GET http://evil.example/gen/swr/h HTTP/1.1\r\nhost: x\r\nconnection: host, close\r\n\r\n")
+            .await;
+    assert!(stale.to_ascii_lowercase().contains("x-cache: stale"), "{stale}");
+    stored(&s.proxy, "swr", 2.0).await;
+    let seen = s.upstream.seen("/gen/swr/h");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].get("host"), seen[0].get("host"), "the refresh asked as the entry was keyed");
+    assert!(!seen[1].contains_key("x-forwarded-host"), "{:?}", seen[1]);
+}
+
+/// On Redis a path keeps at most 64 variants; a new one never displaces a live one.
+#[tokio::test]
+async fn invented_hosts_cannot_evict_a_popular_entry() {
+    let s = setup(Store::Redis, TestUpstream::new(), "").await;
+    let shop = [("host", "shop.example")];
+    let popular = req(&s, "/gen/plain/popular", &shop).await;
+    stored(&s.proxy, "plain", 1.0).await;
+    for i in 0..70 {
+        let host = format!("x{i}.invalid");
+        req(&s, "/gen/plain/popular", &[("host", host.as_str())]).await;
+    }
+    // 64 variants fit (the popular one and 63 others); the other 7 were refused.
+    let series = r#"sidecache_cache_stores_total{route="plain",result="too_many_variants"}"#;
+    let mut refused = None;
+    for _ in 0..200 {
+        refused = metric(&get(&s.proxy.admin_url("/metrics")).await.text(), series);
+        if refused >= Some(7.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(refused, Some(7.0));
+    let again = req(&s, "/gen/plain/popular", &shop).await;
+    assert_eq!((x_cache(&again), &again.body), ("HIT", &popular.body), "the popular variant stays");
 }
 
 async fn a_background_refresh_is_prepared_like_every_other_upstream_request(store: Store) {
@@ -188,6 +246,16 @@ async fn kept_query_parameters_cannot_be_cloaked(store: Store) {
     let after = req(&s, "/gen/limited/n", &[]).await;
     assert_eq!(x_cache(&after), "MISS");
     assert!(after.text().starts_with("/gen/limited/n #"), "{}", after.text());
+
+    // Names that backends read as `limit` (PHP, qs and Rack arrays, PHP's leading space and NUL,
+    // case-insensitive frameworks) are not silently dropped from the key.
+    for cloak in
+        ["limit[]=100000", "limit%5B0%5D=100000", "limit[x]=100000", "+limit=100000", "limit%00=100000", "LIMIT=1"]
+    {
+        let attacker = req(&s, &format!("/gen/limited/o?{cloak}"), &[]).await;
+        assert_eq!(x_cache(&attacker), "BYPASS", "{cloak}");
+    }
+    assert_eq!(x_cache(&req(&s, "/gen/limited/o", &[]).await), "MISS", "nothing was stored under the plain path");
 }
 
 async fn a_304_to_our_own_revalidation_is_never_passed_on(store: Store) {

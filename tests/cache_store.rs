@@ -1,5 +1,6 @@
 //! The cache's storage layout on a real redis-server of the test's own: variants of one path in
-//! one hash with their own expiry and a cap, one-path purge, route generations, NOSCRIPT recovery.
+//! one hash with their own expiry and a cap that never evicts, one-path purge, route generations,
+//! NOSCRIPT recovery.
 
 mod support;
 
@@ -71,7 +72,7 @@ async fn redis_layout() {
 }
 
 #[tokio::test]
-async fn expired_variants_do_not_accumulate_and_a_path_holds_at_most_the_cap() {
+async fn expired_variants_do_not_accumulate_and_a_full_path_refuses_new_ones() {
     let redis = TestRedis::start();
     let (store, _m) = redis_store(&redis).await;
     // Short-lived variants of one path (a `vary` header or a Host with many values): once they
@@ -84,17 +85,28 @@ async fn expired_variants_do_not_accumulate_and_a_path_holds_at_most_the_cap() {
     assert_eq!(redis.command(&["HLEN", "p"]), ":2", "every expired variant went with the next write");
     assert!(pttl(&redis, "p") > 59_000, "the key lives as long as its one live variant");
 
-    // Past the cap, the variants that expire first go; the one written always stays.
-    for i in 0..MAX_VARIANTS + 10 {
-        let keep = Duration::from_secs(100 + i as u64);
-        store.put("q", &format!("{i:x}"), Bytes::from_static(b"x"), keep).await.unwrap();
+    // Past the cap a new variant is refused: it never displaces a live one (anyone could evict
+    // a popular entry with invented hosts otherwise); an existing one is always updated.
+    for i in 0..MAX_VARIANTS {
+        assert!(store.put("q", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_secs(100)).await.unwrap());
     }
-    store.put("q", "short", Bytes::from_static(b"s"), Duration::from_secs(1)).await.unwrap();
+    let refused = store.put("q", "new", Bytes::from_static(b"n"), Duration::from_secs(500)).await.unwrap();
+    assert!(!refused, "a new variant of a full path is refused");
     assert_eq!(redis.command(&["HLEN", "q"]), format!(":{}", MAX_VARIANTS + 1));
-    assert!(store.get("q", "short").await.unwrap().is_some(), "the new variant is kept");
-    assert!(store.get("q", "0").await.unwrap().is_none(), "the soonest to expire went");
-    let last = format!("{:x}", MAX_VARIANTS + 9);
-    assert!(store.get("q", &last).await.unwrap().is_some(), "the longest-lived stayed");
+    assert!(store.get("q", "new").await.unwrap().is_none());
+    assert!(store.get("q", "0").await.unwrap().is_some(), "the live variants stay");
+    assert!(store.put("q", "0", Bytes::from_static(b"updated"), Duration::from_secs(100)).await.unwrap());
+    assert_eq!(store.get("q", "0").await.unwrap(), Some(Bytes::from_static(b"updated")), "an existing one is updated");
+    // Once some have expired, new variants fit again.
+    for i in 0..4 {
+        store.put("r", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_millis(100)).await.unwrap();
+    }
+    for i in 4..MAX_VARIANTS {
+        store.put("r", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_secs(100)).await.unwrap();
+    }
+    assert!(!store.put("r", "new", Bytes::from_static(b"n"), Duration::from_secs(100)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(store.put("r", "new", Bytes::from_static(b"n"), Duration::from_secs(100)).await.unwrap());
 }
 
 #[tokio::test]

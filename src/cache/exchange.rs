@@ -147,7 +147,8 @@ impl Cache {
     }
 
     /// Refresh a stale entry in the background: the client's request, prepared like every other
-    /// (the same forwarding rules), without its own conditionals or range, plus ours.
+    /// (the same forwarding rules, [`Hop::sanitize`] then [`Hop::annotate`]), without its own
+    /// conditionals or range, plus ours.
     #[allow(clippy::too_many_arguments)]
     fn refresh(
         self: &Arc<Self>,
@@ -159,11 +160,12 @@ impl Cache {
         hop: &Hop,
         upstream: &Upstream,
     ) {
+        // The client's request is sanitized already: only the annotation is left to do.
         let mut refresh = Request::new(body::full(Bytes::new()));
         *refresh.uri_mut() = req.uri().clone();
         *refresh.version_mut() = req.version();
         *refresh.headers_mut() = req.headers().clone();
-        hop.prepare(&mut refresh, false);
+        hop.annotate(&mut refresh);
         for name in CONDITIONALS.iter().chain([&header::RANGE]) {
             refresh.headers_mut().remove(name);
         }

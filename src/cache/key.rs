@@ -111,11 +111,11 @@ pub fn generation_key(prefix: &str, route: &str) -> String {
 /// The query as it enters the key, or `None` for no query.
 ///
 /// Parameter names are compared by their percent-decoded form, as backends read them:
-/// `?%6cimit=1` is the `limit` parameter; sorting goes by the name [`fold`]ed as lenient backends
-/// read it, so parameters they merge keep their order. In a list of kept names, a parameter whose
-/// name does not decode, folds to a kept name without being it (`LIMIT`), or a `;` (which some
-/// backends also split on), makes the query unrepresentable: dropping what the key cannot see
-/// would store one answer for another's request.
+/// `?%6cimit=1` is the `limit` parameter. Sorting goes by the name's [`skeleton`], so parameters
+/// a lenient backend reads as one keep their order. In a list of kept names, a parameter whose
+/// name does not decode, or has a kept name's skeleton without being it (`LIMIT`, `limit[]`,
+/// ` limit`), or a `;` (which some backends also split on), makes the query unrepresentable:
+/// dropping what the key cannot see would store one answer for another's request.
 fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<String>, Unrepresentable> {
     let Some(query) = query.filter(|q| !q.is_empty()) else { return Ok(None) };
     let params = query.split('&').filter(|p| !p.is_empty());
@@ -123,7 +123,7 @@ fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<Strin
         QueryMode::Keep => return Ok(Some(query.to_string())),
         QueryMode::Ignore => return Ok(None),
         QueryMode::Sorted => {
-            params.map(|p| (fold(&decoded_name(p).unwrap_or_else(|| name(p).to_string())), p)).collect()
+            params.map(|p| (skeleton(&decoded_name(p).unwrap_or_else(|| name(p).to_string())), p)).collect()
         }
         QueryMode::Only(names) => {
             let mut kept = Vec::new();
@@ -132,8 +132,8 @@ fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<Strin
                     return Err(Unrepresentable);
                 }
                 let decoded = decoded_name(p).ok_or(Unrepresentable)?;
-                if !names.contains(&decoded) && names.iter().any(|n| fold(n) == fold(&decoded)) {
-                    // `LIMIT` or `li.mit`: one of the kept names to a backend that folds names.
+                if !names.contains(&decoded) && names.iter().any(|n| skeleton(n) == skeleton(&decoded)) {
+                    // `LIMIT`, `limit[]`, ` limit`: one of the kept names to some backend.
                     return Err(Unrepresentable);
                 }
                 if names.contains(&decoded) {
@@ -154,7 +154,7 @@ fn normalize_query(query: Option<&str>, mode: &QueryMode) -> Result<Option<Strin
         }
     };
     // A stable sort keeps the order of parameters a backend may read as one (`a=2&a=1`,
-    // `a=2&%61=1`, `A=2&a=1`, `page.size=1&page_size=2`): a list, or the last one wins.
+    // `a=2&%61=1`, `A=2&a=1`, `page.size=1&page_size=2`, `a[]=1&a=2`): a list, or the last wins.
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let joined: Vec<&str> = params.into_iter().map(|(_, p)| p).collect();
     Ok((!joined.is_empty()).then(|| joined.join("&")))
@@ -164,15 +164,13 @@ fn name(param: &str) -> &str {
     param.split('=').next().unwrap_or("")
 }
 
-/// A parameter name as the most lenient backends read it: ASCII case folded (ASP.NET), and `.`,
-/// space and `[` read as `_` (PHP).
-fn fold(name: &str) -> String {
-    name.chars()
-        .map(|c| match c {
-            '.' | ' ' | '[' => '_',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect()
+/// What is left of a (decoded) parameter name once the most lenient backends have read it: cut
+/// at a NUL (PHP) or at the first `[` (arrays and maps in PHP, qs and Rack: `limit[]`,
+/// `limit[0]`), case folded (ASP.NET), and only letters and digits kept (PHP reads `.` and
+/// spaces as `_` and drops leading spaces). Two names with one skeleton may be one parameter.
+fn skeleton(name: &str) -> String {
+    let end = name.find(['[', '\0']).unwrap_or(name.len());
+    name[..end].chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
 }
 
 /// A parameter's name, percent-decoded (and `+` as a space, as forms encode it); `None` when the
@@ -206,39 +204,48 @@ fn variant(headers: &HeaderMap, hop: &Hop, cfg: &CacheConfig) -> String {
     // The authority as the backend will receive it: the request is sanitized (`Hop::sanitize`:
     // Host set, hop-by-hop fields and untrusted forwarding claims gone) but a hit is never
     // annotated, so X-Forwarded-Host and -Proto are taken as `Hop::annotate` will set them: a
-    // trusted proxy's, else made from Host and the connection. Host-like values are compared
-    // in lower case, a default port dropped. `the_key_is_what_the_backend_receives` checks this
-    // against the preparation itself.
-    let default_port = if hop.tls { &b":443"[..] } else { &b":80"[..] };
-    let mut authority = |v: &[u8]| {
+    // trusted proxy's, else made from Host and the connection. Hosts are compared in lower case
+    // without the default port of the scheme the client used (a trusted proxy's
+    // X-Forwarded-Proto, else this connection's); the scheme as sent.
+    // `the_key_is_what_the_backend_receives` checks this against the preparation itself.
+    let kept = |name: &HeaderName| hop.trusted && headers.contains_key(name);
+    let https = match headers.get(&X_FORWARDED_PROTO).filter(|_| kept(&X_FORWARDED_PROTO)) {
+        Some(proto) => proto.as_bytes().eq_ignore_ascii_case(b"https"),
+        None => hop.tls,
+    };
+    let default_port = if https { &b":443"[..] } else { &b":80"[..] };
+    let host = |hash: &mut Sha256, v: &[u8]| {
         // Allocates only for a value with upper case in it.
         let lower =
             if v.iter().any(u8::is_ascii_uppercase) { Cow::Owned(v.to_ascii_lowercase()) } else { Cow::Borrowed(v) };
         hash.update(lower.strip_suffix(default_port).unwrap_or(&lower));
         hash.update(b"\x00");
     };
-    headers.get_all(header::HOST).iter().for_each(|v| authority(v.as_bytes()));
-    authority(b"\x02");
-    let kept = |name: &HeaderName| hop.trusted && headers.contains_key(name);
+    let exactly = |hash: &mut Sha256, name: &HeaderName| {
+        for v in headers.get_all(name) {
+            hash.update(v.as_bytes());
+            hash.update(b"\x00");
+        }
+    };
+    headers.get_all(header::HOST).iter().for_each(|v| host(&mut hash, v.as_bytes()));
+    hash.update(b"\x02");
     if kept(&X_FORWARDED_HOST) {
-        headers.get_all(&X_FORWARDED_HOST).iter().for_each(|v| authority(v.as_bytes()));
-    } else if let Some(host) = headers.get(header::HOST) {
-        authority(host.as_bytes());
+        headers.get_all(&X_FORWARDED_HOST).iter().for_each(|v| host(&mut hash, v.as_bytes()));
+    } else if let Some(v) = headers.get(header::HOST) {
+        host(&mut hash, v.as_bytes());
     }
-    authority(b"\x02");
+    hash.update(b"\x02");
     if kept(&X_FORWARDED_PROTO) {
-        headers.get_all(&X_FORWARDED_PROTO).iter().for_each(|v| authority(v.as_bytes()));
+        exactly(&mut hash, &X_FORWARDED_PROTO);
     } else {
-        authority(if hop.tls { b"https" } else { b"http" });
+        hash.update(if hop.tls { &b"https"[..] } else { &b"http"[..] });
+        hash.update(b"\x00");
     }
-    authority(b"\x02");
+    hash.update(b"\x02");
     // A trusted proxy's other claims about the original request (anyone else's are removed).
     if headers.keys().any(|name| FORWARDING_CLAIMS.contains(name)) {
         for name in &FORWARDING_CLAIMS {
-            for v in headers.get_all(name) {
-                hash.update(v.as_bytes());
-                hash.update(b"\x00");
-            }
+            exactly(&mut hash, name);
             hash.update(b"\x02");
         }
     }
@@ -328,6 +335,10 @@ mod tests {
         assert_eq!(path("/m?limit=1&li%6dit=2").unwrap(), "sc:c:r:0:g:/m?limit=1&limit=2");
         assert_ne!(path("/m?limit=1&limit=2"), path("/m?limit=2&limit=1"), "a repeated kept name keeps its order");
         assert_eq!(path("/m?LIMIT=100000"), Err(Unrepresentable), "case-insensitive backends read it as limit");
+        for cloak in ["limit[]=1", "limit%5B0%5D=1", "limit[x]=1", "+limit=1", "%20limit=1", "limit%00=1", "li_mit=1"] {
+            assert_eq!(path(&format!("/m?{cloak}")), Err(Unrepresentable), "{cloak}: limit to some backend");
+        }
+        assert_eq!(path("/m?limitless=1&unlimited=2").unwrap(), "sc:c:r:0:g:/m", "other names are dropped");
         let page_size = QueryMode::Only(vec!["page_size".into()]);
         let php = path_key("sc:", "r", 0, &"/m?page.size=9".parse().unwrap(), &page_size);
         assert_eq!(php, Err(Unrepresentable), "PHP reads page.size as page_size");
@@ -343,6 +354,8 @@ mod tests {
         assert_ne!(php("page_size=10&page.size=9"), php("page.size=9&page_size=10"), "PHP merges them: order kept");
         assert_ne!(php("A=1&a=2"), php("a=2&A=1"), "a case-insensitive backend merges them");
         assert_eq!(php("b=1&A=2"), "sc:c:catalog:3:g:/m?A=2&b=1");
+        assert_ne!(php("limit[]=1&limit=2"), php("limit=2&limit[]=1"), "PHP, qs and Rack merge them");
+        assert_ne!(php("+limit=1&limit=2"), php("limit=2&+limit=1"), "PHP drops the leading space");
     }
 
     #[test]
@@ -459,6 +472,49 @@ mod tests {
                 assert_eq!(whole.headers(), req.headers(), "prepare is sanitize then annotate");
             }
         }
+    }
+
+    /// Two requests share a key only if the backend receives the same authority for them.
+    #[test]
+    fn one_key_means_one_authority_for_the_backend() {
+        let c = cfg(QueryMode::Sorted, &[]);
+        let seen = |hop: &Hop, pairs: &[(&str, &str)]| {
+            let mut req = request("/m", pairs);
+            hop.sanitize(&mut req, false);
+            let keyed = variant(req.headers(), hop, &c);
+            hop.annotate(&mut req);
+            let h = req.headers();
+            (keyed, (h.get("x-forwarded-host").cloned(), h["x-forwarded-proto"].clone()))
+        };
+        let trusted = hop(false, true);
+        for (a, b) in [
+            (
+                &[("host", "internal"), ("x-forwarded-host", "shop.example:80"), ("x-forwarded-proto", "https")][..],
+                &[("host", "internal"), ("x-forwarded-host", "shop.example"), ("x-forwarded-proto", "https")][..],
+            ),
+            (
+                &[("host", "shop.example:80"), ("x-forwarded-proto", "https")],
+                &[("host", "shop.example"), ("x-forwarded-proto", "https")],
+            ),
+            (
+                &[("host", "internal"), ("x-forwarded-host", "shop.example"), ("x-forwarded-proto", "HTTPS")],
+                &[("host", "internal"), ("x-forwarded-host", "shop.example"), ("x-forwarded-proto", "https")],
+            ),
+            (
+                &[("host", "internal"), ("x-forwarded-host", "shop.example:443"), ("x-forwarded-proto", "http")],
+                &[("host", "internal"), ("x-forwarded-host", "shop.example"), ("x-forwarded-proto", "http")],
+            ),
+        ] {
+            let ((ka, ra), (kb, rb)) = (seen(&trusted, a), seen(&trusted, b));
+            assert_ne!(ra, rb);
+            assert_ne!(ka, kb, "the backend is told different things: {a:?} / {b:?}");
+        }
+        let https = |pairs: &[(&str, &str)]| seen(&trusted, pairs).0;
+        assert_eq!(
+            https(&[("host", "shop.example:443"), ("x-forwarded-proto", "https")]),
+            https(&[("host", "shop.example"), ("x-forwarded-proto", "https")]),
+            "443 is the default port of the scheme the client used"
+        );
     }
 
     #[test]

@@ -47,13 +47,22 @@ pub enum StoreResult {
     Incomplete,
     /// Too many writes in flight: dropped.
     Dropped,
+    /// The path already holds as many live variants as it may (a new one never displaces them).
+    TooManyVariants,
     /// The store failed.
     Error,
 }
 
 impl StoreResult {
-    const ALL: [StoreResult; 6] =
-        [Self::Stored, Self::NotStorable, Self::TooLarge, Self::Incomplete, Self::Dropped, Self::Error];
+    const ALL: [StoreResult; 7] = [
+        Self::Stored,
+        Self::NotStorable,
+        Self::TooLarge,
+        Self::Incomplete,
+        Self::Dropped,
+        Self::TooManyVariants,
+        Self::Error,
+    ];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -63,6 +72,7 @@ impl StoreResult {
             Self::TooLarge => "too_large",
             Self::Incomplete => "incomplete",
             Self::Dropped => "dropped",
+            Self::TooManyVariants => "too_many_variants",
             Self::Error => "error",
         }
     }
@@ -250,7 +260,11 @@ impl Cache {
         let (bytes, keep_for) = (entry.encode(), policy::keep_for(entry));
         tokio::spawn(async move {
             let result = store.put(&key.path_key, &key.variant, bytes, keep_for).await;
-            route.count_store(if result.is_ok() { StoreResult::Stored } else { StoreResult::Error });
+            route.count_store(match result {
+                Ok(true) => StoreResult::Stored,
+                Ok(false) => StoreResult::TooManyVariants,
+                Err(_) => StoreResult::Error,
+            });
             drop(permit);
         });
         true

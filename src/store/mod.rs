@@ -61,14 +61,20 @@ impl CacheStore {
         }
     }
 
-    /// Store one variant for `keep_for`; a path holds at most [`MAX_VARIANTS`] (in Redis, the
-    /// ones that expire first go; in process, each variant is an entry of its own).
-    pub async fn put(&self, path_key: &str, variant: &str, value: Bytes, keep_for: Duration) -> Result<(), StoreError> {
+    /// Store one variant for `keep_for`; `false` when Redis refused a new variant of a path that
+    /// holds [`MAX_VARIANTS`] live ones already (in process, each variant is an entry of its own).
+    pub async fn put(
+        &self,
+        path_key: &str,
+        variant: &str,
+        value: Bytes,
+        keep_for: Duration,
+    ) -> Result<bool, StoreError> {
         match self {
             Self::Redis(r) => r.hset_variant(path_key, variant, value, keep_for, MAX_VARIANTS).await,
             Self::Memory(m) => {
                 m.put(path_key, variant, value, keep_for);
-                Ok(())
+                Ok(true)
             }
         }
     }

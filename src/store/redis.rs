@@ -39,42 +39,44 @@ use crate::metrics::{
 const MAX_IN_FLIGHT: usize = 1024;
 
 /// [`RedisStore::hset_variant`]: KEYS[1] the path's hash; ARGV field, value, keep-for ms, cap.
-/// Variant ids are hex, so the index field `~` can never be one.
+/// Returns 1 when written, 0 when refused (the path holds `cap` live variants and this one is
+/// new). Variant ids are hex, so the index field `~` can never be one.
 const HSET_VARIANT_LUA: &str = r#"
 local key, field, keep, cap = KEYS[1], ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local others = {}
+local known, others = false, {}
 local index = redis.call('HGET', key, '~')
 if index then
   for variant, expiry in string.gmatch(index, '(%S+) (%d+)') do
     expiry = tonumber(expiry)
-    if variant ~= field then
-      if expiry > now then
-        others[#others + 1] = {variant, expiry}
-      else
-        redis.call('HDEL', key, variant)
-      end
+    if variant == field then
+      known = true
+    elseif expiry > now then
+      others[#others + 1] = {variant, expiry}
+    else
+      redis.call('HDEL', key, variant)
     end
   end
 end
-if #others > cap - 1 then
-  table.sort(others, function(a, b) return a[2] > b[2] end)
-  for i = cap, #others do
-    redis.call('HDEL', key, others[i][1])
-    others[i] = nil
-  end
+local parts, longest, stored = {}, 0, 0
+if known or #others < cap then
+  local expiry = now + keep
+  redis.call('HSET', key, field, ARGV[2])
+  parts[1] = field .. ' ' .. string.format('%d', expiry)
+  longest, stored = expiry, 1
 end
-local expiry = now + keep
-local parts = {field .. ' ' .. string.format('%d', expiry)}
-local longest = expiry
 for _, other in ipairs(others) do
   parts[#parts + 1] = other[1] .. ' ' .. string.format('%d', other[2])
   if other[2] > longest then longest = other[2] end
 end
-redis.call('HSET', key, field, ARGV[2], '~', table.concat(parts, ' '))
+if #parts == 0 then
+  redis.call('DEL', key)
+  return stored
+end
+redis.call('HSET', key, '~', table.concat(parts, ' '))
 redis.call('PEXPIRE', key, longest - now)
-return #parts
+return stored
 "#;
 /// Commands fred may queue per connection while (re)connecting; past it fred answers
 /// Backpressure at once.
@@ -320,15 +322,16 @@ impl RedisStore {
         self.call(Op::Hget, |c| c.hget::<Option<Bytes>, _, _>(key, field)).await
     }
 
-    /// HSET one variant of a path, which lives `keep_for`; at most `max_variants` live in the
-    /// hash. One script on one key (cluster-safe).
+    /// HSET one variant of a path, which lives `keep_for`; `false` when it was refused because
+    /// the path already holds `max_variants` live ones. One script on one key (cluster-safe).
     ///
     /// Redis expires keys, not hash fields (HPEXPIRE needs 7.4), so the hash keeps an index
     /// field `~` of `variant expiry-ms` pairs (Redis `TIME`, so replicas agree): each write
-    /// deletes the variants that have expired, then, past the cap, the ones that expire first,
-    /// and sets the key to live as long as its longest-lived variant. Expired variants of a path
-    /// with many `vary` values or hosts therefore never accumulate, and a path never holds more
-    /// than the cap.
+    /// deletes the variants that have expired and sets the key to live as long as its
+    /// longest-lived variant, so expired variants of a path with many `vary` values or hosts
+    /// never accumulate. A new variant never displaces a live one (an existing one is always
+    /// updated): otherwise anyone could evict a popular entry by asking for the same path under
+    /// `max_variants` invented hosts.
     pub async fn hset_variant(
         &self,
         key: &str,
@@ -336,12 +339,13 @@ impl RedisStore {
         value: Bytes,
         keep_for: Duration,
         max_variants: usize,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         static HSET_VARIANT: std::sync::LazyLock<Script> =
             std::sync::LazyLock::new(|| Script::from_lua(HSET_VARIANT_LUA));
         let ms = keep_for.as_millis().clamp(1, 1 << 50) as i64;
         let cap = max_variants.clamp(1, 1 << 20) as i64;
-        self.script(Op::Hset, &HSET_VARIANT, key, vec![field.into(), value.into(), ms.into(), cap.into()]).await
+        let args = vec![field.into(), value.into(), ms.into(), cap.into()];
+        self.script::<i64>(Op::Hset, &HSET_VARIANT, key, args).await.map(|stored| stored == 1)
     }
 
     /// Run a one-key script by EVALSHA, loading it again after NOSCRIPT (a restarted or

@@ -18,15 +18,22 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// send them; from anyone else they are removed, or a client could make the backend answer for a
 /// host, port, scheme or path of its choosing, and the cache would store that answer for
 /// everyone. From a trusted proxy they are kept, and the cache keys on them.
-pub static FORWARDING_CLAIMS: [HeaderName; 8] = [
+pub static FORWARDING_CLAIMS: [HeaderName; 15] = [
     header::FORWARDED,
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-scheme"),
     HeaderName::from_static("x-forwarded-ssl"),
     HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-forwarded-path"),
+    HeaderName::from_static("x-forwarded-protocol"),
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("front-end-https"),
 ];
 
 /// `X-Real-IP`: the client address as a proxy in front saw it; removed from untrusted peers like
