@@ -80,27 +80,28 @@ impl Cache {
         hop: &Hop,
         upstream: &Upstream,
     ) -> Begin {
-        // Counted when it is dropped, whatever happens from here: answered, forwarded, or the
-        // client gone while the store or another request's fetch was awaited.
-        let mut exchange = self.exchange(route, Some(Outcome::Bypass), None);
+        // Counted when it is dropped, whatever happens from here: answered, forwarded (then the
+        // exchange counts it), or the client gone while the store or another request's fetch
+        // was awaited. It borrows: a hit touches no shared reference count.
+        let mut lookup = Lookup { route, outcome: Some(Outcome::Bypass) };
         let has_body = !hyper::body::Body::is_end_stream(req.body());
         if let Some(reason) = policy::request_bypass(req.method(), req.headers(), has_body, &route.config) {
             tracing::debug!(route = %route.name, ?reason, "cache bypassed");
-            return Begin::Forward(exchange);
+            return Begin::Forward(self.exchange(route, lookup.take(), None));
         }
         let generation = route.generation.load(std::sync::atomic::Ordering::Relaxed);
         let Ok(key) =
             key::cache_key(&self.prefix, &route.name, generation, req.uri(), req.headers(), hop, &route.config)
         else {
             tracing::debug!(route = %route.name, reason = ?Bypass::Query, "cache bypassed");
-            return Begin::Forward(exchange);
+            return Begin::Forward(self.exchange(route, lookup.take(), None));
         };
-        exchange.set_outcome(Outcome::Miss);
+        lookup.set(Outcome::Miss);
         let head = req.method() == Method::HEAD;
 
         let stale = match self.find(route, &key).await {
             Found::Entry(entry, Phase::Fresh(_)) => {
-                exchange.set_outcome(Outcome::Hit);
+                lookup.set(Outcome::Hit);
                 let now = self.clock.now();
                 return Begin::Answer(respond::from_entry(&entry, head, Some(req.headers()), Outcome::Hit, now));
             }
@@ -109,13 +110,13 @@ impl Cache {
                 if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
                     self.refresh(route, key, entry.clone(), flight, req, hop, upstream);
                 }
-                exchange.set_outcome(Outcome::Stale);
+                lookup.set(Outcome::Stale);
                 return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Stale, self.clock.now()));
             }
             Found::Entry(entry, Phase::Stale(_)) => Some(entry),
             Found::Nothing => None,
             Found::Unavailable => {
-                exchange.set_outcome(Outcome::Error);
+                lookup.set(Outcome::Error);
                 None
             }
         };
@@ -132,14 +133,14 @@ impl Cache {
             Join::Lead(_) => {}
             Join::Follow(rx) => {
                 if let Some(entry) = coalesce::follow(rx, self.lock_timeout).await {
-                    exchange.set_outcome(Outcome::Collapsed);
+                    lookup.set(Outcome::Collapsed);
                     let now = self.clock.now();
                     return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
                 }
             }
         }
-        exchange.fetch = Some(Fetch { key, head, stale, revalidate, flight, store });
-        Begin::Forward(exchange)
+        let fetch = Fetch { key, head, stale, revalidate, flight, store };
+        Begin::Forward(self.exchange(route, lookup.take(), Some(fetch)))
     }
 
     fn exchange(self: &Arc<Self>, route: &Arc<RouteCache>, outcome: Option<Outcome>, fetch: Option<Fetch>) -> Exchange {
@@ -182,6 +183,31 @@ impl Cache {
             }
         };
         tokio::spawn(task.in_current_span());
+    }
+}
+
+/// A lookup not yet handed to an [`Exchange`]: counts its outcome when dropped, unless taken.
+struct Lookup<'a> {
+    route: &'a RouteCache,
+    outcome: Option<Outcome>,
+}
+
+impl Lookup<'_> {
+    fn set(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+
+    /// The outcome, now the exchange's to count.
+    fn take(&mut self) -> Option<Outcome> {
+        self.outcome.take()
+    }
+}
+
+impl Drop for Lookup<'_> {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.outcome {
+            self.route.count_lookup(outcome);
+        }
     }
 }
 
