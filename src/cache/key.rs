@@ -20,7 +20,7 @@ use http::{header, HeaderMap, HeaderName, Uri};
 use sha2::{Digest, Sha256};
 
 use crate::config::{CacheConfig, QueryMode};
-use crate::upstream::headers::{FORWARDING_CLAIMS, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::upstream::headers::{is_forwarding_claim, FORWARDING_CLAIMS, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::upstream::Hop;
 
 /// Path keys longer than this are hashed (request targets can be kilobytes long).
@@ -243,7 +243,7 @@ fn variant(headers: &HeaderMap, hop: &Hop, cfg: &CacheConfig) -> String {
     }
     hash.update(b"\x02");
     // A trusted proxy's other claims about the original request (anyone else's are removed).
-    if headers.keys().any(|name| FORWARDING_CLAIMS.contains(name)) {
+    if headers.keys().any(is_forwarding_claim) {
         for name in &FORWARDING_CLAIMS {
             exactly(&mut hash, name);
             hash.update(b"\x02");

@@ -120,9 +120,16 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&canonical(peer).to_string()).expect("an IP address is a valid header value")
 }
 
+/// Whether a field is one of the [`FORWARDING_CLAIMS`] or `X-Real-IP`. On every request: all of
+/// them start with `x` or `f`, so for most fields one byte decides.
+pub fn is_forwarding_claim(name: &HeaderName) -> bool {
+    matches!(name.as_str().as_bytes().first(), Some(b'x' | b'f'))
+        && (FORWARDING_CLAIMS.contains(name) || name == X_REAL_IP)
+}
+
 /// Remove the [`FORWARDING_CLAIMS`] and `X-Real-IP` of a peer that is not trusted.
 pub fn remove_forwarding_claims(headers: &mut HeaderMap) {
-    if headers.keys().any(|name| FORWARDING_CLAIMS.contains(name) || name == X_REAL_IP) {
+    if headers.keys().any(is_forwarding_claim) {
         for name in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
             headers.remove(name);
         }
@@ -203,6 +210,16 @@ mod tests {
         let mut untouched = map(&[("accept", "*/*"), ("content-length", "3")]);
         remove_hop_by_hop(&mut untouched);
         assert_eq!(untouched.len(), 2);
+    }
+
+    #[test]
+    fn every_forwarding_claim_is_recognised() {
+        for claim in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
+            assert!(is_forwarding_claim(claim), "{claim}");
+        }
+        for other in ["host", "accept", "x-request-id", "from", "x-forwarded-for", "x-forwarded-host"] {
+            assert!(!is_forwarding_claim(&HeaderName::from_static(other)), "{other}");
+        }
     }
 
     #[test]
