@@ -89,11 +89,6 @@ pub struct RouteCache {
 }
 
 impl RouteCache {
-    /// The route's cache settings.
-    pub fn config(&self) -> &CacheConfig {
-        &self.config
-    }
-
     fn count_lookup(&self, outcome: Outcome) {
         self.lookups[outcome as usize].increment(1);
     }
