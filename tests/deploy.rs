@@ -1,8 +1,9 @@
 //! The shipping files agree with the code: the Dockerfile with the Cargo build, the Kubernetes
 //! manifests with the proxy.toml they mount, and the alert rules and dashboard with the metrics a
-//! running proxy really exports. Linters that need their own tools (hadolint, kubernetes-validate
-//! on the kustomize output) run in `.ci/run`; promtool runs here, because the rules must be
-//! unwrapped from the PrometheusRule first.
+//! running proxy really exports. Nothing here needs a program beyond the Rust toolchain and
+//! `redis-server`: linters with tools of their own (hadolint, kubernetes-validate on the kustomize
+//! output, promtool on the alert rules, their unit tests and the dashboard queries) run in
+//! `.ci/lint-deploy`.
 
 mod support;
 
@@ -15,7 +16,7 @@ use http::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use support::redis::{free_port, TestRedis};
-use support::{get, send, temp_path, BinaryProxy, TestUpstream};
+use support::{get, send, BinaryProxy, TestUpstream};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -599,51 +600,4 @@ fn every_alert_has_a_summary_and_a_runbook_section() {
         assert_eq!(fragment, anchor(name), "{name}: the runbook section is named after the alert");
         assert!(anchors.contains(fragment), "{name}: docs/operations.md has no section #{fragment}");
     }
-}
-
-fn promtool(args: &[&str], dir: &Path) -> String {
-    let out =
-        Command::new("promtool").args(args).current_dir(dir).output().unwrap_or_else(|e| {
-            panic!("promtool: {e}. It comes with Debian's prometheus package; .ci/run installs it.")
-        });
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "promtool {args:?}:\n{text}");
-    text
-}
-
-#[test]
-fn alert_rules_and_dashboard_queries_pass_promtool() {
-    let dir = temp_path("promtool");
-    std::fs::create_dir_all(&dir).unwrap();
-    let spec = yaml("deploy/prometheus/alerts.yaml")["spec"].clone();
-
-    // The rules as written, templates included.
-    std::fs::write(dir.join("alerts.json"), spec.to_string()).unwrap();
-    let checked = promtool(&["check", "rules", "alerts.json"], &dir);
-    assert!(checked.contains(&format!("SUCCESS: {} rules found", alert_rules().len())), "{checked}");
-
-    // Their unit tests, on the rules without annotations (whose wording the tests do not pin).
-    let mut bare = spec;
-    for group in bare["groups"].as_array_mut().unwrap() {
-        for rule in group["rules"].as_array_mut().unwrap() {
-            rule.as_object_mut().unwrap().remove("annotations");
-        }
-    }
-    std::fs::write(dir.join("rules.json"), bare.to_string()).unwrap();
-    std::fs::copy(repo("deploy/prometheus/alerts.test.yaml"), dir.join("alerts.test.yaml")).unwrap();
-    promtool(&["test", "rules", "alerts.test.yaml"], &dir);
-
-    // The dashboard's queries, parsed by Prometheus as recording rules.
-    let rules: Vec<Value> = dashboard_queries()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (expr, _))| json!({ "record": format!("dashboard:query_{i}"), "expr": expr }))
-        .collect();
-    std::fs::write(
-        dir.join("dashboard.json"),
-        json!({ "groups": [{ "name": "dashboard", "rules": rules }] }).to_string(),
-    )
-    .unwrap();
-    promtool(&["check", "rules", "dashboard.json"], &dir);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
