@@ -112,6 +112,9 @@ impl Proxy {
                 Verdict::Limited(quota) => {
                     return self.finish(respond::rate_limited(&quota), route_metrics, started, &conn);
                 }
+                Verdict::Unavailable(retry_after) => {
+                    return self.finish(respond::limiter_unavailable(retry_after), route_metrics, started, &conn);
+                }
                 Verdict::Allowed(quota) => Some(quota),
                 Verdict::Unlimited | Verdict::Unchecked => None,
             };

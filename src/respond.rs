@@ -45,6 +45,15 @@ pub fn rate_limited(quota: &Quota) -> Response<Body> {
     resp
 }
 
+/// `503` for a route whose limit fails closed while the shared limiter cannot answer:
+/// `Retry-After` (whole seconds, rounded up) and `{"error":"rate_limiter_unavailable"}`.
+pub fn limiter_unavailable(retry_after: std::time::Duration) -> Response<Body> {
+    let mut resp = json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"rate_limiter_unavailable"}"#.to_string());
+    let seconds = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    resp
+}
+
 /// The answer to a failed upstream exchange: 504 when a time budget ran out, 502 otherwise,
 /// with a one-line reason (never the error's details: they can name internal hosts).
 pub fn upstream_error(e: &UpstreamError) -> Response<Body> {

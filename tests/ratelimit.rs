@@ -415,3 +415,54 @@ async fn the_kill_switch_turns_every_limit_off() {
     assert_eq!(status["rate_limit_enabled"], false);
     assert_eq!(status["ratelimit_store"], "none");
 }
+
+#[tokio::test]
+async fn a_route_that_fails_closed_answers_503_while_redis_is_down() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let rl = r#"burst = 100, rate = "100/1m", on_redis_error = "deny""#;
+    let proxy = start(&upstream, "", &limited(rl), Some(&redis)).await;
+    assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::OK, "Redis alive: decided by Redis");
+
+    redis.kill();
+    let started = Instant::now();
+    for _ in 0..5 {
+        let a = get(&proxy.url("/gen/a")).await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+        assert_eq!(a.headers["retry-after"], "1", "the breaker's cooldown (300 ms), in whole seconds");
+        assert_eq!(a.json()["error"], "rate_limiter_unavailable");
+    }
+    assert!(started.elapsed() < FAST * 5, "{:?}", started.elapsed());
+    let before = upstream.requests();
+    assert_eq!(before, 1, "nothing reached the backend while the limiter could not answer");
+    let text = metrics(&proxy).await;
+    assert_eq!(checks(&text, "error", "deny"), 5.0);
+    assert_eq!(checks(&text, "error", "allow_all"), 0.0);
+
+    redis.restart();
+    until_redis_ready(&proxy.admin_url("")).await;
+    assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::OK, "back to Redis's decisions");
+}
+
+#[tokio::test]
+async fn a_limit_in_shadow_mode_counts_what_it_would_limit_and_limits_nothing() {
+    for redis in [Some(TestRedis::start()), None] {
+        let upstream = TestUpstream::spawn().await;
+        let proxy =
+            start(&upstream, "", &limited(r#"burst = 2, rate = "1/1h", mode = "shadow""#), redis.as_ref()).await;
+        for _ in 0..5 {
+            let a = get(&proxy.url("/gen/a")).await;
+            assert_eq!(a.status, StatusCode::OK);
+            assert!(
+                a.headers.get("ratelimit").is_none() && a.headers.get("ratelimit-policy").is_none(),
+                "nothing told"
+            );
+        }
+        assert_eq!(upstream.requests(), 5);
+        let backend = if redis.is_some() { "redis" } else { "local" };
+        let text = metrics(&proxy).await;
+        assert_eq!(checks(&text, "allowed", backend), 2.0, "{backend}");
+        assert_eq!(checks(&text, "would_limit", backend), 3.0, "{backend}");
+        assert_eq!(checks(&text, "limited", backend), 0.0, "{backend}");
+    }
+}

@@ -221,6 +221,17 @@ pub struct RateLimitConfig {
     pub key: ClientKey,
     /// What happens when the shared limiter cannot answer.
     pub on_redis_error: OnRedisError,
+    /// Enforce the limit, or only count what it would limit.
+    pub mode: LimitMode,
+}
+
+/// Whether a limit acts on requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    /// Answer 429 when the bucket is empty.
+    Enforce,
+    /// Limit nothing and tell the client nothing; count what would have been limited.
+    Shadow,
 }
 
 /// Which bucket a request belongs to.
@@ -241,6 +252,8 @@ pub enum OnRedisError {
     Allow,
     /// Use an in-process bucket with the same parameters.
     Local,
+    /// Fail closed: 503 while the shared limiter cannot answer.
+    Deny,
 }
 
 /// Every problem found in a configuration, each naming its field.

@@ -131,4 +131,5 @@ pub struct RawRateLimit {
     pub rate: String,
     pub key: Option<String>,
     pub on_redis_error: Option<String>,
+    pub mode: Option<String>,
 }

@@ -238,6 +238,20 @@ fn cache_settings_that_could_never_store_or_would_store_a_part() {
 }
 
 #[test]
+fn limits_may_fail_closed_or_run_in_shadow() {
+    let route = |rl: &str| {
+        format!("{UP}[[route]]\nname = \"a\"\npath = \"/a\"\nrate_limit = {{ burst = 1, rate = \"1/s\", {rl} }}\n")
+    };
+    let rl = |text: &str| ok(text).routes[0].rate_limit.clone().unwrap();
+    assert_eq!(rl(&route("on_redis_error = \"deny\"")).on_redis_error, OnRedisError::Deny);
+    assert_eq!(rl(&route("mode = \"shadow\"")).mode, LimitMode::Shadow);
+    assert_eq!(rl(&route("mode = \"enforce\"")).mode, LimitMode::Enforce);
+    assert_eq!(rl(&route("key = \"ip\"")).mode, LimitMode::Enforce, "the default");
+    assert_error(&route("mode = \"loud\""), "route[0].rate_limit.mode", "enforce, shadow");
+    assert_error(&route("on_redis_error = \"panic\""), "route[0].rate_limit.on_redis_error", "allow, local, deny");
+}
+
+#[test]
 fn environment_overrides_and_kill_switches() {
     let text = format!(
         "{UP}[redis]\nurl = \"redis://file:6379\"\n[[route]]\nname = \"a\"\npath = \"/a\"\ncache = {{ ttl = \"1m\" }}\nrate_limit = {{ burst = 1, rate = \"1/s\" }}\n"

@@ -436,11 +436,20 @@ impl Validator {
         let on_redis_error = match rl.on_redis_error.as_deref() {
             None | Some("allow") => OnRedisError::Allow,
             Some("local") => OnRedisError::Local,
+            Some("deny") => OnRedisError::Deny,
             Some(o) => {
-                self.err(f("on_redis_error"), format!("{o:?} is not a fallback (allow, local)"));
+                self.err(f("on_redis_error"), format!("{o:?} is not a fallback (allow, local, deny)"));
                 OnRedisError::Allow
             }
         };
-        Some(RateLimitConfig { burst: burst?, rate: rate?, key, on_redis_error })
+        let mode = match rl.mode.as_deref() {
+            None | Some("enforce") => LimitMode::Enforce,
+            Some("shadow") => LimitMode::Shadow,
+            Some(m) => {
+                self.err(f("mode"), format!("{m:?} is not a limit mode (enforce, shadow)"));
+                LimitMode::Enforce
+            }
+        };
+        Some(RateLimitConfig { burst: burst?, rate: rate?, key, on_redis_error, mode })
     }
 }

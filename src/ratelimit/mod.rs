@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use metrics::{Counter, Histogram};
 use tokio::time::Instant;
 
-use crate::config::{ClientKey, Config, OnRedisError, RouteConfig};
+use crate::config::{ClientKey, Config, LimitMode, OnRedisError, RouteConfig};
 use crate::metrics::{Registrar, RATELIMIT_CHECKS_TOTAL, RATELIMIT_CHECK_DURATION};
 use crate::store::redis::Op;
 use crate::store::RedisStore;
@@ -39,19 +39,55 @@ enum Backend {
     Redis,
     Local,
     AllowAll,
+    Deny,
 }
 
 impl Backend {
-    const ALL: [Backend; 3] = [Backend::Redis, Backend::Local, Backend::AllowAll];
+    const ALL: [Backend; 4] = [Backend::Redis, Backend::Local, Backend::AllowAll, Backend::Deny];
 
     fn as_str(self) -> &'static str {
         match self {
             Backend::Redis => "redis",
             Backend::Local => "local",
             Backend::AllowAll => "allow_all",
+            Backend::Deny => "deny",
         }
     }
 }
+
+/// What a check decided; with the backend, the labels of `ratelimit_checks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Allowed,
+    Limited,
+    /// Shadow mode: the bucket was empty, the request went on.
+    WouldLimit,
+    /// The shared limiter could not answer.
+    Error,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Limited => "limited",
+            Decision::WouldLimit => "would_limit",
+            Decision::Error => "error",
+        }
+    }
+}
+
+/// The (decision, backend) pairs that can happen, in the order of `Limit::checks`.
+const COUNTED: [(Decision, Backend); 8] = [
+    (Decision::Allowed, Backend::Redis),
+    (Decision::Limited, Backend::Redis),
+    (Decision::WouldLimit, Backend::Redis),
+    (Decision::Allowed, Backend::Local),
+    (Decision::Limited, Backend::Local),
+    (Decision::WouldLimit, Backend::Local),
+    (Decision::Error, Backend::AllowAll),
+    (Decision::Error, Backend::Deny),
+];
 
 /// The verdict on one request.
 #[derive(Debug)]
@@ -62,8 +98,12 @@ pub enum Verdict {
     Allowed(Quota),
     /// No token left: answer 429.
     Limited(Quota),
-    /// The shared limiter could not answer and the route fails open.
+    /// The shared limiter could not answer and the route fails open, or the limit is in shadow
+    /// mode: go on, and tell the client nothing.
     Unchecked,
+    /// The shared limiter could not answer and the route fails closed: answer 503, retry after
+    /// this long.
+    Unavailable(Duration),
 }
 
 /// What the client is told about its bucket.
@@ -97,8 +137,9 @@ pub struct Limit {
     policy: HeaderValue,
     /// In-process buckets: always without Redis, for failures with `on_redis_error = "local"`.
     local: Option<LocalBuckets>,
-    /// allowed/limited × redis/local, then error × allow_all.
-    checks: [Counter; 5],
+    mode: LimitMode,
+    /// One per pair of [`COUNTED`].
+    checks: [Counter; COUNTED.len()],
 }
 
 /// What every route's limit shares: the Redis, the script, the trusted proxies. One per process
@@ -108,7 +149,9 @@ pub struct RateLimiter {
     prefix: String,
     script: Script,
     trusted: Vec<IpNet>,
-    durations: [Histogram; 3],
+    durations: [Histogram; Backend::ALL.len()],
+    /// `Retry-After` of a 503 from a route that fails closed: until the breaker probes again.
+    deny_retry: Duration,
 }
 
 impl RateLimiter {
@@ -127,6 +170,7 @@ impl RateLimiter {
             script: Script::from_lua(bucket::SCRIPT),
             trusted: config.server.trusted_proxies.clone(),
             durations: Backend::ALL.map(|b| registrar.histogram(RATELIMIT_CHECK_DURATION, &[("backend", b.as_str())])),
+            deny_retry: config.redis.as_ref().map_or(Duration::from_secs(1), |r| r.breaker_cooldown),
         })
     }
 
@@ -137,12 +181,7 @@ impl RateLimiter {
         let window = params.fill_time().as_secs_f64().ceil().max(1.0) as u64;
         let policy = format!("\"{}\";q={};w={window}", route.name, rl.burst);
         let local = self.redis.is_none() || rl.on_redis_error == OnRedisError::Local;
-        let count = |result: &str, backend: Backend| {
-            registrar.counter(
-                RATELIMIT_CHECKS_TOTAL,
-                &[("route", &route.name), ("result", result), ("backend", backend.as_str())],
-            )
-        };
+
         Some(Arc::new(Limit {
             name: route.name.clone(),
             key: rl.key.clone(),
@@ -151,13 +190,13 @@ impl RateLimiter {
             redis_prefix: format!("{}rl:{}:", self.prefix, route.name),
             policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
             local: local.then(|| LocalBuckets::new(params)),
-            checks: [
-                count("allowed", Backend::Redis),
-                count("limited", Backend::Redis),
-                count("allowed", Backend::Local),
-                count("limited", Backend::Local),
-                count("error", Backend::AllowAll),
-            ],
+            mode: rl.mode,
+            checks: COUNTED.map(|(decision, backend)| {
+                registrar.counter(
+                    RATELIMIT_CHECKS_TOTAL,
+                    &[("route", &route.name), ("result", decision.as_str()), ("backend", backend.as_str())],
+                )
+            }),
         }))
     }
 
@@ -178,18 +217,25 @@ impl RateLimiter {
         let (taken, backend) = match (shared, &limit.local) {
             (Some(taken), _) => (Some(taken), Backend::Redis),
             (None, Some(local)) => (Some(local.take(&id)), Backend::Local),
+            (None, None) if limit.on_redis_error == OnRedisError::Deny => (None, Backend::Deny),
             (None, None) => (None, Backend::AllowAll),
         };
         self.durations[backend as usize].record(started.elapsed().as_secs_f64());
-        limit.count(backend, taken.map(|t| t.allowed));
-        let Some(taken) = taken else {
-            return Verdict::Unchecked;
+        let shadow = limit.mode == LimitMode::Shadow;
+        let decision = match &taken {
+            None => Decision::Error,
+            Some(t) if t.allowed => Decision::Allowed,
+            Some(_) if shadow => Decision::WouldLimit,
+            Some(_) => Decision::Limited,
         };
-        let quota = limit.quota(&taken);
-        if taken.allowed {
-            Verdict::Allowed(quota)
-        } else {
-            Verdict::Limited(quota)
+        limit.count(decision, backend);
+        match taken {
+            // A limit in shadow mode changes nothing for the client.
+            _ if shadow => Verdict::Unchecked,
+            None if backend == Backend::Deny => Verdict::Unavailable(self.deny_retry),
+            None => Verdict::Unchecked,
+            Some(taken) if taken.allowed => Verdict::Allowed(limit.quota(&taken)),
+            Some(taken) => Verdict::Limited(limit.quota(&taken)),
         }
     }
 
@@ -215,16 +261,11 @@ impl RateLimiter {
 }
 
 impl Limit {
-    /// Count a decision: allowed or not (`None`: not checked, failing open).
-    fn count(&self, backend: Backend, allowed: Option<bool>) {
-        let index = match (backend, allowed) {
-            (Backend::Redis, Some(true)) => 0,
-            (Backend::Redis, Some(false)) => 1,
-            (Backend::Local, Some(true)) => 2,
-            (Backend::Local, Some(false)) => 3,
-            _ => 4,
-        };
-        self.checks[index].increment(1);
+    /// Count a decision by the backend that made it.
+    fn count(&self, decision: Decision, backend: Backend) {
+        if let Some(i) = COUNTED.iter().position(|c| *c == (decision, backend)) {
+            self.checks[i].increment(1);
+        }
     }
 
     fn quota(&self, taken: &Taken) -> Quota {
