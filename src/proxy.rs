@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::body::{Body, Streamed};
-use crate::cache::{Begin, Cache};
+use crate::cache::{Begin, Cache, Exchange};
 use crate::config::Config;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
@@ -137,7 +137,7 @@ impl Proxy {
         // forwarding claims of untrusted peers): the cache keys on it. An HTTP/1.1 upgrade keeps
         // its handshake headers.
         let hop = Hop {
-            peer: conn.peer_value.clone(),
+            peer: &conn.peer_value,
             tls: conn.tls,
             trusted: headers::is_trusted(conn.peer.ip(), &self.trusted_proxies),
         };
@@ -166,12 +166,7 @@ impl Proxy {
         match exchange {
             Some(exchange) if exchange.leads() => {
                 let (upstream, metrics) = (self.upstream.clone(), self.metrics.clone());
-                let fetch = async move {
-                    match forward(&upstream, &metrics, req).await {
-                        Ok(response) => exchange.respond(response).await,
-                        Err(error) => exchange.fail(error),
-                    }
-                };
+                let fetch = async move { conclude(Some(exchange), forward(&upstream, &metrics, req).await).await };
                 match tokio::spawn(fetch.in_current_span()).await {
                     Ok(response) => response,
                     Err(e) => {
@@ -181,25 +176,14 @@ impl Proxy {
                 }
             }
             exchange => {
-                let mut response = match forward(&self.upstream, &self.metrics, req).await {
-                    Ok(response) => response,
-                    Err(error) => {
-                        return match exchange {
-                            Some(exchange) => exchange.fail(error),
-                            None => error,
-                        }
-                    }
-                };
-                if let Some(client_upgrade) = client_upgrade {
+                let mut forwarded = forward(&self.upstream, &self.metrics, req).await;
+                if let (Some(client_upgrade), Ok(response)) = (client_upgrade, &mut forwarded) {
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        let upstream_upgrade = hyper::upgrade::on(response);
                         tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).in_current_span());
                     }
                 }
-                match exchange {
-                    Some(exchange) => exchange.respond(response).await,
-                    None => response.map(Streamed::body),
-                }
+                conclude(exchange, forwarded).await
             }
         }
     }
@@ -240,5 +224,15 @@ async fn forward(
             tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream failed");
             Err(respond::upstream_error(&e))
         }
+    }
+}
+
+/// The answer to a forwarded request: through the cache's exchange when there is one.
+async fn conclude(exchange: Option<Exchange>, forwarded: Result<Response<Incoming>, Response<Body>>) -> Response<Body> {
+    match (exchange, forwarded) {
+        (Some(exchange), Ok(response)) => exchange.respond(response).await,
+        (Some(exchange), Err(error)) => exchange.fail(error),
+        (None, Ok(response)) => response.map(Streamed::body),
+        (None, Err(error)) => error,
     }
 }

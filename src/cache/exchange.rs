@@ -77,7 +77,7 @@ impl Cache {
         self: &Arc<Self>,
         route: &Arc<RouteCache>,
         req: &Request<Incoming>,
-        hop: &Hop,
+        hop: &Hop<'_>,
         upstream: &Upstream,
     ) -> Begin {
         // Counted when it is dropped, whatever happens from here: answered, forwarded (then the
@@ -158,7 +158,7 @@ impl Cache {
         stale: Arc<Entry>,
         flight: FlightGuard,
         req: &Request<Incoming>,
-        hop: &Hop,
+        hop: &Hop<'_>,
         upstream: &Upstream,
     ) {
         // The client's request is sanitized already: only the annotation is left to do.

@@ -47,7 +47,7 @@ pub fn cache_key(
     generation: u64,
     uri: &Uri,
     headers: &HeaderMap,
-    hop: &Hop,
+    hop: &Hop<'_>,
     cfg: &CacheConfig,
 ) -> Result<CacheKey, Unrepresentable> {
     Ok(CacheKey {
@@ -199,7 +199,7 @@ fn decoded_name(param: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn variant(headers: &HeaderMap, hop: &Hop, cfg: &CacheConfig) -> String {
+fn variant(headers: &HeaderMap, hop: &Hop<'_>, cfg: &CacheConfig) -> String {
     let mut hash = Sha256::new();
     // The authority as the backend will receive it: the request is sanitized (`Hop::sanitize`:
     // Host set, hop-by-hop fields and untrusted forwarding claims gone) but a hit is never
@@ -379,8 +379,9 @@ mod tests {
         assert_ne!(k, key(&format!("/m?q={}", "y".repeat(5000)), QueryMode::Keep));
     }
 
-    fn hop(tls: bool, trusted: bool) -> Hop {
-        Hop { peer: HeaderValue::from_static("192.0.2.7"), tls, trusted }
+    fn hop(tls: bool, trusted: bool) -> Hop<'static> {
+        static PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
+        Hop { peer: &PEER, tls, trusted }
     }
 
     fn request(uri: &str, pairs: &[(&str, &str)]) -> http::Request<()> {
@@ -478,7 +479,7 @@ mod tests {
     #[test]
     fn one_key_means_one_authority_for_the_backend() {
         let c = cfg(QueryMode::Sorted, &[]);
-        let seen = |hop: &Hop, pairs: &[(&str, &str)]| {
+        let seen = |hop: &Hop<'_>, pairs: &[(&str, &str)]| {
             let mut req = request("/m", pairs);
             hop.sanitize(&mut req, false);
             let keyed = variant(req.headers(), hop, &c);

@@ -70,18 +70,21 @@ impl Outcome {
     /// Set `Cache-Status` and `X-Cache`. `ttl` is the answering entry's remaining freshness in
     /// seconds (negative once expired); `stored` says the forwarded response was stored.
     pub fn apply(self, headers: &mut HeaderMap, ttl: i64, stored: bool) {
+        // Only answers from an entry carry a number; the others are static values.
+        let with_ttl =
+            |detail: &str| HeaderValue::try_from(format!("sidecache; hit; ttl={ttl}{detail}")).expect("ASCII");
         let status = match self {
-            Self::Hit => format!("sidecache; hit; ttl={ttl}"),
-            Self::Collapsed => "sidecache; fwd=miss; collapsed".to_string(),
-            Self::Revalidated => "sidecache; fwd=stale; fwd-status=304".to_string(),
-            Self::Stale => format!("sidecache; hit; ttl={ttl}; detail=stale-while-revalidate"),
-            Self::StaleIfError => format!("sidecache; hit; ttl={ttl}; detail=stale-if-error"),
-            Self::Miss if stored => "sidecache; fwd=miss; stored".to_string(),
-            Self::Miss => "sidecache; fwd=miss".to_string(),
-            Self::Error => "sidecache; fwd=miss; detail=store-unavailable".to_string(),
-            Self::Bypass => "sidecache; fwd=bypass".to_string(),
+            Self::Hit => with_ttl(""),
+            Self::Stale => with_ttl("; detail=stale-while-revalidate"),
+            Self::StaleIfError => with_ttl("; detail=stale-if-error"),
+            Self::Collapsed => HeaderValue::from_static("sidecache; fwd=miss; collapsed"),
+            Self::Revalidated => HeaderValue::from_static("sidecache; fwd=stale; fwd-status=304"),
+            Self::Miss if stored => HeaderValue::from_static("sidecache; fwd=miss; stored"),
+            Self::Miss => HeaderValue::from_static("sidecache; fwd=miss"),
+            Self::Error => HeaderValue::from_static("sidecache; fwd=miss; detail=store-unavailable"),
+            Self::Bypass => HeaderValue::from_static("sidecache; fwd=bypass"),
         };
-        headers.insert(CACHE_STATUS.clone(), HeaderValue::try_from(status).expect("ASCII"));
+        headers.insert(CACHE_STATUS.clone(), status);
         headers.insert(X_CACHE.clone(), HeaderValue::from_static(self.x_cache()));
     }
 }

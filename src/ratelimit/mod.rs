@@ -181,7 +181,6 @@ impl RateLimiter {
         let window = params.fill_time().as_secs_f64().ceil().max(1.0) as u64;
         let policy = format!("\"{}\";q={};w={window}", route.name, rl.burst);
         let local = self.redis.is_none() || rl.on_redis_error == OnRedisError::Local;
-
         Some(Arc::new(Limit {
             name: route.name.clone(),
             key: rl.key.clone(),

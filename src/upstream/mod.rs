@@ -140,17 +140,17 @@ impl Upstream {
 }
 
 /// The hop a request arrived on, and so how it is prepared for the backend.
-#[derive(Debug, Clone)]
-pub struct Hop {
-    /// The client address as a header value.
-    pub peer: HeaderValue,
+#[derive(Debug, Clone, Copy)]
+pub struct Hop<'a> {
+    /// The client address as a header value (the connection's, borrowed).
+    pub peer: &'a HeaderValue,
     /// Whether the client connection is TLS.
     pub tls: bool,
     /// Whether the peer is in `server.trusted_proxies` (its forwarding headers are kept).
     pub trusted: bool,
 }
 
-impl Hop {
+impl Hop<'_> {
     /// Prepare a client request for the backend: [`Hop::sanitize`], then [`Hop::annotate`].
     /// Every request to the backend, foreground or background, is prepared here.
     pub fn prepare<B>(&self, req: &mut Request<B>, upgrade: bool) {
@@ -187,7 +187,7 @@ impl Hop {
         let h = req.headers_mut();
         // Room for X-Forwarded-For, -Proto, -Host and Via at once, rather than growing by doubling.
         h.reserve(4);
-        headers::set_forwarded(h, &self.peer, self.tls, self.trusted);
+        headers::set_forwarded(h, self.peer, self.tls, self.trusted);
         headers::append_via(h, version);
     }
 }
