@@ -80,6 +80,7 @@ on_both_stores!(
     a_leader_whose_client_leaves_still_answers_the_followers,
     a_request_whose_client_leaves_is_still_counted,
     a_refresh_sends_the_host_the_entry_was_keyed_on,
+    a_method_override_bypasses_the_cache,
 );
 
 async fn req(s: &Setup, path: &str, headers: &[(&str, &str)]) -> Answer {
@@ -387,6 +388,9 @@ async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_k
         ("x-forwarded-scheme", "https"),
         ("x-original-url", "/admin"),
         ("x-real-ip", "6.6.6.6"),
+        ("x-scheme", "https"),
+        ("x-proxied-https", "on"),
+        ("x_forwarded_host", "evil.example"),
     ];
     let s = setup(store, TestUpstream::new(), "").await;
     for (name, value) in claims {
@@ -410,6 +414,15 @@ async fn forwarding_claims_reach_the_backend_only_from_a_trusted_proxy_and_are_k
     assert_eq!(ask("host=shop.example").await.headers["x-cache"], "HIT");
     assert_eq!(ask("host=evil.example").await.headers["x-cache"], "MISS");
     assert_eq!(upstream.seen("/gen/plain/trusted")[1]["forwarded"], "host=evil.example");
+}
+
+async fn a_method_override_bypasses_the_cache(store: Store) {
+    let s = setup(store, TestUpstream::new(), "").await;
+    for name in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        let a = req(&s, "/gen/plain/override", &[(name, "DELETE")]).await;
+        assert_eq!(x_cache(&a), "BYPASS", "{name}");
+    }
+    assert_eq!(x_cache(&req(&s, "/gen/plain/override", &[]).await), "MISS", "nothing stored from them");
 }
 
 async fn a_kept_name_in_another_case_bypasses_and_an_unreadable_cache_control_is_not_stored(store: Store) {

@@ -27,6 +27,13 @@ pub enum Bypass {
     Query,
 }
 
+/// Fields with which a client asks a framework to treat a request as another method.
+static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
 /// Whether a (sanitized) request must bypass the cache of a route; `has_body` says it carries a
 /// body (`Content-Length` > 0, chunked, or an h2 DATA frame).
 pub fn request_bypass(method: &Method, headers: &HeaderMap, has_body: bool, cfg: &CacheConfig) -> Option<Bypass> {
@@ -42,6 +49,10 @@ pub fn request_bypass(method: &Method, headers: &HeaderMap, has_body: bool, cfg:
     }
     if has_body {
         return Some(Bypass::Body);
+    }
+    // A method override makes some frameworks answer another method's handler to a GET.
+    if METHOD_OVERRIDES.iter().any(|name| headers.contains_key(name)) {
+        return Some(Bypass::Method);
     }
     // Sanitizing removed `Upgrade` unless the request really asks for one.
     if headers.contains_key(header::UPGRADE) {

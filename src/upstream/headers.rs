@@ -18,7 +18,7 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// send them; from anyone else they are removed, or a client could make the backend answer for a
 /// host, port, scheme or path of its choosing, and the cache would store that answer for
 /// everyone. From a trusted proxy they are kept, and the cache keys on them.
-pub static FORWARDING_CLAIMS: [HeaderName; 15] = [
+pub static FORWARDING_CLAIMS: [HeaderName; 17] = [
     header::FORWARDED,
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
@@ -34,6 +34,8 @@ pub static FORWARDING_CLAIMS: [HeaderName; 15] = [
     HeaderName::from_static("x-host"),
     HeaderName::from_static("x-url-scheme"),
     HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-scheme"),
+    HeaderName::from_static("x-proxied-https"),
 ];
 
 /// `X-Real-IP`: the client address as a proxy in front saw it; removed from untrusted peers like
@@ -127,12 +129,30 @@ pub fn is_forwarding_claim(name: &HeaderName) -> bool {
         && (FORWARDING_CLAIMS.contains(name) || name == X_REAL_IP)
 }
 
-/// Remove the [`FORWARDING_CLAIMS`] and `X-Real-IP` of a peer that is not trusted.
-pub fn remove_forwarding_claims(headers: &mut HeaderMap) {
-    if headers.keys().any(is_forwarding_claim) {
+/// Whether a field is a forwarding field spelled with `_` for `-` (`X_Forwarded_Host`): CGI and
+/// WSGI servers read it as the real one, and no proxy sends it.
+fn is_underscore_alias(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with('x') && name.contains('_') && {
+        let dashed = name.replace('_', "-");
+        FORWARDING_CLAIMS
+            .iter()
+            .chain([&X_REAL_IP, &X_FORWARDED_FOR, &X_FORWARDED_HOST, &X_FORWARDED_PROTO])
+            .any(|claim| claim.as_str() == dashed)
+    }
+}
+
+/// Remove the [`FORWARDING_CLAIMS`] and `X-Real-IP` of a peer that is not trusted, and the
+/// `_` spellings of forwarding fields from anyone.
+pub fn remove_forwarding_claims(headers: &mut HeaderMap, trusted: bool) {
+    if !trusted && headers.keys().any(is_forwarding_claim) {
         for name in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
             headers.remove(name);
         }
+    }
+    let aliases: Vec<HeaderName> = headers.keys().filter(|n| is_underscore_alias(n)).cloned().collect();
+    for name in &aliases {
+        headers.remove(name);
     }
 }
 
@@ -220,6 +240,13 @@ mod tests {
         for other in ["host", "accept", "x-request-id", "from", "x-forwarded-for", "x-forwarded-host"] {
             assert!(!is_forwarding_claim(&HeaderName::from_static(other)), "{other}");
         }
+        for alias in ["x_forwarded_host", "x_forwarded_for", "x_real_ip", "x-forwarded_proto"] {
+            assert!(is_underscore_alias(&HeaderName::from_static(alias)), "{alias}");
+        }
+        assert!(!is_underscore_alias(&HeaderName::from_static("x_request_id")));
+        let mut trusted = map(&[("x_forwarded_host", "evil"), ("x-forwarded-host", "shop")]);
+        remove_forwarding_claims(&mut trusted, true);
+        assert_eq!(trusted.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-forwarded-host"], "from anyone");
     }
 
     #[test]
@@ -242,7 +269,7 @@ mod tests {
             ("x-original-url", "/admin"),
             ("x-real-ip", "6.6.6.6"),
         ]);
-        remove_forwarding_claims(&mut h);
+        remove_forwarding_claims(&mut h, false);
         set_forwarded(&mut h, &peer_value("192.0.2.7".parse().unwrap()), false, false);
         for claim in FORWARDING_CLAIMS.iter().chain([&X_REAL_IP]) {
             assert!(!h.contains_key(claim), "{claim} from an untrusted peer");

@@ -175,9 +175,7 @@ impl Hop<'_> {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, protocol);
         }
-        if !self.trusted {
-            headers::remove_forwarding_claims(h);
-        }
+        headers::remove_forwarding_claims(h, self.trusted);
     }
 
     /// The rest, which only adds what this hop says: `X-Forwarded-*` and `Via`. A request

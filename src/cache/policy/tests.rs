@@ -47,6 +47,8 @@ fn requests_with_credentials_a_body_or_an_upgrade_bypass() {
     assert_eq!(bypass(Method::GET, &[], true), Some(Bypass::Body));
     assert_eq!(bypass(Method::HEAD, &[], true), Some(Bypass::Body));
     assert_eq!(bypass(Method::GET, &[("upgrade", "websocket")], false), Some(Bypass::Upgrade));
+    assert_eq!(bypass(Method::GET, &[("x-http-method-override", "DELETE")], false), Some(Bypass::Method));
+    assert_eq!(bypass(Method::GET, &[("x-method-override", "PUT")], false), Some(Bypass::Method));
     let mut keyed = c.clone();
     keyed.vary.push(http::header::AUTHORIZATION);
     assert_eq!(request_bypass(&Method::GET, &headers(&[("authorization", "Bearer x")]), false, &keyed), None);
