@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -16,10 +17,10 @@ use tokio::time::Instant;
 
 use crate::body::{self, Body};
 use crate::cache::{Cache, PurgeError};
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Conn;
 use crate::ratelimit::RateLimiter;
+use crate::reload::Active;
 use crate::respond;
 use crate::server::Handler;
 use crate::store::{CacheStore, RedisStore};
@@ -39,7 +40,7 @@ pub struct ServerState {
 
 /// The admin endpoints and what they report on.
 pub struct Admin {
-    config: Arc<Config>,
+    active: Arc<ArcSwap<Active>>,
     metrics: Arc<Metrics>,
     state: Arc<ServerState>,
     cache: Option<Arc<Cache>>,
@@ -49,13 +50,13 @@ pub struct Admin {
 impl Admin {
     /// Build the admin endpoints.
     pub fn new(
-        config: Arc<Config>,
+        active: Arc<ArcSwap<Active>>,
         metrics: Arc<Metrics>,
         state: Arc<ServerState>,
         cache: Option<Arc<Cache>>,
         limiter: Option<Arc<RateLimiter>>,
     ) -> Admin {
-        Admin { config, metrics, state, cache, limiter }
+        Admin { active, metrics, state, cache, limiter }
     }
 
     /// Answer one admin request.
@@ -117,13 +118,15 @@ impl Admin {
                 return error(StatusCode::BAD_REQUEST, format!("expected {{\"route\": \"…\", \"path\": \"…\"}}: {e}"))
             }
         };
-        let result = match &purge.path {
-            None => cache
-                .purge_route(&purge.route)
+        let active = self.active.load_full();
+        let result = match (active.routes.get(&purge.route).and_then(|r| r.cache.as_deref()), &purge.path) {
+            (None, _) => Err(PurgeError::UnknownRoute(purge.route.clone())),
+            (Some(route), None) => cache
+                .purge_route(route)
                 .await
                 .map(|g| json!({ "purged": "route", "route": purge.route, "generation": g })),
-            Some(path) => cache
-                .purge_path(&purge.route, path)
+            (Some(route), Some(path)) => cache
+                .purge_path(route, path)
                 .await
                 .map(|()| json!({ "purged": "path", "route": purge.route, "path": path })),
         };
@@ -139,7 +142,8 @@ impl Admin {
     }
 
     fn status(&self) -> serde_json::Value {
-        let c = &self.config;
+        let active = self.active.load();
+        let c = &active.config;
         let routes: Vec<_> = c
             .routes
             .iter()
@@ -178,6 +182,11 @@ impl Admin {
             "cache_enabled": c.cache_enabled,
             "rate_limit_enabled": c.rate_limit_enabled,
             "routes": routes,
+            "config": {
+                "hash": c.hash,
+                "loaded": humantime::format_rfc3339_seconds(active.loaded).to_string(),
+                "restart_required": active.restart_required,
+            },
         })
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::admin::{Admin, ServerState};
@@ -17,7 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::ratelimit::RateLimiter;
-use crate::route::{Route, Routes};
+use crate::reload::{Active, Parts, Reloader};
 use crate::server::{Server, StartError};
 use crate::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
 
@@ -33,17 +34,20 @@ pub struct Sidecache {
     metrics: Arc<Metrics>,
     state: Arc<ServerState>,
     cache: Option<Arc<Cache>>,
+    active: Arc<ArcSwap<Active>>,
+    reloader: Arc<Reloader>,
 }
 
-/// The cache of the routes that have one: on Redis when configured, else the embedded store.
-/// Never waits for Redis: the client connects in the background.
+/// The cache of the routes that have one (or will, after a reload): on Redis when configured,
+/// else the embedded store; none when switched off. Never waits for Redis: the client connects
+/// in the background.
 fn build_cache(
     config: &Config,
     redis: Option<&RedisTarget>,
     clock: Clock,
     metrics: &Metrics,
 ) -> Result<Option<Arc<Cache>>, StartError> {
-    if !config.routes.iter().any(|r| r.cache.is_some()) {
+    if !config.cache_enabled {
         return Ok(None);
     }
     let store = match redis {
@@ -59,19 +63,23 @@ fn build_cache(
             CacheStore::Memory(MemoryStore::new(config.cache_memory_max))
         }
     };
-    Ok(Some(Arc::new(Cache::new(config, store, clock, &metrics.registrar()))))
+    Ok(Some(Arc::new(Cache::new(config, store, clock))))
 }
 
-/// The rate limits of the routes that have one: shared through Redis when configured (its own
-/// breaker and a connection per worker, driven by the worker's runtime: every request takes a
-/// token, so the check must not cross threads), else in process. Never waits for Redis.
+/// The rate limits of the routes that have one (or will, after a reload): shared through Redis
+/// when configured (its own breaker and a connection per worker, driven by the worker's runtime:
+/// every request takes a token, so the check must not cross threads), else in process; none when
+/// switched off. Never waits for Redis.
 fn build_limiter(
     config: &Config,
     redis: Option<&RedisTarget>,
     metrics: &Metrics,
 ) -> Result<Option<Arc<RateLimiter>>, StartError> {
-    if config.routes.iter().all(|r| r.rate_limit.is_none()) {
+    if !config.rate_limit_enabled {
         return Ok(None);
+    }
+    if redis.is_none() {
+        tracing::info!("no [redis] url: rate limits use in-process buckets, per instance only");
     }
     let redis = match redis {
         Some(redis) => Some(
@@ -80,28 +88,7 @@ fn build_limiter(
         ),
         None => None,
     };
-    Ok(RateLimiter::new(config, redis, &metrics.registrar()).map(Arc::new))
-}
-
-/// Every route compiled once, with its cache, limit and metric handles.
-fn build_routes(config: &Config, cache: Option<&Cache>, limiter: Option<&RateLimiter>, metrics: &Metrics) -> Routes {
-    let registrar = metrics.registrar();
-    Routes::new(
-        config
-            .routes
-            .iter()
-            .map(|r| {
-                Route::new(
-                    r.name.clone(),
-                    r.pattern.clone(),
-                    r.methods.clone(),
-                    cache.and_then(|c| c.route(&r.name)),
-                    limiter.and_then(|l| l.limit(r, &registrar)),
-                    metrics.route(&r.name),
-                )
-            })
-            .collect(),
-    )
+    Ok(Some(Arc::new(RateLimiter::new(config, redis, &metrics.registrar()))))
 }
 
 impl Sidecache {
@@ -126,12 +113,14 @@ impl Sidecache {
         }
         let cache = build_cache(&config, redis.as_ref(), clock, &metrics)?;
         let limiter = build_limiter(&config, redis.as_ref(), &metrics)?;
-        let routes = Arc::new(build_routes(&config, cache.as_deref(), limiter.as_deref(), &metrics));
+        let parts = Parts { cache: cache.clone(), limiter: limiter.clone(), metrics: metrics.clone() };
+        let active = Arc::new(ArcSwap::from_pointee(Active::build(Config::clone(&config), &parts, None, Vec::new())));
         let proxies = (0..config.server.workers)
-            .map(|_| Proxy::new(&config, routes.clone(), metrics.clone(), cache.clone(), limiter.clone()).map(Arc::new))
+            .map(|_| Proxy::new(&config, active.clone(), metrics.clone(), cache.clone(), limiter.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let admin = Arc::new(Admin::new(config.clone(), metrics.clone(), state.clone(), cache.clone(), limiter));
-        Ok(Sidecache { config, server, proxies, admin, metrics, state, cache })
+        let admin = Arc::new(Admin::new(active.clone(), metrics.clone(), state.clone(), cache.clone(), limiter));
+        let reloader = Arc::new(Reloader::new(active.clone(), parts));
+        Ok(Sidecache { config, server, proxies, admin, metrics, state, cache, active, reloader })
     }
 
     /// The bound proxy address.
@@ -144,10 +133,15 @@ impl Sidecache {
         self.server.admin_addr()
     }
 
+    /// What applies a new configuration to this proxy while it runs.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
     /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish within
     /// `server.shutdown_grace`, and return.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-        let Sidecache { config, server, proxies, admin, metrics, state, cache } = self;
+        let Sidecache { config, server, proxies, admin, metrics, state, cache, active, reloader: _ } = self;
         let upkeep = tokio::spawn(async move {
             let mut tick = tokio::time::interval(METRICS_UPKEEP);
             loop {
@@ -161,7 +155,8 @@ impl Sidecache {
                 let mut tick = tokio::time::interval(GENERATION_REFRESH);
                 loop {
                     tick.tick().await;
-                    cache.refresh_generations().await;
+                    let active = active.load_full();
+                    cache.refresh_generations(active.routes.iter().filter_map(|r| r.cache.as_deref())).await;
                 }
             })
         });

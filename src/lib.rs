@@ -12,6 +12,7 @@ pub mod config;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod respond;
 pub mod route;
 pub mod server;

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sidecache::{telemetry, tls, Config};
+use sidecache::{reload, telemetry, tls, Config, Sidecache};
+use tokio::signal::unix::{signal, SignalKind};
 
 /// A sidecar caching and rate-limiting reverse proxy.
 #[derive(Parser)]
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
     }
     tls::install_crypto_provider();
     telemetry::init(&config.log);
-    match serve(config) {
+    match serve(config, cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "sidecache stopped");
@@ -49,13 +50,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // The proxy's own worker threads carry the traffic; this runtime only runs the admin
-    // listener, signals and background work.
+    // listener, signals, reloads and background work.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async {
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = config.summary(), "starting");
-        sidecache::run(config, shutdown_signal()).await?;
+        // SIGHUP reloads; its handler is in place before the listeners open (SIGHUP's default
+        // action ends the process).
+        let hangup = signal(SignalKind::hangup())?;
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = config.summary(), hash = %config.hash, "starting");
+        let sidecache = Sidecache::bind(config).await?;
+        let watch = reload::watch(path, hangup, sidecache.reloader());
+        sidecache.run(shutdown_signal()).await?;
+        watch.abort();
         tracing::info!("stopped");
         Ok(())
     })
@@ -63,7 +70,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 /// Resolves on the first SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),

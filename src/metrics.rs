@@ -47,6 +47,18 @@ pub const RATELIMIT_CHECKS_TOTAL: &str = "sidecache_ratelimit_checks_total";
 /// `sidecache_ratelimit_check_duration_seconds{backend}`: time a request spent being checked.
 pub const RATELIMIT_CHECK_DURATION: &str = "sidecache_ratelimit_check_duration_seconds";
 
+/// `sidecache_config_reloads_total{result}`: reloads of `proxy.toml` by result (applied,
+/// unchanged, invalid).
+pub const CONFIG_RELOADS_TOTAL: &str = "sidecache_config_reloads_total";
+/// `sidecache_config_info{hash}`: 1 for the configuration in force (the hash of its text), 0 for
+/// those it replaced.
+pub const CONFIG_INFO: &str = "sidecache_config_info";
+/// `sidecache_config_last_reload_successful`: 0 while the newest configuration text was refused.
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "sidecache_config_last_reload_successful";
+/// `sidecache_config_restart_required`: 1 while a loaded configuration changed settings that only
+/// a restart applies.
+pub const CONFIG_RESTART_REQUIRED: &str = "sidecache_config_restart_required";
+
 /// The `route` label of requests no route matched.
 pub const NO_ROUTE: &str = "-";
 
@@ -233,6 +245,26 @@ fn describe(r: &PrometheusRecorder) {
         text("Upstream exchanges that failed, by kind (connect, connect_timeout, timeout, protocol)."),
     );
     r.describe_gauge(KeyName::from_const_str(INFLIGHT_REQUESTS), None, text("Requests being handled now."));
+    r.describe_counter(
+        KeyName::from_const_str(CONFIG_RELOADS_TOTAL),
+        None,
+        text("Reloads of the configuration file by result (applied, unchanged, invalid)."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(CONFIG_INFO),
+        None,
+        text("1 for the configuration in force, by the hash of its text; 0 for those it replaced."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(CONFIG_LAST_RELOAD_SUCCESSFUL),
+        None,
+        text("0 while the newest configuration text is refused and the previous one keeps running."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(CONFIG_RESTART_REQUIRED),
+        None,
+        text("1 while the loaded configuration changed settings that only a restart applies."),
+    );
     r.describe_counter(
         KeyName::from_const_str(CACHE_LOOKUPS_TOTAL),
         None,

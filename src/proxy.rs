@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use ipnet::IpNet;
@@ -16,8 +17,9 @@ use crate::cache::{Begin, Cache, Exchange};
 use crate::config::Config;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
+use crate::reload::Active;
 use crate::respond;
-use crate::route::{Route, Routes};
+use crate::route::Route;
 use crate::tls::TlsError;
 use crate::upstream::{self, headers, Hop, Upstream};
 
@@ -39,36 +41,34 @@ impl Conn {
     }
 }
 
-/// Everything a request needs. One per worker thread (its own upstream pool); the routes, the
-/// cache and the rate limiter are shared by all.
+/// Everything a request needs. One per worker thread (its own upstream pool); the configuration
+/// in force, the cache and the rate limiter are shared by all.
 pub struct Proxy {
-    routes: Arc<Routes>,
+    active: Arc<ArcSwap<Active>>,
     upstream: Upstream,
     cache: Option<Arc<Cache>>,
     limiter: Option<Arc<RateLimiter>>,
     metrics: Arc<Metrics>,
     /// The request metrics of requests no route matched.
     unrouted: RouteMetrics,
-    trusted_proxies: Vec<IpNet>,
 }
 
 impl Proxy {
     /// Build one worker's request path around the shared parts.
     pub fn new(
         config: &Config,
-        routes: Arc<Routes>,
+        active: Arc<ArcSwap<Active>>,
         metrics: Arc<Metrics>,
         cache: Option<Arc<Cache>>,
         limiter: Option<Arc<RateLimiter>>,
     ) -> Result<Proxy, TlsError> {
         Ok(Proxy {
-            routes,
+            active,
             upstream: Upstream::new(&config.upstream)?,
             cache,
             limiter,
             unrouted: metrics.route(NO_ROUTE),
             metrics,
-            trusted_proxies: config.server.trusted_proxies.clone(),
         })
     }
 
@@ -85,8 +85,11 @@ impl Proxy {
         let started = Instant::now();
         let _inflight = self.metrics.inflight();
 
-        // 1. Route: first match in file order; unmatched requests are plain pass-through.
-        let route = self.routes.find(req.method(), req.uri().path());
+        // 1. Route: first match in file order; unmatched requests are plain pass-through. The
+        // request keeps the configuration it started with to its end, whatever a reload does.
+        let active = self.active.load_full();
+        let trusted = &active.config.server.trusted_proxies;
+        let route = active.routes.find(req.method(), req.uri().path());
         let route_metrics = route.map_or(&self.unrouted, |r| &r.metrics);
         let span = tracing::debug_span!(
             "request",
@@ -105,7 +108,7 @@ impl Proxy {
             // 2. Rate limit, before the cache: a cached answer still costs a token. A limiter that
             // cannot answer lets the request through (or decides in process).
             let verdict = match (route.and_then(|r| r.limit.as_deref()), &self.limiter) {
-                (Some(limit), Some(limiter)) => limiter.check(limit, conn.peer.ip(), req.headers()).await,
+                (Some(limit), Some(limiter)) => limiter.check(limit, conn.peer.ip(), req.headers(), trusted).await,
                 _ => Verdict::Unlimited,
             };
             let quota = match verdict {
@@ -119,7 +122,7 @@ impl Proxy {
                 Verdict::Unlimited | Verdict::Unchecked => None,
             };
 
-            let mut response = self.serve(req, route, &conn).await;
+            let mut response = self.serve(req, route, &conn, trusted).await;
             headers::append_via(response.headers_mut(), Version::HTTP_11);
             if let Some(quota) = quota {
                 quota.apply(response.headers_mut());
@@ -131,16 +134,18 @@ impl Proxy {
     }
 
     /// Steps 3 to 6: prepare, cache begin, forward, cache finish.
-    async fn serve(&self, mut req: Request<Incoming>, route: Option<&Route>, conn: &Conn) -> Response<Body> {
+    async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        route: Option<&Route>,
+        conn: &Conn,
+        trusted: &[IpNet],
+    ) -> Response<Body> {
         // 3. One preparation for every request to the upstream, foreground or background. What
         // the backend will see of the client's request is decided first (hop-by-hop fields,
         // forwarding claims of untrusted peers): the cache keys on it. An HTTP/1.1 upgrade keeps
         // its handshake headers.
-        let hop = Hop {
-            peer: &conn.peer_value,
-            tls: conn.tls,
-            trusted: headers::is_trusted(conn.peer.ip(), &self.trusted_proxies),
-        };
+        let hop = Hop { peer: &conn.peer_value, tls: conn.tls, trusted: headers::is_trusted(conn.peer.ip(), trusted) };
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         hop.sanitize(&mut req, upgrade);

@@ -125,6 +125,8 @@ fn configmap_proxy_toml_passes_sidecache_check() {
     let generator = kustomization["configMapGenerator"].as_array().unwrap();
     let config_map = generator.iter().find(|g| g["name"] == "sidecache-config").expect("sidecache-config generator");
     assert_eq!(config_map["files"], json!(["proxy.toml"]));
+    // Pods reload the mounted file in place: the name must not change with the content.
+    assert_eq!(config_map["options"]["disableNameSuffixHash"], true);
 
     // The overlay's Redis URL is checked too, as the Secret hands it to the binary.
     let overlay = yaml("deploy/examples/redis/kustomization.yaml");

@@ -127,9 +127,14 @@ async fn a_wrong_ca_is_refused_with_a_clear_error_and_requests_still_flow() {
     }
     assert_eq!(upstream.requests(), 5);
     assert_eq!(redis.command(&["DBSIZE"]), ":0", "nothing reached the untrusted server");
-    // Retries go on in the background (each fails the same way) but are logged once.
+    // Retries go on in the background (each fails the same way) but are logged once per client
+    // (the cache's and the rate limiter's).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(log_lines(&proxy, "redis connection failed").len(), 1, "one line per outage");
+    let failed = log_lines(&proxy, "redis connection failed");
+    for client in ["cache", "ratelimit"] {
+        let lines = failed.iter().filter(|l| l.contains(&format!("\"client\":\"{client}\""))).count();
+        assert_eq!(lines, 1, "one line per outage for the {client} client: {failed:#?}");
+    }
 }
 
 #[tokio::test]

@@ -262,6 +262,20 @@ fn variant(headers: &HeaderMap, hop: &Hop<'_>, cfg: &CacheConfig) -> String {
         }
         hash.update(b"\x01");
     }
+    // How the route keys the query, so that an entry stored under another setting (before a
+    // configuration reload) is never served under this one. The vary names are in above.
+    match &cfg.query {
+        QueryMode::Keep => hash.update(b"\x03keep"),
+        QueryMode::Sorted => hash.update(b"\x03sorted"),
+        QueryMode::Ignore => hash.update(b"\x03ignore"),
+        QueryMode::Only(names) => {
+            hash.update(b"\x03only");
+            for name in names {
+                hash.update(b"\x00");
+                hash.update(name.as_bytes());
+            }
+        }
+    }
     hex(&hash.finalize()[..16])
 }
 
@@ -529,5 +543,24 @@ mod tests {
         let secret = v(&[("authorization", "Bearer hunter2")]);
         assert!(!secret.contains("hunter2") && secret.len() == 32);
         assert_ne!(secret, v(&[("authorization", "Bearer other")]));
+    }
+
+    #[test]
+    fn a_route_keyed_another_way_shares_no_entry() {
+        // What a configuration reload can change: an entry stored for `/m?x=1` while the query
+        // was ignored must not answer `/m` once it is kept, nor one keyed without a vary header.
+        let v = |query: QueryMode, vary: &[&'static str]| variant(&map(&[]), &hop(false, false), &cfg(query, vary));
+        let only = |names: &[&str]| QueryMode::Only(names.iter().map(|n| n.to_string()).collect());
+        let all = [
+            v(QueryMode::Keep, &[]),
+            v(QueryMode::Sorted, &[]),
+            v(QueryMode::Ignore, &[]),
+            v(only(&["page"]), &[]),
+            v(only(&["page", "size"]), &[]),
+            v(QueryMode::Keep, &["accept"]),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(all[i + 1..].iter().all(|b| a != b), "{i}");
+        }
     }
 }

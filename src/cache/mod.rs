@@ -116,7 +116,6 @@ pub enum PurgeError {
 pub struct Cache {
     store: Arc<CacheStore>,
     prefix: String,
-    routes: Vec<Arc<RouteCache>>,
     writes: Arc<Semaphore>,
     flights: Arc<Flights>,
     /// In front of Redis: fresh decoded entries kept in process for at most `hot_ttl`, so a hot
@@ -152,33 +151,14 @@ impl Weight for Hot {
 }
 
 impl Cache {
-    /// The cache for the configured routes (those whose `cache` is set and enabled).
-    pub fn new(config: &Config, store: CacheStore, clock: Clock, registrar: &Registrar<'_>) -> Cache {
+    /// The cache shared by every route that has one.
+    pub fn new(config: &Config, store: CacheStore, clock: Clock) -> Cache {
         let prefix = config.redis.as_ref().map_or_else(|| "sidecache:".to_string(), |r| r.key_prefix.clone());
-        let routes = config
-            .routes
-            .iter()
-            .filter_map(|r| {
-                let c = r.cache.as_ref()?;
-                let name = r.name.as_str();
-                Some(Arc::new(RouteCache {
-                    name: name.to_string(),
-                    config: c.clone(),
-                    generation: AtomicU64::new(0),
-                    generation_key: key::generation_key(&prefix, name),
-                    lookups: Outcome::ALL
-                        .map(|o| registrar.counter(CACHE_LOOKUPS_TOTAL, &[("route", name), ("result", o.as_str())])),
-                    stores: StoreResult::ALL
-                        .map(|s| registrar.counter(CACHE_STORES_TOTAL, &[("route", name), ("result", s.as_str())])),
-                }))
-            })
-            .collect();
         let hot = (matches!(store, CacheStore::Redis(_)) && !config.cache_hot_ttl.is_zero())
             .then(|| HotTier { entries: MemoryStore::new(config.cache_memory_max), ttl: config.cache_hot_ttl });
         Cache {
             store: Arc::new(store),
             prefix,
-            routes,
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             flights: Arc::new(Flights::default()),
             hot,
@@ -188,9 +168,29 @@ impl Cache {
         }
     }
 
-    /// The cache of the route named `name`, if it has one.
-    pub fn route(&self, name: &str) -> Option<Arc<RouteCache>> {
-        self.routes.iter().find(|r| r.name == name).cloned()
+    /// The cache of the route named `name` with these settings. A reload passes the route's
+    /// cache so far as `previous`: kept as it is when the settings did not change, else the
+    /// route's generation (its purges) carries over.
+    pub fn route(
+        &self,
+        name: &str,
+        config: &CacheConfig,
+        previous: Option<&Arc<RouteCache>>,
+        registrar: &Registrar<'_>,
+    ) -> Arc<RouteCache> {
+        if let Some(previous) = previous.filter(|p| p.config == *config) {
+            return previous.clone();
+        }
+        Arc::new(RouteCache {
+            name: name.to_string(),
+            config: config.clone(),
+            generation: AtomicU64::new(previous.map_or(0, |p| p.generation.load(Ordering::Relaxed))),
+            generation_key: key::generation_key(&self.prefix, name),
+            lookups: Outcome::ALL
+                .map(|o| registrar.counter(CACHE_LOOKUPS_TOTAL, &[("route", name), ("result", o.as_str())])),
+            stores: StoreResult::ALL
+                .map(|s| registrar.counter(CACHE_STORES_TOTAL, &[("route", name), ("result", s.as_str())])),
+        })
     }
 
     /// The store behind the cache.
@@ -266,16 +266,14 @@ impl Cache {
     }
 
     /// Purge a whole route: bump its generation (O(1), every replica within a second).
-    pub async fn purge_route(&self, name: &str) -> Result<u64, PurgeError> {
-        let route = self.route_named(name)?;
+    pub async fn purge_route(&self, route: &RouteCache) -> Result<u64, PurgeError> {
         let generation = self.store.bump_generation(&route.generation_key).await.map_err(PurgeError::Store)?;
         route.generation.fetch_max(generation, Ordering::Relaxed);
         Ok(generation)
     }
 
     /// Purge one request target of a route, every vary variant of it.
-    pub async fn purge_path(&self, name: &str, target: &str) -> Result<(), PurgeError> {
-        let route = self.route_named(name)?;
+    pub async fn purge_path(&self, route: &RouteCache, target: &str) -> Result<(), PurgeError> {
         let uri: Uri = target.parse().map_err(|_| PurgeError::BadPath(target.to_string()))?;
         if !target.starts_with('/') {
             return Err(PurgeError::BadPath(target.to_string()));
@@ -289,13 +287,9 @@ impl Cache {
         self.store.purge_path(&path_key).await.map_err(PurgeError::Store)
     }
 
-    fn route_named(&self, name: &str) -> Result<&Arc<RouteCache>, PurgeError> {
-        self.routes.iter().find(|r| r.name == name).ok_or_else(|| PurgeError::UnknownRoute(name.to_string()))
-    }
-
-    /// Re-read every route's generation from the store (another replica may have purged).
-    pub async fn refresh_generations(&self) {
-        for route in &self.routes {
+    /// Re-read these routes' generations from the store (another replica may have purged).
+    pub async fn refresh_generations(&self, routes: impl Iterator<Item = &RouteCache>) {
+        for route in routes {
             match self.store.generation(&route.generation_key).await {
                 Ok(g) => {
                     route.generation.fetch_max(g, Ordering::Relaxed);

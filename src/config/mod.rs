@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode, Uri};
 use ipnet::IpNet;
+use sha2::Digest;
 
 use crate::route::pattern::Pattern;
 use raw::RawConfig;
@@ -26,7 +27,7 @@ pub use units::Rate;
 use validate::Validator;
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The proxy listener.
     pub server: ServerConfig,
@@ -52,10 +53,13 @@ pub struct Config {
     pub cache_lock_timeout: Duration,
     /// `SIDECACHE_RATE_LIMIT_ENABLED=false` turns every rate limit off.
     pub rate_limit_enabled: bool,
+    /// The first 16 hex digits of the SHA-256 of the configuration text
+    /// (`sha256sum proxy.toml | cut -c1-16`): which configuration is loaded.
+    pub hash: String,
 }
 
 /// `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Address of the proxy listener.
     pub listen: SocketAddr,
@@ -74,7 +78,7 @@ pub struct ServerConfig {
 }
 
 /// PEM certificate chain and private key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     /// Certificate chain, leaf first.
     pub cert: PathBuf,
@@ -83,14 +87,14 @@ pub struct TlsFiles {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// Address of the admin listener.
     pub listen: SocketAddr,
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Scheme and authority of the backend (no path).
     pub url: Uri,
@@ -103,7 +107,7 @@ pub struct UpstreamConfig {
 }
 
 /// `[redis]` with a URL.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
     /// The URL with its password masked, for logs and `/status`.
     pub url: String,
@@ -133,7 +137,7 @@ pub struct RedisConfig {
 }
 
 /// `[redis.tls]`, for `rediss*://` URLs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RedisTls {
     /// PEM CA certificates to trust instead of the system roots (a private CA).
     pub ca_file: Option<PathBuf>,
@@ -144,7 +148,7 @@ pub struct RedisTls {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     /// Output format.
     pub format: LogFormat,
@@ -162,7 +166,7 @@ pub enum LogFormat {
 }
 
 /// One `[[route]]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Unique name, used in metrics labels and cache keys.
     pub name: String,
@@ -177,7 +181,7 @@ pub struct RouteConfig {
 }
 
 /// A route's `cache` table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Lifetime when the origin gives none, cap when it gives one.
     pub ttl: Option<Duration>,
@@ -211,7 +215,7 @@ pub enum QueryMode {
 }
 
 /// A route's `rate_limit` table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     /// Bucket capacity.
     pub burst: NonZeroU32,
@@ -289,18 +293,55 @@ impl Config {
         let mut v = Validator::default();
         let config = v.config(raw, env);
         match (config, v.errors.is_empty()) {
-            (Some(config), true) => Ok(config),
+            (Some(mut config), true) => {
+                config.hash = text_hash(text);
+                Ok(config)
+            }
             _ => Err(ConfigErrors(v.errors)),
         }
     }
 
     /// Read the file and validate it against the process environment.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        Config::from_sources(&Config::read(path)?, &std::env::vars().collect())
+    }
+
+    /// The file's text, or the error naming it.
+    pub fn read(path: &std::path::Path) -> Result<String, ConfigErrors> {
+        std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![FieldError { field: path.display().to_string(), message: format!("cannot read: {e}") }])
-        })?;
-        let env: HashMap<String, String> = std::env::vars().collect();
-        Config::from_sources(&text, &env)
+        })
+    }
+
+    /// Give the settings that only a restart applies (listeners, workers, connection limits, the
+    /// upstream, Redis, the log format, the process-wide cache sizes) the values of `running`,
+    /// and name those that differed.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! keep {
+            ($($name:literal => $($field:ident).+;)*) => {$(
+                if self.$($field).+ != running.$($field).+ {
+                    changed.push($name);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            )*};
+        }
+        keep! {
+            "server.listen" => server.listen;
+            "server.tls" => server.tls;
+            "server.shutdown_grace" => server.shutdown_grace;
+            "server.max_header_bytes" => server.max_header_bytes;
+            "server.max_connections" => server.max_connections;
+            "server.workers" => server.workers;
+            "admin.listen" => admin.listen;
+            "upstream" => upstream;
+            "redis" => redis;
+            "log.format" => log.format;
+            "cache.memory_max" => cache_memory_max;
+            "cache.hot_ttl" => cache_hot_ttl;
+            "cache.lock_timeout" => cache_lock_timeout;
+        }
+        changed
     }
 
     /// One-line summary for `--check` and the start-up log.
@@ -328,6 +369,11 @@ impl Config {
             routes.join(", ")
         )
     }
+}
+
+/// The first 16 hex digits of the SHA-256 of a configuration text.
+pub fn text_hash(text: &str) -> String {
+    sha2::Sha256::digest(text.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Structural problems (syntax, unknown fields, wrong types) stop parsing at the first one;

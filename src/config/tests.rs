@@ -346,3 +346,24 @@ fn redis_settings_that_do_not_fit_are_errors() {
     );
     assert!(errs.iter().any(|e| e.starts_with("SIDECACHE_REDIS_SENTINEL_PASSWORD: ")), "{errs:?}");
 }
+
+#[test]
+fn a_reload_keeps_the_running_values_of_restart_only_settings_and_names_them() {
+    let running = ok(&format!("[server]\nlisten = \"127.0.0.1:8080\"\nworkers = 2\n{UP}[log]\nformat = \"json\"\n"));
+    let text = "[server]\nlisten = \"127.0.0.1:8081\"\nworkers = 2\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+                [upstream]\nurl = \"http://127.0.0.1:4000\"\n\
+                [redis]\nurl = \"redis://127.0.0.1:6380\"\n\
+                [cache]\nhot_ttl = \"2s\"\n\
+                [log]\nformat = \"pretty\"\nlevel = \"debug\"\n\
+                [[route]]\nname = \"a\"\npath = \"/a\"\n";
+    let mut new = ok(text);
+    let changed = new.keep_restart_only(&running);
+    assert_eq!(changed, ["server.listen", "upstream", "redis", "log.format", "cache.hot_ttl"]);
+    assert_eq!(new.server.listen, running.server.listen);
+    assert_eq!((new.upstream.url.clone(), new.redis.is_none()), (running.upstream.url.clone(), true));
+    assert_eq!((new.log.format, new.cache_hot_ttl), (running.log.format, running.cache_hot_ttl));
+    // What a reload does apply is left as loaded.
+    assert_eq!(new.server.trusted_proxies, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+    assert_eq!((new.log.level.as_str(), new.routes.len(), new.hash.as_str()), ("debug", 1, text_hash(text).as_str()));
+    assert!(new.clone().keep_restart_only(&running).is_empty(), "nothing left to keep");
+}

@@ -147,6 +147,7 @@ impl Validator {
             cache_hot_ttl,
             cache_lock_timeout,
             rate_limit_enabled,
+            hash: String::new(),
         })
     }
 

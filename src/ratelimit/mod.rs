@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use metrics::{Counter, Histogram};
 use tokio::time::Instant;
 
-use crate::config::{ClientKey, Config, LimitMode, OnRedisError, RouteConfig};
+use crate::config::{Config, LimitMode, OnRedisError, RateLimitConfig, RouteConfig};
 use crate::metrics::{Registrar, RATELIMIT_CHECKS_TOTAL, RATELIMIT_CHECK_DURATION};
 use crate::store::redis::Op;
 use crate::store::RedisStore;
@@ -129,67 +129,63 @@ impl Quota {
 pub struct Limit {
     /// The route name, as the policy id.
     name: String,
-    key: ClientKey,
-    on_redis_error: OnRedisError,
+    config: RateLimitConfig,
     params: Params,
     /// `{key_prefix}rl:{route}:`, followed by the bucket id.
     redis_prefix: String,
     policy: HeaderValue,
     /// In-process buckets: always without Redis, for failures with `on_redis_error = "local"`.
     local: Option<LocalBuckets>,
-    mode: LimitMode,
     /// One per pair of [`COUNTED`].
     checks: [Counter; COUNTED.len()],
 }
 
-/// What every route's limit shares: the Redis, the script, the trusted proxies. One per process
-/// (its connections are shared by all workers).
+/// What every route's limit shares: the Redis and the script. One per process (its connections
+/// are shared by all workers).
 pub struct RateLimiter {
     redis: Option<RedisStore>,
     prefix: String,
     script: Script,
-    trusted: Vec<IpNet>,
     durations: [Histogram; Backend::ALL.len()],
     /// `Retry-After` of a 503 from a route that fails closed: until the breaker probes again.
     deny_retry: Duration,
 }
 
 impl RateLimiter {
-    /// The limiter of `config`'s routes, shared through `redis` when given; `None` when no
-    /// route has a limit.
-    pub fn new(config: &Config, redis: Option<RedisStore>, registrar: &Registrar<'_>) -> Option<RateLimiter> {
-        if config.routes.iter().all(|r| r.rate_limit.is_none()) {
-            return None;
-        }
-        if redis.is_none() {
-            tracing::info!("no [redis] url: rate limits use in-process buckets, per instance only");
-        }
-        Some(RateLimiter {
+    /// The limiter of the routes' limits, shared through `redis` when given.
+    pub fn new(config: &Config, redis: Option<RedisStore>, registrar: &Registrar<'_>) -> RateLimiter {
+        RateLimiter {
             redis,
             prefix: config.redis.as_ref().map_or("", |r| r.key_prefix.as_str()).to_string(),
             script: Script::from_lua(bucket::SCRIPT),
-            trusted: config.server.trusted_proxies.clone(),
             durations: Backend::ALL.map(|b| registrar.histogram(RATELIMIT_CHECK_DURATION, &[("backend", b.as_str())])),
             deny_retry: config.redis.as_ref().map_or(Duration::from_secs(1), |r| r.breaker_cooldown),
-        })
+        }
     }
 
-    /// The limit of a route, when it has one.
-    pub fn limit(&self, route: &RouteConfig, registrar: &Registrar<'_>) -> Option<Arc<Limit>> {
+    /// The limit of a route, when it has one. A reload passes the route's limit so far as
+    /// `previous`: kept as it is (with its in-process buckets) when the settings did not change.
+    pub fn limit(
+        &self,
+        route: &RouteConfig,
+        previous: Option<&Arc<Limit>>,
+        registrar: &Registrar<'_>,
+    ) -> Option<Arc<Limit>> {
         let rl = route.rate_limit.as_ref()?;
+        if let Some(previous) = previous.filter(|p| p.name == route.name && p.config == *rl) {
+            return Some(previous.clone());
+        }
         let params = Params::new(rl);
         let window = params.fill_time().as_secs_f64().ceil().max(1.0) as u64;
         let policy = format!("\"{}\";q={};w={window}", route.name, rl.burst);
         let local = self.redis.is_none() || rl.on_redis_error == OnRedisError::Local;
         Some(Arc::new(Limit {
             name: route.name.clone(),
-            key: rl.key.clone(),
-            on_redis_error: rl.on_redis_error,
+            config: rl.clone(),
             params,
             redis_prefix: format!("{}rl:{}:", self.prefix, route.name),
             policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
             local: local.then(|| LocalBuckets::new(params)),
-            mode: rl.mode,
             checks: COUNTED.map(|(decision, backend)| {
                 registrar.counter(
                     RATELIMIT_CHECKS_TOTAL,
@@ -204,11 +200,12 @@ impl RateLimiter {
         self.redis.as_ref()
     }
 
-    /// Take a token from `limit` for a request from `peer`. Never waits longer than the Redis
-    /// gate's budget, and never fails.
-    pub async fn check(&self, limit: &Limit, peer: IpAddr, headers: &HeaderMap) -> Verdict {
+    /// Take a token from `limit` for a request from `peer` (whose `X-Forwarded-For` counts when
+    /// it is one of the `trusted` proxies). Never waits longer than the Redis gate's budget, and
+    /// never fails.
+    pub async fn check(&self, limit: &Limit, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Verdict {
         let started = Instant::now();
-        let id = client::bucket_id(&limit.key, peer, headers, &self.trusted);
+        let id = client::bucket_id(&limit.config.key, peer, headers, trusted);
         let shared = match &self.redis {
             Some(redis) => self.shared(redis, limit, &id).await,
             None => None,
@@ -216,11 +213,11 @@ impl RateLimiter {
         let (taken, backend) = match (shared, &limit.local) {
             (Some(taken), _) => (Some(taken), Backend::Redis),
             (None, Some(local)) => (Some(local.take(&id)), Backend::Local),
-            (None, None) if limit.on_redis_error == OnRedisError::Deny => (None, Backend::Deny),
+            (None, None) if limit.config.on_redis_error == OnRedisError::Deny => (None, Backend::Deny),
             (None, None) => (None, Backend::AllowAll),
         };
         self.durations[backend as usize].record(started.elapsed().as_secs_f64());
-        let shadow = limit.mode == LimitMode::Shadow;
+        let shadow = limit.config.mode == LimitMode::Shadow;
         let decision = match &taken {
             None => Decision::Error,
             Some(t) if t.allowed => Decision::Allowed,
@@ -252,7 +249,7 @@ impl RateLimiter {
         match redis.script::<Vec<i64>>(Op::TokenBucket, &self.script, &key, args).await {
             Ok(reply) => Taken::from_reply(&reply),
             Err(e) => {
-                tracing::debug!(route = %limit.name, error = %e, fallback = ?limit.on_redis_error, "rate limit check failed");
+                tracing::debug!(route = %limit.name, error = %e, fallback = ?limit.config.on_redis_error, "rate limit check failed");
                 None
             }
         }

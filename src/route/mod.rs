@@ -61,4 +61,14 @@ impl Routes {
         let path = normalize(path);
         self.routes.iter().find(|r| r.methods.contains(method) && r.pattern.matches(&path))
     }
+
+    /// The route named `name`.
+    pub fn get(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// The routes in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
 }

@@ -245,7 +245,7 @@ impl Drop for TestUpstream {
     }
 }
 
-fn full(body: impl Into<Bytes>) -> TestBody {
+pub fn full(body: impl Into<Bytes>) -> TestBody {
     Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed()
 }
 
@@ -401,6 +401,8 @@ pub struct TestProxy {
     pub admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
+    /// Applies a new configuration to the running proxy.
+    pub reloader: Arc<sidecache::reload::Reloader>,
 }
 
 impl TestProxy {
@@ -416,13 +418,13 @@ impl TestProxy {
     pub async fn start_with(toml: &str, env: &HashMap<String, String>, clock: sidecache::Clock) -> TestProxy {
         let config = sidecache::Config::from_sources(toml, env).unwrap_or_else(|e| panic!("config: {e}\n{toml}"));
         let server = sidecache::Sidecache::bind_with_clock(config, clock).await.expect("bind");
-        let (addr, admin) = (server.proxy_addr(), server.admin_addr());
+        let (addr, admin, reloader) = (server.proxy_addr(), server.admin_addr(), server.reloader());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run = server.run(async {
             let _ = stopped.await;
         });
         let task = tokio::spawn(async move { run.await.expect("proxy ran") });
-        TestProxy { addr, admin, stop: Some(stop), task: Some(task) }
+        TestProxy { addr, admin, stop: Some(stop), task: Some(task), reloader }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -516,7 +518,8 @@ pub struct BinaryProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub log: Arc<std::sync::Mutex<Vec<String>>>,
-    config_path: std::path::PathBuf,
+    /// `proxy.toml`, alone in a directory of its own (the binary watches the directory).
+    pub config_path: std::path::PathBuf,
 }
 
 impl BinaryProxy {
@@ -526,8 +529,15 @@ impl BinaryProxy {
 
     /// Start it with these environment variables set (the rest of the test's environment is kept).
     pub fn spawn_with_env(toml: &str, env: &[(&str, &str)]) -> BinaryProxy {
-        let config_path = temp_path("proxy.toml");
+        let dir = temp_path("config");
+        std::fs::create_dir(&dir).unwrap();
+        let config_path = dir.join("proxy.toml");
         std::fs::write(&config_path, toml).unwrap();
+        Self::start(config_path, env)
+    }
+
+    /// Start it on a configuration file the test laid out (its directory is removed on drop).
+    pub fn start(config_path: std::path::PathBuf, env: &[(&str, &str)]) -> BinaryProxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sidecache"))
             .arg("--config")
             .arg(&config_path)
@@ -561,6 +571,32 @@ impl BinaryProxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Replace the configuration file the way editors and the kubelet do: a new file renamed
+    /// over the old one.
+    pub fn rewrite_config(&self, toml: &str) {
+        let next = self.config_path.with_extension("next");
+        std::fs::write(&next, toml).unwrap();
+        std::fs::rename(&next, &self.config_path).unwrap();
+    }
+
+    /// The log lines from index `from` on that contain `needle`, waiting up to 10 s for one.
+    pub async fn wait_log(&self, from: usize, needle: &str) -> Vec<String> {
+        for _ in 0..500 {
+            let lines: Vec<String> =
+                self.log.lock().unwrap().iter().skip(from).filter(|l| l.contains(needle)).cloned().collect();
+            if !lines.is_empty() {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no log line with {needle:?} after line {from}: {:#?}", self.log.lock().unwrap());
+    }
+
+    /// How many lines the binary has logged so far.
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
     }
 
     pub fn signal(&self, sig: &str) {
@@ -602,7 +638,9 @@ impl Drop for BinaryProxy {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = std::fs::remove_file(&self.config_path);
+        if let Some(dir) = self.config_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
