@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -25,9 +26,13 @@ use crate::ratelimit::RateLimiter;
 use crate::route::{Route, Routes};
 use crate::telemetry;
 
-/// How long a burst of file events settles before the file is read (a Kubernetes ConfigMap
-/// update is several renames).
-const SETTLE: Duration = Duration::from_millis(100);
+/// How long the configuration's directory must be quiet before the file is read (a Kubernetes
+/// ConfigMap update is several renames; an editor may write in several steps).
+const SETTLE: Duration = Duration::from_millis(250);
+/// How often the watch checks that its directory was not replaced.
+const RECHECK: Duration = Duration::from_secs(2);
+/// What a reload remembers of a file it could not read.
+const UNREADABLE: &str = "unreadable";
 
 /// The configuration in force and the routes compiled from it.
 pub struct Active {
@@ -53,8 +58,8 @@ pub struct Parts {
 }
 
 impl Active {
-    /// Compile `config`'s routes. Routes of `previous` with the same name and the same cache or
-    /// limit settings keep their cache state and buckets.
+    /// Compile `config`'s routes. A route of `previous` with the same name and limit settings
+    /// keeps its limit (its in-process buckets); every route keeps its cache generation.
     pub fn build(
         config: Config,
         parts: &Parts,
@@ -72,9 +77,7 @@ impl Active {
                     r.pattern.clone(),
                     r.methods.clone(),
                     match (&parts.cache, &r.cache) {
-                        (Some(cache), Some(c)) => {
-                            Some(cache.route(&r.name, c, before.and_then(|b| b.cache.as_ref()), &registrar))
-                        }
+                        (Some(cache), Some(c)) => Some(cache.route(&r.name, c, &registrar)),
                         _ => None,
                     },
                     parts.limiter.as_ref().and_then(|l| l.limit(r, before.and_then(|b| b.limit.as_ref()), &registrar)),
@@ -147,31 +150,48 @@ impl Reloader {
         }
     }
 
-    /// Re-read `path` against the process environment and apply it. A file event whose text is
-    /// the newest already read does nothing (`None`).
+    /// Re-read `path` against the process environment and apply it. A file event that finds the
+    /// text last read (in force or refused), or the same read error, does nothing (`None`).
     pub fn reload_file(&self, path: &Path, trigger: Trigger) -> Option<Reloaded> {
-        let text = match Config::read(path) {
-            Ok(text) => text,
-            Err(errors) => return Some(self.refuse(errors, None)),
-        };
-        if trigger == Trigger::File && *self.newest.lock().expect("reload lock") == config::text_hash(&text) {
+        let read = Config::read(path);
+        let seen = read.as_ref().map_or_else(|_| UNREADABLE.to_string(), |text| config::text_hash(text));
+        let mut newest = self.lock();
+        if trigger == Trigger::File && *newest == seen {
             return None;
         }
-        Some(self.reload_text(&text, &std::env::vars().collect()))
+        *newest = seen;
+        Some(match read {
+            Ok(text) => match Config::from_sources(&text, &std::env::vars().collect()) {
+                Ok(config) => self.apply_locked(config),
+                Err(errors) => self.refuse(errors),
+            },
+            Err(errors) => self.refuse(errors),
+        })
     }
 
     /// Validate `text` with `env` and apply it.
     pub fn reload_text(&self, text: &str, env: &HashMap<String, String>) -> Reloaded {
+        let mut newest = self.lock();
+        *newest = config::text_hash(text);
         match Config::from_sources(text, env) {
-            Ok(config) => self.apply(config),
-            Err(errors) => self.refuse(errors, Some(config::text_hash(text))),
+            Ok(config) => self.apply_locked(config),
+            Err(errors) => self.refuse(errors),
         }
     }
 
     /// Put a validated configuration in force for new requests.
-    pub fn apply(&self, mut config: Config) -> Reloaded {
-        let mut newest = self.newest.lock().expect("reload lock");
+    pub fn apply(&self, config: Config) -> Reloaded {
+        let mut newest = self.lock();
         newest.clone_from(&config.hash);
+        self.apply_locked(config)
+    }
+
+    /// Reloads one at a time (a poisoned lock is still usable: it guards only a hash).
+    fn lock(&self) -> MutexGuard<'_, String> {
+        self.newest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn apply_locked(&self, mut config: Config) -> Reloaded {
         let current = self.active.load_full();
         let result = if config.hash == current.config.hash {
             Reloaded::Unchanged
@@ -206,11 +226,8 @@ impl Reloader {
         result
     }
 
-    /// Count and log a refused text (`hash`: when there was one to read).
-    fn refuse(&self, errors: ConfigErrors, hash: Option<String>) -> Reloaded {
-        if let Some(hash) = hash {
-            *self.newest.lock().expect("reload lock") = hash;
-        }
+    /// Count and log a refused text.
+    fn refuse(&self, errors: ConfigErrors) -> Reloaded {
         let problems: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
         tracing::warn!(
             problems = problems.join("; "),
@@ -225,45 +242,114 @@ impl Reloader {
 }
 
 /// Reload `path` on every `hangup` signal and whenever its directory changes (a Kubernetes
-/// ConfigMap volume swaps a symlink in it), until the task is aborted.
+/// ConfigMap volume swaps a symlink in it), until the task is aborted. A burst of changes is read
+/// once it has been quiet for [`SETTLE`]; a directory that is replaced is watched again.
 pub fn watch(path: PathBuf, mut hangup: Signal, reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
-    let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = changed.try_send(());
-        }
-    })
-    .and_then(|mut w| notify::Watcher::watch(&mut w, &dir, notify::RecursiveMode::NonRecursive).map(|()| w));
-    let watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the configuration's directory; SIGHUP still reloads");
-            None
-        }
-    };
+    let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watch = DirWatch { dir, changed, watching: None, lost: Arc::default(), failed: false };
+    watch.ensure();
     tokio::spawn(async move {
-        let _watcher = watcher;
+        let mut check = tokio::time::interval(RECHECK);
         loop {
             let trigger = tokio::select! {
                 Some(()) = hangup.recv() => Trigger::Signal,
                 Some(()) = changes.recv() => {
-                    tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
+                    // At most 20 windows: a directory that never goes quiet is still read.
+                    for _ in 0..20 {
+                        if !matches!(tokio::time::timeout(SETTLE, changes.recv()).await, Ok(Some(()))) {
+                            break;
+                        }
+                    }
+                    watch.ensure();
                     Trigger::File
                 }
-                else => return,
+                _ = check.tick() => {
+                    if !watch.ensure() {
+                        continue;
+                    }
+                    Trigger::File
+                }
             };
             tracing::debug!(?trigger, path = %path.display(), "reading the configuration");
-            let reloader = reloader.clone();
-            let path = path.clone();
+            let (reloader, path) = (reloader.clone(), path.clone());
             // Reading and validating touch the file system: off the event loop.
             if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload_file(&path, trigger)).await {
                 tracing::error!(error = %e, "a configuration reload failed");
             }
         }
     })
+}
+
+/// A watch on the configuration's directory, made again when the directory is replaced.
+struct DirWatch {
+    dir: PathBuf,
+    changed: tokio::sync::mpsc::Sender<()>,
+    /// The watcher and the inode of the directory it watches.
+    watching: Option<(notify::RecommendedWatcher, u64)>,
+    /// Set when the watched directory itself goes (a new one may reuse its inode number).
+    lost: Arc<AtomicBool>,
+    /// Whether the last attempt failed (logged once until one succeeds).
+    failed: bool,
+}
+
+impl DirWatch {
+    /// Watch the directory if it is not watched yet or was replaced. Whether a new watch began
+    /// (the file may have changed unseen).
+    fn ensure(&mut self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(&self.dir).map(|m| m.ino());
+        if let (Some((_, watched)), Ok(inode)) = (&self.watching, &inode) {
+            if watched == inode && !self.lost.load(Ordering::Relaxed) {
+                return false;
+            }
+        }
+        self.watching = None;
+        self.lost.store(false, Ordering::Relaxed);
+        let (changed, lost, dir) = (self.changed.clone(), self.lost.clone(), self.dir.clone());
+        let watcher = inode.and_then(|inode| {
+            let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if event.kind.is_remove() && event.paths.contains(&dir) {
+                    lost.store(true, Ordering::Relaxed);
+                }
+                if matters(&event.kind) {
+                    let _ = changed.try_send(());
+                }
+            })
+            .map_err(std::io::Error::other)?;
+            notify::Watcher::watch(&mut watcher, &self.dir, notify::RecursiveMode::NonRecursive)
+                .map_err(std::io::Error::other)?;
+            Ok((watcher, inode))
+        });
+        match watcher {
+            Ok(watching) => {
+                if std::mem::take(&mut self.failed) {
+                    tracing::info!(dir = %self.dir.display(), "watching the configuration's directory again");
+                }
+                self.watching = Some(watching);
+                true
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failed, true) {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot watch the configuration's directory; SIGHUP still reloads, and the watch is retried");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Whether a file-system event can change the configuration: anything but reading (the reload's
+/// own reads), except the close of a file written.
+fn matters(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
 }

@@ -347,4 +347,68 @@ async fn cache_entries_survive_unrelated_reloads_but_never_a_changed_key_or_a_pu
     assert_eq!(purge.status, StatusCode::OK, "{}", purge.text());
     assert!(matches!(reload(&proxy, &cached("ttl = \"30s\", query = \"keep\"")), Reloaded::Applied(_)));
     assert_eq!(x_cache("/gen/p").await, "MISS");
+    assert_eq!(x_cache("/gen/p").await, "HIT");
+
+    // Even through a reload that takes the route's cache away, or renames the route, and back.
+    let purge = send(http::Method::POST, &proxy.admin_url("/purge"), &[], r#"{"route": "c"}"#).await;
+    assert_eq!(purge.status, StatusCode::OK, "{}", purge.text());
+    let uncached = config_text(upstream.addr, "[[route]]\nname = \"c\"\npath = \"/gen/*\"\n");
+    let renamed = cached("ttl = \"30s\", query = \"keep\"").replace("name = \"c\"", "name = \"d\"");
+    for detour in [uncached, renamed] {
+        assert!(matches!(reload(&proxy, &detour), Reloaded::Applied(_)));
+        assert!(matches!(reload(&proxy, &cached("ttl = \"30s\", query = \"keep\"")), Reloaded::Applied(_)));
+        assert_eq!(x_cache("/gen/p").await, "MISS", "the purge holds");
+        assert_eq!(x_cache("/gen/p").await, "HIT");
+        let purge = send(http::Method::POST, &proxy.admin_url("/purge"), &[], r#"{"route": "c"}"#).await;
+        assert_eq!(purge.status, StatusCode::OK, "{}", purge.text());
+    }
+}
+
+/// Waits (10 s at most) until `/metrics` has `series` at `value`.
+async fn until_metric(admin: std::net::SocketAddr, series: &str, value: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(admin).await;
+        if metric(&m, series) == Some(value) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{series} never became {value}: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_missing_file_is_no_lasting_failure_and_a_replaced_directory_is_watched_again() {
+    let upstream = TestUpstream::spawn().await;
+    let first = api_route(&upstream, true);
+    let proxy = BinaryProxy::spawn(&first);
+    let dir = proxy.config_path.parent().unwrap().to_path_buf();
+
+    // Gone for a moment (refused: the old configuration serves), then back as it was.
+    std::fs::remove_file(&proxy.config_path).unwrap();
+    until_metric(proxy.admin, "sidecache_config_last_reload_successful", 0.0).await;
+    assert_eq!(shape(&get(&proxy.url("/api/a")).await), ("cached", false));
+    proxy.rewrite_config(&first);
+    let m = until_metric(proxy.admin, "sidecache_config_last_reload_successful", 1.0).await;
+    assert_eq!(metric(&m, "sidecache_config_reloads_total{result=\"unchanged\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "sidecache_config_reloads_total{result=\"invalid\"}"), Some(1.0), "{m}");
+
+    // The whole directory replaced: the new one is watched, and its file read.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let second = api_route(&upstream, false);
+    std::fs::write(&proxy.config_path, &second).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(proxy.admin).await["config"]["hash"] != hash(&second) {
+        assert!(Instant::now() < deadline, "the new directory's file was never read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shape(&get(&proxy.url("/api/a")).await), ("limited", true));
+    let third = api_route(&upstream, true);
+    proxy.rewrite_config(&third);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(proxy.admin).await["config"]["hash"] != hash(&third) {
+        assert!(Instant::now() < deadline, "a change in the new directory was not seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -9,8 +9,9 @@ pub mod key;
 pub mod outcome;
 pub mod policy;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::Uri;
@@ -82,7 +83,8 @@ impl StoreResult {
 pub struct RouteCache {
     name: String,
     config: CacheConfig,
-    generation: AtomicU64,
+    /// Shared by every `RouteCache` of this name the process ever builds (see `Cache::route`).
+    generation: Arc<AtomicU64>,
     generation_key: String,
     lookups: [Counter; Outcome::ALL.len()],
     stores: [Counter; StoreResult::ALL.len()],
@@ -116,6 +118,8 @@ pub enum PurgeError {
 pub struct Cache {
     store: Arc<CacheStore>,
     prefix: String,
+    /// Every route name's generation, kept across reloads.
+    generations: Mutex<HashMap<String, Arc<AtomicU64>>>,
     writes: Arc<Semaphore>,
     flights: Arc<Flights>,
     /// In front of Redis: fresh decoded entries kept in process for at most `hot_ttl`, so a hot
@@ -159,6 +163,7 @@ impl Cache {
         Cache {
             store: Arc::new(store),
             prefix,
+            generations: Mutex::default(),
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             flights: Arc::new(Flights::default()),
             hot,
@@ -168,23 +173,22 @@ impl Cache {
         }
     }
 
-    /// The cache of the route named `name` with these settings. A reload passes the route's
-    /// cache so far as `previous`: kept as it is when the settings did not change, else the
-    /// route's generation (its purges) carries over.
-    pub fn route(
-        &self,
-        name: &str,
-        config: &CacheConfig,
-        previous: Option<&Arc<RouteCache>>,
-        registrar: &Registrar<'_>,
-    ) -> Arc<RouteCache> {
-        if let Some(previous) = previous.filter(|p| p.config == *config) {
-            return previous.clone();
-        }
+    /// The cache of the route named `name` with these settings. Every cache of one route name
+    /// shares its generation for the life of the process, so a purge outlives any reload: one
+    /// that removes the route's cache and adds it back, renames the route and back, or races
+    /// the purge itself.
+    pub fn route(&self, name: &str, config: &CacheConfig, registrar: &Registrar<'_>) -> Arc<RouteCache> {
+        let generation = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
         Arc::new(RouteCache {
             name: name.to_string(),
             config: config.clone(),
-            generation: AtomicU64::new(previous.map_or(0, |p| p.generation.load(Ordering::Relaxed))),
+            generation,
             generation_key: key::generation_key(&self.prefix, name),
             lookups: Outcome::ALL
                 .map(|o| registrar.counter(CACHE_LOOKUPS_TOTAL, &[("route", name), ("result", o.as_str())])),

@@ -317,29 +317,46 @@ impl Config {
     /// upstream, Redis, the log format, the process-wide cache sizes) the values of `running`,
     /// and name those that differed.
     pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        // Every field is named: one added to `Config` must be declared reloadable (`_`) or not.
+        let Config {
+            server:
+                ServerConfig { listen, trusted_proxies: _, shutdown_grace, max_header_bytes, max_connections, workers, tls },
+            admin: AdminConfig { listen: admin_listen },
+            upstream,
+            redis,
+            log: LogConfig { format, level: _ },
+            routes: _,
+            // From the environment, which does not change while the process runs.
+            cache_enabled: _,
+            rate_limit_enabled: _,
+            cache_memory_max,
+            cache_hot_ttl,
+            cache_lock_timeout,
+            hash: _,
+        } = running;
         let mut changed = Vec::new();
         macro_rules! keep {
-            ($($name:literal => $($field:ident).+;)*) => {$(
-                if self.$($field).+ != running.$($field).+ {
+            ($($name:literal: $field:expr => $running:expr;)*) => {$(
+                if $field != *$running {
                     changed.push($name);
-                    self.$($field).+ = running.$($field).+.clone();
+                    $field = $running.clone();
                 }
             )*};
         }
         keep! {
-            "server.listen" => server.listen;
-            "server.tls" => server.tls;
-            "server.shutdown_grace" => server.shutdown_grace;
-            "server.max_header_bytes" => server.max_header_bytes;
-            "server.max_connections" => server.max_connections;
-            "server.workers" => server.workers;
-            "admin.listen" => admin.listen;
-            "upstream" => upstream;
-            "redis" => redis;
-            "log.format" => log.format;
-            "cache.memory_max" => cache_memory_max;
-            "cache.hot_ttl" => cache_hot_ttl;
-            "cache.lock_timeout" => cache_lock_timeout;
+            "server.listen": self.server.listen => listen;
+            "server.tls": self.server.tls => tls;
+            "server.shutdown_grace": self.server.shutdown_grace => shutdown_grace;
+            "server.max_header_bytes": self.server.max_header_bytes => max_header_bytes;
+            "server.max_connections": self.server.max_connections => max_connections;
+            "server.workers": self.server.workers => workers;
+            "admin.listen": self.admin.listen => admin_listen;
+            "upstream": self.upstream => upstream;
+            "redis": self.redis => redis;
+            "log.format": self.log.format => format;
+            "cache.memory_max": self.cache_memory_max => cache_memory_max;
+            "cache.hot_ttl": self.cache_hot_ttl => cache_hot_ttl;
+            "cache.lock_timeout": self.cache_lock_timeout => cache_lock_timeout;
         }
         changed
     }

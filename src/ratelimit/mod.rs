@@ -172,7 +172,7 @@ impl RateLimiter {
         registrar: &Registrar<'_>,
     ) -> Option<Arc<Limit>> {
         let rl = route.rate_limit.as_ref()?;
-        if let Some(previous) = previous.filter(|p| p.name == route.name && p.config == *rl) {
+        if let Some(previous) = previous.filter(|p| p.config == *rl) {
             return Some(previous.clone());
         }
         let params = Params::new(rl);
