@@ -7,6 +7,7 @@
 
 mod raw;
 mod redis_url;
+mod telemetry;
 mod units;
 mod validate;
 
@@ -22,6 +23,7 @@ use ipnet::IpNet;
 use crate::route::pattern::Pattern;
 use raw::RawConfig;
 pub use redis_url::{RedisNode, RedisTopology};
+pub use telemetry::TelemetryConfig;
 pub use units::Rate;
 use validate::Validator;
 
@@ -52,6 +54,8 @@ pub struct Config {
     pub cache_lock_timeout: Duration,
     /// `SIDECACHE_RATE_LIMIT_ENABLED=false` turns every rate limit off.
     pub rate_limit_enabled: bool,
+    /// OpenTelemetry traces; `None` (the default) when off.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 /// `[server]`.

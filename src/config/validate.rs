@@ -126,6 +126,7 @@ impl Validator {
         );
         let rate_limit_enabled = self.env_bool(env, "SIDECACHE_RATE_LIMIT_ENABLED");
         let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
+        let telemetry = self.telemetry(raw.telemetry, env);
 
         Some(Config {
             server: ServerConfig {
@@ -147,6 +148,7 @@ impl Validator {
             cache_hot_ttl,
             cache_lock_timeout,
             rate_limit_enabled,
+            telemetry,
         })
     }
 
