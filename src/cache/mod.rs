@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use http::Uri;
 use metrics::Counter;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config};
@@ -91,6 +92,7 @@ pub struct RouteCache {
 impl RouteCache {
     fn count_lookup(&self, outcome: Outcome) {
         self.lookups[outcome as usize].increment(1);
+        crate::telemetry::record("sidecache.cache.outcome", outcome.as_str());
     }
 
     fn count_store(&self, r: StoreResult) {
@@ -253,7 +255,7 @@ impl Cache {
         };
         let (store, route) = (self.store.clone(), route.clone());
         let (bytes, keep_for) = (entry.encode(), policy::keep_for(entry));
-        tokio::spawn(async move {
+        let write = async move {
             let result = store.put(&key.path_key, &key.variant, bytes, keep_for).await;
             route.count_store(match result {
                 Ok(true) => StoreResult::Stored,
@@ -261,7 +263,9 @@ impl Cache {
                 Err(_) => StoreResult::Error,
             });
             drop(permit);
-        });
+        };
+        // In the request's span: with traces on, the write is one of its children.
+        tokio::spawn(write.in_current_span());
         true
     }
 
