@@ -91,14 +91,15 @@ pub fn init(log: &LogConfig, traces: Option<&TelemetryConfig>) -> Result<Telemet
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| EnvFilter::new(&log.level));
+    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let fmt = match log.format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed(),
+        LogFormat::Pretty => fmt.boxed(),
+    };
     let Some(traces) = traces else {
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
-        let _ = match log.format {
-            LogFormat::Json => {
-                builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
-            }
-            LogFormat::Pretty => builder.try_init(),
-        };
+        // The filter for everything, as before traces existed: a disabled span or event costs a
+        // comparison with the maximum level.
+        let _ = tracing_subscriber::registry().with(fmt).with(filter).try_init();
         return Ok(Telemetry { traces: None });
     };
 
@@ -121,12 +122,7 @@ pub fn init(log: &LogConfig, traces: Option<&TelemetryConfig>) -> Result<Telemet
                 })
                 .with_max_level_hint(LevelFilter::DEBUG),
         );
-    // The same log lines as without traces, now filtered for this layer only.
-    let fmt = tracing_subscriber::fmt::layer().with_target(true);
-    let fmt = match log.format {
-        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed(),
-        LogFormat::Pretty => fmt.boxed(),
-    };
+    // The log filter now filters the log lines only: the OpenTelemetry layer has its own.
     if tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init().is_ok() {
         ENABLED.store(true, Ordering::Relaxed);
         tracing::info!(service_name = traces.service_name.as_deref(), "exporting traces over OTLP");

@@ -38,28 +38,23 @@ pub struct TelemetryConfig {
 }
 
 /// `http://` or `https://` with a host: what the exporter can post to.
-fn parse_endpoint(s: &str) -> Result<Uri, String> {
-    let uri: Uri = s.parse().map_err(|e| format!("is not a URL: {e}"))?;
+fn check_endpoint(s: &str) -> Result<(), String> {
+    let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err("must start with http:// or https:// (OTLP over HTTP)".into());
+        return Err(format!("{s:?} must start with http:// or https:// (OTLP over HTTP)"));
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err("has no host".into());
+        return Err(format!("{s:?} has no host"));
     }
-    Ok(uri)
+    Ok(())
 }
 
 impl Validator {
     /// `[telemetry]` with the environment; `None` when traces are off.
     pub(super) fn telemetry(&mut self, raw: RawTelemetry, env: &HashMap<String, String>) -> Option<TelemetryConfig> {
         let mut err = |field: &str, message: String| self.errors.push(FieldError { field: field.into(), message });
-        let endpoint = raw.otlp_endpoint.filter(|e| match parse_endpoint(e) {
-            Ok(_) => true,
-            Err(msg) => {
-                err("telemetry.otlp_endpoint", format!("{e:?} {msg}"));
-                false
-            }
-        });
+        let endpoint =
+            raw.otlp_endpoint.filter(|e| check_endpoint(e).map_err(|m| err("telemetry.otlp_endpoint", m)).is_ok());
         if let Some(name) = raw.service_name.as_deref().filter(|n| n.trim().is_empty()) {
             err("telemetry.service_name", format!("{name:?} must not be empty"));
         }
@@ -79,7 +74,7 @@ impl Validator {
             err("OTEL_TRACES_EXPORTER", format!("{other:?} is not supported (otlp, none)"));
         }
         for name in [TRACES_ENDPOINT, ENDPOINT] {
-            if let Some(Err(msg)) = var(name).map(|v| parse_endpoint(v).map_err(|msg| format!("{v:?} {msg}"))) {
+            if let Some(Err(msg)) = var(name).map(check_endpoint) {
                 err(name, msg);
             }
         }
