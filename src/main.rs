@@ -39,15 +39,24 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     tls::install_crypto_provider();
-    telemetry::init(&config.log);
-    match serve(config, cli.config) {
+    let telemetry = match telemetry::init(&config.log, config.telemetry.as_ref()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("sidecache: {:#}", anyhow::Error::new(e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match serve(config, cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "sidecache stopped");
             eprintln!("sidecache: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // After the drain: the last requests' spans leave too, within a bound.
+    telemetry.shutdown();
+    code
 }
 
 fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::time::Instant;
+use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::body::{Body, Streamed};
@@ -20,6 +21,7 @@ use crate::ratelimit::{RateLimiter, Verdict};
 use crate::reload::Active;
 use crate::respond;
 use crate::route::Route;
+use crate::telemetry;
 use crate::tls::TlsError;
 use crate::upstream::{self, headers, Hop, Upstream};
 
@@ -91,12 +93,22 @@ impl Proxy {
         let trusted = &active.config.server.trusted_proxies;
         let route = active.routes.find(req.method(), req.uri().path());
         let route_metrics = route.map_or(&self.unrouted, |r| &r.metrics);
+        // Field names are OpenTelemetry's: with traces on, this span is exported as it is.
         let span = tracing::debug_span!(
             "request",
-            method = %req.method(),
-            path = req.uri().path(),
-            route = route.map_or(NO_ROUTE, |r| r.name.as_str())
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            url.path = req.uri().path(),
+            http.route = route.map_or(NO_ROUTE, |r| r.name.as_str()),
+            client.address = Empty,
+            http.response.status_code = Empty,
+            sidecache.ratelimit.result = Empty,
+            sidecache.cache.outcome = Empty,
+            otel.status_code = Empty,
         );
+        if telemetry::enabled() {
+            telemetry::begin_request(&span, conn.peer.ip(), req.headers(), trusted);
+        }
 
         async move {
             // A reverse proxy has no tunnel to offer: CONNECT is refused here, never forwarded.
@@ -203,6 +215,9 @@ impl Proxy {
     ) -> Response<Body> {
         let elapsed = started.elapsed();
         metrics.request(response.status(), elapsed);
+        if telemetry::enabled() {
+            telemetry::record_status(&tracing::Span::current(), response.status(), 500);
+        }
         tracing::debug!(
             target: "sidecache::access",
             peer = %conn.peer,

@@ -1,31 +1,141 @@
 //! Tracing set-up: JSON or pretty lines on stdout, level from `RUST_LOG` or `log.level` (which a
 //! configuration reload changes). The access log is the `sidecache::access` target at debug level.
+//!
+//! OpenTelemetry traces when configured ([`TelemetryConfig`]): the spans of the request path
+//! (`request`, and inside one `upstream` and `redis`) also go to an OpenTelemetry layer, are
+//! queued on span end (bounded, never waiting: a full queue drops spans and logs once) and
+//! exported over OTLP/HTTP by the SDK's batch processor thread through a client on a runtime of
+//! its own ([`export`]), so a slow or absent collector never reaches a request. When traces are
+//! off no layer is installed: those spans stay the disabled debug spans they always were, and
+//! [`enabled`] is false, so the request path does nothing more than before.
 
+mod export;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
+use http::{HeaderMap, HeaderName, StatusCode};
+use ipnet::IpNet;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::resource::{EnvResourceDetector, SdkProvidedResourceDetector, TelemetryResourceDetector};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::Interest;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::DynFilterFn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, reload, EnvFilter, Layer, Registry};
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, TelemetryConfig};
+use crate::ratelimit::client::client_ip;
+use crate::upstream::headers::is_trusted;
 
-/// Changes the filter of the installed subscriber; unset while `RUST_LOG` decides.
+/// Changes the log filter of the installed subscriber; unset while `RUST_LOG` decides.
 static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
-/// Install the global subscriber. `RUST_LOG`, when set and valid, wins over `log.level`.
-pub fn init(log: &LogConfig) {
+/// Set once the OpenTelemetry layer is installed.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// The spans that become OpenTelemetry spans. A `request` span is a root (or continues a trusted
+/// caller's trace); `upstream` and `redis` spans only inside one: the Redis operations of the
+/// background loops (generation refresh, breaker probe) are not traced.
+const REQUEST_SPAN: &str = "request";
+const CHILD_SPANS: [&str; 2] = ["upstream", "redis"];
+
+/// How long spans still queued at exit may take to leave (after the drain).
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// W3C Trace Context (`traceparent`, `tracestate`).
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Why traces could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The exporter's runtime could not start.
+    #[error("cannot start the OTLP export runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The TLS client configuration of the exporter could not be built.
+    #[error("cannot set up TLS for the OTLP exporter")]
+    Tls(#[source] crate::tls::TlsError),
+    /// The OTLP exporter refused its configuration.
+    #[error("cannot build the OTLP exporter")]
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// What [`init`] started: the trace pipeline, flushed by [`Telemetry::shutdown`].
+pub struct Telemetry {
+    traces: Option<(SdkTracerProvider, tokio::runtime::Runtime)>,
+}
+
+impl Telemetry {
+    /// Export the spans still queued, for at most [`FLUSH_TIMEOUT`], and stop the exporter.
+    pub fn shutdown(self) {
+        let Some((provider, runtime)) = self.traces else { return };
+        if let Err(e) = provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+            tracing::warn!(error = %e, "traces not flushed at exit");
+        }
+        runtime.shutdown_background();
+    }
+}
+
+/// Install the global subscriber, with the OpenTelemetry layer when `traces` is set. `RUST_LOG`,
+/// when set and valid, wins over `log.level`.
+pub fn init(log: &LogConfig, traces: Option<&TelemetryConfig>) -> Result<Telemetry, TelemetryError> {
     let from_env = std::env::var("RUST_LOG").ok().and_then(|v| EnvFilter::try_new(v).ok());
     let by_config = from_env.is_none();
-    let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| EnvFilter::new(&log.level)));
-    let lines = match log.format {
-        LogFormat::Json => {
-            fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
-        }
-        LogFormat::Pretty => fmt::layer().boxed(),
+    let (filter, level) = reload::Layer::new(from_env.unwrap_or_else(|| EnvFilter::new(&log.level)));
+    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let fmt = match log.format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed(),
+        LogFormat::Pretty => fmt.boxed(),
     };
-    if tracing_subscriber::registry().with(filter).with(lines).try_init().is_ok() && by_config {
-        let _ = LEVEL.set(handle);
+    // The log filter filters the log lines only (the OpenTelemetry layer has its own); a
+    // disabled span or event still costs a comparison with the maximum level.
+    let logs = fmt.with_filter(filter);
+    let Some(traces) = traces else {
+        if tracing_subscriber::registry().with(logs).try_init().is_ok() && by_config {
+            let _ = LEVEL.set(level);
+        }
+        return Ok(Telemetry { traces: None });
+    };
+
+    let (provider, runtime) = pipeline(traces)?;
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("sidecache"))
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_filter(
+            DynFilterFn::new(|meta, cx| meta.name() == REQUEST_SPAN || cx.lookup_current().is_some())
+                .with_callsite_filter(|meta| {
+                    let ours = meta.is_span() && meta.target().starts_with("sidecache::");
+                    match meta.name() {
+                        REQUEST_SPAN if ours => Interest::always(),
+                        name if ours && CHILD_SPANS.contains(&name) => Interest::sometimes(),
+                        _ => Interest::never(),
+                    }
+                })
+                .with_max_level_hint(LevelFilter::DEBUG),
+        );
+    if tracing_subscriber::registry().with(logs).with(otel).try_init().is_ok() {
+        ENABLED.store(true, Ordering::Relaxed);
+        if by_config {
+            let _ = LEVEL.set(level);
+        }
+        tracing::info!(service_name = traces.service_name.as_deref(), "exporting traces over OTLP");
     }
+    Ok(Telemetry { traces: Some((provider, runtime)) })
 }
 
 /// Apply a new `log.level` (no effect while `RUST_LOG` decides, or before [`init`]).
@@ -35,4 +145,96 @@ pub fn set_level(level: &str) {
             tracing::warn!(error = %e, "log.level not changed");
         }
     }
+}
+
+/// The tracer provider: the OTLP/HTTP exporter behind the SDK's batch processor (queue, batch
+/// size, delay from `OTEL_BSP_*`), the resource, the sampler. What the `OTEL_*` variables say
+/// is read by the SDK; `traces` only fills in where they are silent.
+fn pipeline(traces: &TelemetryConfig) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), TelemetryError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sidecache-otlp")
+        .enable_all()
+        .build()
+        .map_err(TelemetryError::Runtime)?;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(export::Transport::new(runtime.handle().clone()).map_err(TelemetryError::Tls)?);
+    if let Some(endpoint) = &traces.traces_endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    let exporter = exporter.build().map_err(TelemetryError::Exporter)?;
+
+    // Ours first, so that OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES (the SDK's detectors)
+    // win; the service name from the table or the default only where no variable gave one.
+    let mut resource = Resource::builder_empty()
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_detectors(&[
+            Box::new(SdkProvidedResourceDetector),
+            Box::new(TelemetryResourceDetector),
+            Box::new(EnvResourceDetector::new()),
+        ]);
+    if let Some(name) = &traces.service_name {
+        resource = resource.with_service_name(name.clone());
+    }
+    let mut provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build());
+    if let Some(ratio) = traces.sample_ratio {
+        provider = provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
+    }
+    Ok((provider.build(), runtime))
+}
+
+/// Whether traces are exported. Everything else in this module is only worth calling when so.
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// A request's span before it starts: the client address, and as its parent the caller's
+/// `traceparent` when the peer is a trusted proxy. From anyone else the request starts a trace
+/// of its own: a client cannot choose trace ids (nor sampling) for the backend's traces.
+pub fn begin_request(span: &Span, peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[IpNet]) {
+    span.record("client.address", tracing::field::display(client_ip(peer, headers, trusted)));
+    if is_trusted(peer, trusted) {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        if let Err(e) = span.set_parent(parent) {
+            tracing::debug!(error = %e, "caller's trace not continued");
+        }
+    }
+}
+
+/// The W3C Trace Context of `span` on a request to the backend, replacing whatever the client
+/// sent (continued as the request's parent, or not believed).
+pub fn inject(span: &Span, headers: &mut HeaderMap) {
+    headers.remove(&TRACEPARENT);
+    headers.remove(&TRACESTATE);
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInjector(headers));
+    if headers.get(&TRACESTATE).is_some_and(|v| v.is_empty()) {
+        headers.remove(&TRACESTATE);
+    }
+}
+
+/// Record an attribute on the current span (the request's): the cache outcome, the limiter's
+/// decision. Nothing when traces are off.
+#[inline]
+pub fn record(field: &'static str, value: &'static str) {
+    if enabled() {
+        Span::current().record(field, value);
+    }
+}
+
+/// `http.response.status_code`, and the error status from `error_from` up (500 for the
+/// request's own span; 400 for the upstream's, as OpenTelemetry's HTTP conventions say).
+pub fn record_status(span: &Span, status: StatusCode, error_from: u16) {
+    span.record("http.response.status_code", status.as_u16());
+    if status.as_u16() >= error_from {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// A failure without a response: `error.type` (the metric label of the failure) and the error
+/// status.
+pub fn record_error(span: &Span, kind: &'static str) {
+    span.record("error.type", kind);
+    span.record("otel.status_code", "ERROR");
 }

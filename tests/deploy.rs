@@ -194,10 +194,12 @@ fn manifests_match_the_config_they_mount() {
     assert_eq!(config.upstream.url.host(), Some("127.0.0.1"));
     assert_eq!(u64::from(config.upstream.url.port_u16().unwrap()), resolve_port(app, &json!("app")));
 
-    // Termination: the app's preStop sleep, then sidecache's drain, both inside the grace period.
+    // Termination: the app's preStop sleep, then sidecache's drain and the flush of its traces,
+    // all inside the grace period.
     let pre_stop = app["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().unwrap_or(0);
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace > pre_stop + config.server.shutdown_grace.as_secs(), "grace {grace}s is too short");
+    let sidecache_stop = config.server.shutdown_grace + sidecache::telemetry::FLUSH_TIMEOUT;
+    assert!(grace > pre_stop + sidecache_stop.as_secs(), "grace {grace}s is too short");
 
     // One worker per CPU of the limit.
     let cpu = sidecar["resources"]["limits"]["cpu"].as_str().unwrap();

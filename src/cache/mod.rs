@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use http::Uri;
 use metrics::Counter;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config};
@@ -93,6 +94,7 @@ pub struct RouteCache {
 impl RouteCache {
     fn count_lookup(&self, outcome: Outcome) {
         self.lookups[outcome as usize].increment(1);
+        crate::telemetry::record("sidecache.cache.outcome", outcome.as_str());
     }
 
     fn count_store(&self, r: StoreResult) {
@@ -257,7 +259,7 @@ impl Cache {
         };
         let (store, route) = (self.store.clone(), route.clone());
         let (bytes, keep_for) = (entry.encode(), policy::keep_for(entry));
-        tokio::spawn(async move {
+        let write = async move {
             let result = store.put(&key.path_key, &key.variant, bytes, keep_for).await;
             route.count_store(match result {
                 Ok(true) => StoreResult::Stored,
@@ -265,7 +267,9 @@ impl Cache {
                 Err(_) => StoreResult::Error,
             });
             drop(permit);
-        });
+        };
+        // In the request's span: with traces on, the write is one of its children.
+        tokio::spawn(write.in_current_span());
         true
     }
 

@@ -7,6 +7,7 @@
 
 mod raw;
 mod redis_url;
+mod telemetry;
 mod units;
 mod validate;
 
@@ -23,6 +24,7 @@ use sha2::Digest;
 use crate::route::pattern::Pattern;
 use raw::RawConfig;
 pub use redis_url::{RedisNode, RedisTopology};
+pub use telemetry::TelemetryConfig;
 pub use units::Rate;
 use validate::Validator;
 
@@ -56,6 +58,8 @@ pub struct Config {
     /// The first 16 hex digits of the SHA-256 of the configuration text
     /// (`sha256sum proxy.toml | cut -c1-16`): which configuration is loaded.
     pub hash: String,
+    /// OpenTelemetry traces; `None` (the default) when off.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 /// `[server]`.
@@ -332,6 +336,7 @@ impl Config {
             cache_memory_max,
             cache_hot_ttl,
             cache_lock_timeout,
+            telemetry,
             hash: _,
         } = running;
         let mut changed = Vec::new();
@@ -357,6 +362,7 @@ impl Config {
             "cache.memory_max": self.cache_memory_max => cache_memory_max;
             "cache.hot_ttl": self.cache_hot_ttl => cache_hot_ttl;
             "cache.lock_timeout": self.cache_lock_timeout => cache_lock_timeout;
+            "telemetry": self.telemetry => telemetry;
         }
         changed
     }

@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub cache: RawCacheSettings,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,4 +134,13 @@ pub struct RawRateLimit {
     pub key: Option<String>,
     pub on_redis_error: Option<String>,
     pub mode: Option<String>,
+}
+
+/// `[telemetry]`: OpenTelemetry traces, when no `OTEL_*` variable says otherwise.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
 }

@@ -367,3 +367,71 @@ fn a_reload_keeps_the_running_values_of_restart_only_settings_and_names_them() {
     assert_eq!((new.log.level.as_str(), new.routes.len(), new.hash.as_str()), ("debug", 1, text_hash(text).as_str()));
     assert!(new.clone().keep_restart_only(&running).is_empty(), "nothing left to keep");
 }
+
+#[test]
+fn telemetry_is_off_unless_an_endpoint_is_configured() {
+    assert_eq!(ok(UP).telemetry, None);
+    assert_eq!(ok(&format!("{UP}[telemetry]\nservice_name = \"edge\"\nsample_ratio = 0.5\n")).telemetry, None);
+    let table = format!("{UP}[telemetry]\notlp_endpoint = \"http://collector:4318/\"\n");
+    let on = |pairs: &[(&str, &str)]| Config::from_sources(&table, &env(pairs)).unwrap().telemetry;
+    assert_eq!(
+        on(&[]),
+        Some(TelemetryConfig {
+            traces_endpoint: Some("http://collector:4318/v1/traces".into()),
+            service_name: Some("sidecache".into()),
+            sample_ratio: None,
+        })
+    );
+    assert_eq!(on(&[("OTEL_SDK_DISABLED", "TRUE")]), None);
+    assert_eq!(on(&[("OTEL_TRACES_EXPORTER", "none")]), None);
+    assert!(on(&[("OTEL_SDK_DISABLED", "false"), ("OTEL_TRACES_EXPORTER", "otlp")]).is_some());
+    // A variable alone turns traces on; the exporter reads it itself.
+    let from_env = Config::from_sources(UP, &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318")])).unwrap();
+    assert_eq!(from_env.telemetry.map(|t| t.traces_endpoint), Some(None));
+    let traces_only = env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://otel/v1/traces")]);
+    assert!(Config::from_sources(UP, &traces_only).unwrap().telemetry.is_some());
+    assert_eq!(Config::from_sources(UP, &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])).unwrap().telemetry, None);
+}
+
+#[test]
+fn telemetry_variables_win_over_the_table() {
+    let table = format!(
+        "{UP}[telemetry]\notlp_endpoint = \"http://collector:4318\"\nservice_name = \"edge\"\nsample_ratio = 0.25\n"
+    );
+    let with = |pairs: &[(&str, &str)]| Config::from_sources(&table, &env(pairs)).unwrap().telemetry.unwrap();
+    let table_only = with(&[]);
+    assert_eq!((table_only.service_name.as_deref(), table_only.sample_ratio), (Some("edge"), Some(0.25)));
+    assert_eq!(with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://other:4318")]).traces_endpoint, None);
+    assert_eq!(with(&[("OTEL_SERVICE_NAME", "from-env")]).service_name, None);
+    assert_eq!(with(&[("OTEL_RESOURCE_ATTRIBUTES", "team=a, service.name=from-env")]).service_name, None);
+    assert_eq!(with(&[("OTEL_RESOURCE_ATTRIBUTES", "service.namespace=a")]).service_name.as_deref(), Some("edge"));
+    assert_eq!(with(&[("OTEL_TRACES_SAMPLER", "always_on")]).sample_ratio, None);
+}
+
+#[test]
+fn invalid_telemetry_settings_are_refused_with_their_field() {
+    let table = |body: &str| format!("{UP}[telemetry]\n{body}\n");
+    assert_error(&table("sample_ratio = 1.5"), "telemetry.sample_ratio", "1.5 is not a ratio from 0 to 1");
+    assert_error(&table("sample_ratio = -0.1"), "telemetry.sample_ratio", "is not a ratio");
+    assert_error(&table("otlp_endpoint = \"collector:4318\""), "telemetry.otlp_endpoint", "http:// or https://");
+    assert_error(&table("otlp_endpoint = \"grpc://c:4317\""), "telemetry.otlp_endpoint", "http:// or https://");
+    assert_error(&table("service_name = \" \""), "telemetry.service_name", "must not be empty");
+    assert_error(&table("endpoint = \"http://c\""), "telemetry.endpoint", "unknown field");
+    let on = format!("{UP}[telemetry]\notlp_endpoint = \"http://c:4318\"\n");
+    let refused = |pairs: &[(&str, &str)], field: &str, needle: &str| {
+        let errs = errors_with(&on, &env(pairs));
+        assert!(
+            errs.iter().any(|e| e.starts_with(&format!("{field}: ")) && e.contains(needle)),
+            "expected {field}: …{needle}… in {errs:#?}"
+        );
+    };
+    refused(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")], "OTEL_EXPORTER_OTLP_PROTOCOL", "\"grpc\" is not supported");
+    refused(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")], "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json");
+    refused(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318")], "OTEL_EXPORTER_OTLP_ENDPOINT", "http://");
+    refused(&[("OTEL_TRACES_EXPORTER", "console")], "OTEL_TRACES_EXPORTER", "otlp, none");
+    // Variables of the SDK that is switched off are not its business any more.
+    let off = env(&[("OTEL_SDK_DISABLED", "true"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
+    assert!(Config::from_sources(&on, &off).unwrap().telemetry.is_none());
+    let accepted = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]);
+    assert!(Config::from_sources(&on, &accepted).unwrap().telemetry.is_some());
+}

@@ -126,6 +126,7 @@ impl Validator {
         );
         let rate_limit_enabled = self.env_bool(env, "SIDECACHE_RATE_LIMIT_ENABLED");
         let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
+        let telemetry = self.telemetry(raw.telemetry, env);
 
         Some(Config {
             server: ServerConfig {
@@ -148,6 +149,7 @@ impl Validator {
             cache_lock_timeout,
             rate_limit_enabled,
             hash: String::new(),
+            telemetry,
         })
     }
 

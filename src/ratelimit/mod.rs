@@ -225,6 +225,7 @@ impl RateLimiter {
             Some(_) => Decision::Limited,
         };
         limit.count(decision, backend);
+        crate::telemetry::record("sidecache.ratelimit.result", decision.as_str());
         match taken {
             // A limit in shadow mode changes nothing for the client.
             _ if shadow => Verdict::Unchecked,

@@ -27,6 +27,8 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
 use super::target::{RedisTarget, Topology};
@@ -34,6 +36,7 @@ use super::StoreError;
 use crate::metrics::{
     Registrar, REDIS_CONNECTED_NODES, REDIS_ERRORS_TOTAL, REDIS_INFO, REDIS_NODES, REDIS_OP_DURATION, REDIS_UP,
 };
+use crate::telemetry;
 
 /// Operations sent at most concurrently per store; more are skipped, never queued.
 const MAX_IN_FLIGHT: usize = 1024;
@@ -378,9 +381,21 @@ impl RedisStore {
         Fut: std::future::Future<Output = Result<T, FredError>> + 'a,
     {
         let inner = &self.inner;
-        let result = gate(inner, op, send).await;
+        // A child of the request's span (only inside one: background loops are not traced).
+        let span = tracing::debug_span!(
+            "redis",
+            otel.name = op.as_str(),
+            otel.kind = "client",
+            db.system.name = "redis",
+            db.operation.name = op.as_str(),
+            sidecache.redis.client = inner.role.as_str(),
+            error.type = Empty,
+            otel.status_code = Empty,
+        );
+        let result = gate(inner, op, send).instrument(span.clone()).await;
         if let Err(e) = &result {
             inner.ops[op as usize].errors[e.kind_index()].increment(1);
+            telemetry::record_error(&span, e.kind());
         }
         result
     }

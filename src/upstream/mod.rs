@@ -14,10 +14,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::metrics::UpstreamErrorKind;
+use crate::telemetry;
 use crate::tls::{self, TlsError};
 
 /// Why an upstream exchange failed.
@@ -123,10 +126,27 @@ impl Upstream {
         *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
         *req.version_mut() = Version::HTTP_11;
 
+        // The exchange to its response head, a child of the request's span; with traces on, the
+        // backend gets its trace context (the request was prepared, and keyed, before).
+        let span = tracing::debug_span!(
+            "upstream",
+            otel.kind = "client",
+            http.request.method = %req.method(),
+            server.address = self.authority.host(),
+            server.port = self.authority.port_u16(),
+            http.response.status_code = Empty,
+            error.type = Empty,
+            otel.status_code = Empty,
+        );
+        if telemetry::enabled() {
+            telemetry::inject(&span, req.headers_mut());
+        }
+
         let started = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let result =
+            tokio::time::timeout(self.response_timeout, self.client.request(req)).instrument(span.clone()).await;
         let elapsed = started.elapsed();
-        match result {
+        let forwarded = match result {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(Err(e)) => Err(UpstreamError::classify(e)),
             Ok(Ok(mut response)) => {
@@ -135,7 +155,14 @@ impl Upstream {
                 }
                 Ok(Forwarded { response, elapsed })
             }
+        };
+        if !span.is_disabled() {
+            match &forwarded {
+                Ok(f) => telemetry::record_status(&span, f.response.status(), 400),
+                Err(e) => telemetry::record_error(&span, e.kind().as_str()),
+            }
         }
+        forwarded
     }
 }
 
