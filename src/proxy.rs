@@ -94,20 +94,26 @@ impl Proxy {
         let route = active.routes.find(req.method(), req.uri().path());
         let route_metrics = route.map_or(&self.unrouted, |r| &r.metrics);
         // Field names are OpenTelemetry's: with traces on, this span is exported as it is.
+        // Client-chosen values are clipped: a span holds them until it is exported.
         let span = tracing::debug_span!(
             "request",
             otel.kind = "server",
-            http.request.method = %req.method(),
-            url.path = req.uri().path(),
-            http.route = route.map_or(NO_ROUTE, |r| r.name.as_str()),
+            otel.name = Empty,
+            http.request.method = telemetry::clip(req.method().as_str()),
+            url.path = telemetry::clip(req.uri().path()),
+            url.scheme = if conn.tls { "https" } else { "http" },
+            http.route = Empty,
+            sidecache.route = route.map_or(NO_ROUTE, |r| r.name.as_str()),
             client.address = Empty,
+            network.peer.address = Empty,
             http.response.status_code = Empty,
             sidecache.ratelimit.result = Empty,
             sidecache.cache.outcome = Empty,
+            error.type = Empty,
             otel.status_code = Empty,
         );
         if telemetry::enabled() {
-            telemetry::begin_request(&span, conn.peer.ip(), req.headers(), trusted);
+            telemetry::begin_request(&span, &req, route.map(Route::template), conn.peer.ip(), trusted);
         }
 
         async move {
@@ -197,7 +203,9 @@ impl Proxy {
                 if let (Some(client_upgrade), Ok(response)) = (client_upgrade, &mut forwarded) {
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         let upstream_upgrade = hyper::upgrade::on(response);
-                        tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).in_current_span());
+                        // A span of its own: the request's ends with the 101, the tunnel lives on.
+                        let span = tracing::debug_span!(parent: None, "tunnel", sidecache.route = route.map_or(NO_ROUTE, |r| r.name.as_str()));
+                        tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).instrument(span));
                     }
                 }
                 conclude(exchange, forwarded).await

@@ -30,7 +30,7 @@ use tracing::level_filters::LevelFilter;
 use tracing::subscriber::Interest;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::filter::{filter_fn, DynFilterFn, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
@@ -46,10 +46,11 @@ static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// The spans that become OpenTelemetry spans. A `request` span is a root (or continues a trusted
-/// caller's trace); `upstream` and `redis` spans only inside one: the Redis operations of the
-/// background loops (generation refresh, breaker probe) are not traced.
+/// caller's trace); the others only inside one: the Redis operations of the background loops
+/// (generation refresh, breaker probe) are not traced. `cache.write` and `cache.refresh` are the
+/// work a request leaves behind in tasks of their own, after its answer.
 const REQUEST_SPAN: &str = "request";
-const CHILD_SPANS: [&str; 2] = ["upstream", "redis"];
+const CHILD_SPANS: [&str; 4] = ["upstream", "redis", "cache.write", "cache.refresh"];
 
 /// How long spans still queued at exit may take to leave (after the drain).
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,7 +102,7 @@ pub fn init(log: &LogConfig, traces: Option<&TelemetryConfig>) -> Result<Telemet
     };
     // The log filter filters the log lines only (the OpenTelemetry layer has its own); a
     // disabled span or event still costs a comparison with the maximum level.
-    let logs = fmt.with_filter(filter);
+    let logs = fmt.with_filter(filter.and(filter_fn(|meta| !is_export_failure(meta))));
     let Some(traces) = traces else {
         if tracing_subscriber::registry().with(logs).try_init().is_ok() && by_config {
             let _ = LEVEL.set(level);
@@ -116,26 +117,60 @@ pub fn init(log: &LogConfig, traces: Option<&TelemetryConfig>) -> Result<Telemet
         .with_threads(false)
         .with_target(false)
         .with_tracked_inactivity(false)
+        // Nothing reads the current OpenTelemetry context: children find their parent through
+        // the current span, and `inject` takes the span's own context.
+        .with_context_activation(false)
         .with_filter(
-            DynFilterFn::new(|meta, cx| meta.name() == REQUEST_SPAN || cx.lookup_current().is_some())
-                .with_callsite_filter(|meta| {
-                    let ours = meta.is_span() && meta.target().starts_with("sidecache::");
-                    match meta.name() {
-                        REQUEST_SPAN if ours => Interest::always(),
-                        name if ours && CHILD_SPANS.contains(&name) => Interest::sometimes(),
-                        _ => Interest::never(),
-                    }
-                })
-                .with_max_level_hint(LevelFilter::DEBUG),
+            DynFilterFn::new(|meta, cx| match exported(meta) {
+                Exported::Always => true,
+                Exported::InsideRequest => cx.lookup_current().is_some(),
+                Exported::Never => false,
+            })
+            .with_callsite_filter(|meta| match exported(meta) {
+                Exported::Always => Interest::always(),
+                Exported::InsideRequest => Interest::sometimes(),
+                Exported::Never => Interest::never(),
+            })
+            .with_max_level_hint(LevelFilter::DEBUG),
         );
     if tracing_subscriber::registry().with(logs).with(otel).try_init().is_ok() {
         ENABLED.store(true, Ordering::Relaxed);
         if by_config {
             let _ = LEVEL.set(level);
         }
-        tracing::info!(service_name = traces.service_name.as_deref(), "exporting traces over OTLP");
+        tracing::info!(
+            endpoint = traces.traces_endpoint.as_deref().unwrap_or("from OTEL_EXPORTER_OTLP_*ENDPOINT"),
+            service_name = traces.service_name.as_deref(),
+            sample_ratio = traces.sample_ratio,
+            sampler = std::env::var("OTEL_TRACES_SAMPLER").ok(),
+            "exporting traces over OTLP"
+        );
     }
     Ok(Telemetry { traces: Some((provider, runtime)) })
+}
+
+/// Which spans become OpenTelemetry spans.
+enum Exported {
+    /// A request's.
+    Always,
+    /// Redis's and the upstream's, inside a request (not those of the background loops).
+    InsideRequest,
+    /// Everything else.
+    Never,
+}
+
+fn exported(meta: &tracing::Metadata<'_>) -> Exported {
+    let ours = meta.is_span() && meta.target().starts_with("sidecache::");
+    match meta.name() {
+        REQUEST_SPAN if ours => Exported::Always,
+        name if ours && CHILD_SPANS.contains(&name) => Exported::InsideRequest,
+        _ => Exported::Never,
+    }
+}
+
+/// The SDK's line per failed export (the transport logs the failing state once instead).
+fn is_export_failure(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_event() && (meta.name() == "BatchSpanProcessor.ExportError" || meta.name().starts_with("Export.Failed"))
 }
 
 /// Apply a new `log.level` (no effect while `RUST_LOG` decides, or before [`init`]).
@@ -157,9 +192,10 @@ fn pipeline(traces: &TelemetryConfig) -> Result<(SdkTracerProvider, tokio::runti
         .enable_all()
         .build()
         .map_err(TelemetryError::Runtime)?;
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(export::Transport::new(runtime.handle().clone()).map_err(TelemetryError::Tls)?);
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http().with_http_client(
+        export::Transport::new(runtime.handle().clone(), traces.timeout, traces.ca_file.as_deref())
+            .map_err(TelemetryError::Tls)?,
+    );
     if let Some(endpoint) = &traces.traces_endpoint {
         exporter = exporter.with_endpoint(endpoint);
     }
@@ -193,10 +229,28 @@ pub fn enabled() -> bool {
 /// A request's span before it starts: the client address, and as its parent the caller's
 /// `traceparent` when the peer is a trusted proxy. From anyone else the request starts a trace
 /// of its own: a client cannot choose trace ids (nor sampling) for the backend's traces.
-pub fn begin_request(span: &Span, peer: std::net::IpAddr, headers: &HeaderMap, trusted: &[IpNet]) {
-    span.record("client.address", tracing::field::display(client_ip(peer, headers, trusted)));
+pub fn begin_request<B>(
+    span: &Span,
+    req: &http::Request<B>,
+    route: Option<&str>,
+    peer: std::net::IpAddr,
+    trusted: &[IpNet],
+) {
+    let method = clip(req.method().as_str());
+    // OpenTelemetry's span name: `{method} {http.route}`, or the method alone.
+    match route {
+        Some(route) => {
+            span.record("otel.name", format!("{method} {route}"));
+            span.record("http.route", route);
+        }
+        None => {
+            span.record("otel.name", method);
+        }
+    }
+    span.record("network.peer.address", tracing::field::display(peer));
+    span.record("client.address", tracing::field::display(client_ip(peer, req.headers(), trusted)));
     if is_trusted(peer, trusted) {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
         if let Err(e) = span.set_parent(parent) {
             tracing::debug!(error = %e, "caller's trace not continued");
         }
@@ -228,8 +282,25 @@ pub fn record(field: &'static str, value: &'static str) {
 pub fn record_status(span: &Span, status: StatusCode, error_from: u16) {
     span.record("http.response.status_code", status.as_u16());
     if status.as_u16() >= error_from {
+        span.record("error.type", status.as_str());
         span.record("otel.status_code", "ERROR");
     }
+}
+
+/// Longest client-chosen value a span keeps (a path, a method): spans wait in the export queue,
+/// and a client must not make them large.
+pub const CLIP: usize = 512;
+
+/// `value` cut to [`CLIP`] bytes at a character boundary.
+pub fn clip(value: &str) -> &str {
+    if value.len() <= CLIP {
+        return value;
+    }
+    let mut end = CLIP;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
 }
 
 /// A failure without a response: `error.type` (the metric label of the failure) and the error

@@ -57,12 +57,12 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
 
 /// The client side for an `https://` upstream: the public web roots (compiled in, so a
 /// distroless image needs no CA bundle) plus the PEM certificates of `upstream.ca_file`.
-pub fn upstream_client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+pub fn upstream_client_config(field: &'static str, ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        add_roots(&mut roots, "upstream.ca_file", path)?;
+        add_roots(&mut roots, field, path)?;
     }
     Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }

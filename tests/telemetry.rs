@@ -162,10 +162,13 @@ async fn receive(
 /// The request span with this path (and cache outcome, when given).
 fn request<'a>(spans: &'a [Exported], path: &str, outcome: Option<&str>) -> Option<&'a Exported> {
     spans.iter().find(|s| {
-        s.name == "request"
-            && s.attr("url.path") == path
-            && outcome.is_none_or(|o| s.attr("sidecache.cache.outcome") == o)
+        s.kind == SERVER && s.attr("url.path") == path && outcome.is_none_or(|o| s.attr("sidecache.cache.outcome") == o)
     })
+}
+
+/// Whether `span` is an upstream exchange (a client span that is not Redis's).
+fn is_upstream(span: &Exported) -> bool {
+    span.kind == CLIENT && span.attr("db.system.name").is_empty()
 }
 
 /// The spans whose parent is `parent`, in the same trace.
@@ -232,11 +235,14 @@ async fn request_spans_carry_route_outcome_and_limit_with_redis_and_upstream_chi
     assert_eq!(get(&proxy.url("/gen/l/item")).await.status, StatusCode::OK);
     assert_eq!(get(&proxy.url("/status/503")).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(get(&proxy.url("/status/404")).await.status, StatusCode::NOT_FOUND);
+    let long = format!("/gen/{}", "a".repeat(8000));
+    assert_eq!(get(&proxy.url(&long)).await.status, StatusCode::OK);
 
     let spans = collector
         .until("every request with its children", |spans| {
-            spans.iter().filter(|s| s.name == "request").count() == 5
+            spans.iter().filter(|s| s.kind == SERVER).count() == 6
                 && request(spans, "/gen/c/item", Some("miss")).is_some_and(|r| children(spans, r).len() == 3)
+                && spans.iter().any(|s| s.name == "hset")
         })
         .await;
     let resource = &collector.resources.lock().unwrap()[0];
@@ -248,16 +254,21 @@ async fn request_spans_carry_route_outcome_and_limit_with_redis_and_upstream_chi
     let miss = request(&spans, "/gen/c/item", Some("miss")).expect("the miss");
     assert_eq!((miss.kind, miss.parent_id.as_str(), miss.status), (SERVER, "", STATUS_UNSET));
     assert_eq!(miss.attr("http.request.method"), "GET");
-    assert_eq!(miss.attr("http.route"), "cached");
+    assert_eq!((miss.name.as_str(), miss.attr("http.route")), ("GET /gen/c/*", "/gen/c/*"));
+    assert_eq!((miss.attr("sidecache.route"), miss.attr("url.scheme")), ("cached", "http"));
+    assert_eq!(miss.attr("network.peer.address"), "127.0.0.1");
     assert_eq!(miss.attr("http.response.status_code"), "200");
     assert_eq!(miss.attr("client.address"), "127.0.0.1");
     let mut names: Vec<&str> = children(&spans, miss).iter().map(|s| s.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["hget", "hset", "upstream"]);
+    assert_eq!(names, ["GET", "cache.write", "hget"]);
+    let write = children(&spans, miss).into_iter().find(|s| s.name == "cache.write").unwrap();
+    let names: Vec<&str> = children(&spans, write).iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["hset"], "the write's own Redis operation");
     let lookup = children(&spans, miss).into_iter().find(|s| s.name == "hget").unwrap();
     assert_eq!((lookup.kind, lookup.attr("db.system.name")), (CLIENT, "redis"));
     assert_eq!((lookup.attr("db.operation.name"), lookup.attr("sidecache.redis.client")), ("hget", "cache"));
-    let exchange = children(&spans, miss).into_iter().find(|s| s.name == "upstream").unwrap();
+    let exchange = children(&spans, miss).into_iter().find(|s| is_upstream(s)).unwrap();
     assert_eq!((exchange.kind, exchange.attr("server.address")), (CLIENT, "127.0.0.1"));
     assert_eq!(exchange.attr("server.port"), upstream.addr.port().to_string());
     assert_eq!(exchange.attr("http.response.status_code"), "200");
@@ -274,7 +285,7 @@ async fn request_spans_carry_route_outcome_and_limit_with_redis_and_upstream_chi
 
     // The rate-limited route: the limiter's decision and its script.
     let limited = request(&spans, "/gen/l/item", None).expect("the limited route's request");
-    assert_eq!((limited.attr("http.route"), limited.attr("sidecache.ratelimit.result")), ("limited", "allowed"));
+    assert_eq!((limited.attr("http.route"), limited.attr("sidecache.ratelimit.result")), ("/gen/l/*", "allowed"));
     assert_eq!(limited.attr("sidecache.cache.outcome"), "", "no cache on this route");
     let script = children(&spans, limited);
     assert_eq!(script.len(), 2, "{script:#?}");
@@ -284,9 +295,13 @@ async fn request_spans_carry_route_outcome_and_limit_with_redis_and_upstream_chi
     let failed = request(&spans, "/status/503", None).unwrap();
     assert_eq!(
         (failed.status, failed.attr("http.route"), failed.attr("http.response.status_code")),
-        (STATUS_ERROR, "-", "503")
+        (STATUS_ERROR, "", "503")
     );
+    assert_eq!((failed.name.as_str(), failed.attr("sidecache.route"), failed.attr("error.type")), ("GET", "-", "503"));
     assert_eq!(children(&spans, failed)[0].status, STATUS_ERROR);
+    // What a client chooses is clipped: a span waiting for export stays small.
+    let clipped = spans.iter().find(|s| s.kind == SERVER && s.attr("url.path").starts_with("/gen/aaa")).unwrap();
+    assert_eq!(clipped.attr("url.path"), &long[..512]);
     let missing = request(&spans, "/status/404", None).unwrap();
     assert_eq!((missing.status, children(&spans, missing)[0].status), (STATUS_UNSET, STATUS_ERROR));
 }
@@ -330,21 +345,27 @@ async fn a_trusted_callers_trace_is_continued_an_untrusted_ones_is_replaced() {
 
     let spans = collector
         .until("both requests with their upstream spans", |spans| {
-            spans.iter().filter(|s| s.name == "upstream").count() == 2
-                && spans.iter().filter(|s| s.name == "request").count() == 2
+            spans.iter().filter(|s| is_upstream(s)).count() == 2
+                && spans.iter().filter(|s| s.kind == SERVER).count() == 2
         })
         .await;
-    let of = |service: &str, name: &str| spans.iter().find(|s| s.service == service && s.name == name).unwrap().clone();
+    let of = |service: &str, server: bool| {
+        spans
+            .iter()
+            .find(|s| s.service == service && if server { s.kind == SERVER } else { is_upstream(s) })
+            .unwrap()
+            .clone()
+    };
 
     // Trusted: the request continues the caller's trace, and so does the backend.
-    let (request, exchange) = (of("trusting", "request"), of("trusting", "upstream"));
+    let (request, exchange) = (of("trusting", true), of("trusting", false));
     assert_eq!((request.trace_id.as_str(), request.parent_id.as_str()), (CALLER_TRACE, CALLER_SPAN));
     assert_eq!((exchange.trace_id.as_str(), exchange.parent_id.as_str()), (CALLER_TRACE, request.span_id.as_str()));
     assert_eq!(traceparent(&upstream, "/gen/trusted").unwrap(), format!("00-{CALLER_TRACE}-{}-01", exchange.span_id));
     assert_eq!(upstream.seen("/gen/trusted")[0]["tracestate"], "caller=1", "the caller's tracestate goes on");
 
     // Untrusted: a trace of our own; the client chose neither the backend's trace id nor state.
-    let (request, exchange) = (of("untrusting", "request"), of("untrusting", "upstream"));
+    let (request, exchange) = (of("untrusting", true), of("untrusting", false));
     assert_ne!(request.trace_id, CALLER_TRACE);
     assert_eq!(request.parent_id, "", "a root span");
     assert_eq!(
@@ -405,7 +426,7 @@ async fn requests_stay_fast(endpoint: &str) -> BinaryProxy {
     }
     // An export attempt hangs for 10 s against a silent collector: a request that waited on one
     // would show it.
-    assert!(slowest < Duration::from_millis(500), "slowest request {slowest:?} with {endpoint}");
+    assert!(slowest < Duration::from_secs(3), "slowest request {slowest:?} with {endpoint}");
     assert!(started.elapsed() < Duration::from_secs(10), "200 requests took {:?}", started.elapsed());
     proxy
 }
@@ -431,7 +452,18 @@ async fn a_collector_that_never_answers_or_is_not_there_slows_no_request() {
     held.abort();
 
     let nobody = format!("http://127.0.0.1:{}", support::redis::free_port());
-    requests_stay_fast(&nobody).await;
+    let proxy = requests_stay_fast(&nobody).await;
+    // Every batch fails at once: the failing state is logged once, not each failed export.
+    logged(&proxy, "exporting traces failed").await;
+    let exports = |needle: &str| proxy.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log.lock().unwrap().iter().any(|l| l.contains("SpanDroppingStarted")) {
+        assert!(Instant::now() < deadline, "the queue never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(exports("exporting traces failed"), 1);
+    assert_eq!(exports("ExportError") + exports("Export.Failed"), 0, "the SDK's line per failure is not logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,7 +182,8 @@ impl Cache {
                 Err(e) => tracing::debug!(error = %e, "background refresh failed; the stale entry stays"),
             }
         };
-        tokio::spawn(task.in_current_span());
+        // A child of the request that is answered already (its span ends with the answer).
+        tokio::spawn(task.instrument(tracing::debug_span!("cache.refresh")));
     }
 }
 

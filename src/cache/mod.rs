@@ -268,8 +268,8 @@ impl Cache {
             });
             drop(permit);
         };
-        // In the request's span: with traces on, the write is one of its children.
-        tokio::spawn(write.in_current_span());
+        // A child of the request (its span ends with the answer, before the write does).
+        tokio::spawn(write.instrument(tracing::debug_span!("cache.write")));
         true
     }
 

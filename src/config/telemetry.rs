@@ -4,6 +4,8 @@
 //! so only what decides on or off, and what the SDK would silently get wrong, is checked here.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use http::Uri;
 
@@ -19,6 +21,18 @@ const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const HTTP_PROTOBUF: &str = "http/protobuf";
 /// The service name when neither a variable nor the table gives one.
 const DEFAULT_SERVICE_NAME: &str = "sidecache";
+/// OTLP's default time budget of one export.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The samplers the SDK offers (`OTEL_TRACES_SAMPLER`); it would silently take another for a
+/// name it does not know.
+const SAMPLERS: [&str; 6] = [
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
 
 /// Traces are exported: `[telemetry] otlp_endpoint` or an `OTEL_EXPORTER_OTLP_*ENDPOINT` is set,
 /// and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` turns them off.
@@ -35,6 +49,12 @@ pub struct TelemetryConfig {
     /// decision on continued ones (`parentbased_traceidratio`); `None` when `OTEL_TRACES_SAMPLER`
     /// is set (the SDK reads it) or no ratio is configured (the SDK default: every trace).
     pub sample_ratio: Option<f64>,
+    /// One export attempt's time budget: `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` or
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), default 10 s.
+    pub timeout: Duration,
+    /// PEM CA certificates trusted for an `https://` collector besides the public web roots:
+    /// `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE` or `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `http://` or `https://` with a host: what the exporter can post to.
@@ -86,6 +106,40 @@ impl Validator {
             }
         }
 
+        // The sampler and its argument, which the SDK would replace by its default with a warning
+        // that nobody sees (it runs before logging starts).
+        let sampler = var("OTEL_TRACES_SAMPLER");
+        if let Some(other) = sampler.filter(|s| !SAMPLERS.contains(s)) {
+            err("OTEL_TRACES_SAMPLER", format!("{other:?} is not supported ({})", SAMPLERS.join(", ")));
+        }
+        if let Some(arg) =
+            var("OTEL_TRACES_SAMPLER_ARG").filter(|_| sampler.is_some_and(|s| s.ends_with("traceidratio")))
+        {
+            if !arg.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r)) {
+                err("OTEL_TRACES_SAMPLER_ARG", format!("{arg:?} is not a ratio from 0 to 1"));
+            }
+        }
+        let mut timeout = DEFAULT_TIMEOUT;
+        for name in ["OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] {
+            match var(name).map(|v| v.parse::<u64>()) {
+                Some(Ok(ms)) if ms > 0 => timeout = Duration::from_millis(ms),
+                Some(_) => err(name, format!("{:?} is not a number of milliseconds above 0", var(name).unwrap_or(""))),
+                None => {}
+            }
+        }
+        let ca_file =
+            var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE").or(var("OTEL_EXPORTER_OTLP_CERTIFICATE")).map(PathBuf::from);
+        for name in [
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        ] {
+            if var(name).is_some() {
+                err(name, "client certificates for the collector are not supported".into());
+            }
+        }
+
         let names_service = var("OTEL_SERVICE_NAME").is_some()
             || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attributes| {
                 attributes.split(',').any(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == "service.name"))
@@ -97,7 +151,9 @@ impl Validator {
                 endpoint.map(|e| format!("{}/v1/traces", e.trim_end_matches('/')))
             },
             service_name: (!names_service).then(|| raw.service_name.unwrap_or_else(|| DEFAULT_SERVICE_NAME.into())),
-            sample_ratio: raw.sample_ratio.filter(|_| var("OTEL_TRACES_SAMPLER").is_none()),
+            sample_ratio: raw.sample_ratio.filter(|_| sampler.is_none()),
+            timeout,
+            ca_file,
         })
     }
 }

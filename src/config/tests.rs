@@ -380,6 +380,8 @@ fn telemetry_is_off_unless_an_endpoint_is_configured() {
             traces_endpoint: Some("http://collector:4318/v1/traces".into()),
             service_name: Some("sidecache".into()),
             sample_ratio: None,
+            timeout: Duration::from_secs(10),
+            ca_file: None,
         })
     );
     assert_eq!(on(&[("OTEL_SDK_DISABLED", "TRUE")]), None);
@@ -429,6 +431,19 @@ fn invalid_telemetry_settings_are_refused_with_their_field() {
     refused(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")], "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json");
     refused(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4318")], "OTEL_EXPORTER_OTLP_ENDPOINT", "http://");
     refused(&[("OTEL_TRACES_EXPORTER", "console")], "OTEL_TRACES_EXPORTER", "otlp, none");
+    refused(&[("OTEL_TRACES_SAMPLER", "ratio")], "OTEL_TRACES_SAMPLER", "\"ratio\" is not supported");
+    let ratio = |arg| [("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", arg)];
+    refused(&ratio("10%"), "OTEL_TRACES_SAMPLER_ARG", "not a ratio");
+    refused(&ratio("1.5"), "OTEL_TRACES_SAMPLER_ARG", "not a ratio");
+    refused(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "5s")], "OTEL_EXPORTER_OTLP_TIMEOUT", "milliseconds");
+    refused(&[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")], "OTEL_EXPORTER_OTLP_CLIENT_KEY", "not supported");
+    let set = |pairs: &[(&str, &str)]| Config::from_sources(&on, &env(pairs)).unwrap().telemetry.unwrap();
+    assert_eq!(set(&ratio("0.25")).sample_ratio, None, "the SDK reads the sampler itself");
+    let timeouts = [("OTEL_EXPORTER_OTLP_TIMEOUT", "3000"), ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1500")];
+    assert_eq!(set(&timeouts[..1]).timeout, Duration::from_secs(3));
+    assert_eq!(set(&timeouts).timeout, Duration::from_millis(1500), "the traces variable wins");
+    let ca = set(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem")]).ca_file;
+    assert_eq!(ca, Some(PathBuf::from("/etc/ca.pem")));
     // Variables of the SDK that is switched off are not its business any more.
     let off = env(&[("OTEL_SDK_DISABLED", "true"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
     assert!(Config::from_sources(&on, &off).unwrap().telemetry.is_none());

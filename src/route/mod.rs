@@ -28,6 +28,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// Its path pattern as written (`/api/models/*`): OpenTelemetry's `http.route`.
+    pub fn template(&self) -> &str {
+        self.pattern.as_str()
+    }
+
     /// A route matching `methods` on `pattern`.
     pub fn new(
         name: String,

@@ -1,44 +1,53 @@
 //! The OTLP exporter's HTTP transport: hyper-util's pooled client with rustls (ring), the stack
 //! the proxy already uses for its upstream, running on a runtime of its own. The SDK's batch
 //! processor calls it from its own thread; each attempt is spawned on that runtime (hyper needs
-//! one) and bounded in time, so neither a request nor shutdown can wait on a collector.
+//! one) and bounded in time, so neither a request nor shutdown can wait on a collector. A
+//! failing collector is logged once when the exports start failing and once when they succeed
+//! again (the SDK's own line per failed batch is filtered out of the log).
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use opentelemetry_http::{HttpClient, HttpError, Request, Response};
+use opentelemetry_http::{HttpClient, HttpError, Request, Response, ResponseBodyTooLarge};
 
 use crate::tls::{self, TlsError};
 
-/// One export attempt at most: OTLP's default timeout. The exporter's own
-/// `OTEL_EXPORTER_OTLP_TIMEOUT` bounds its retries around the attempts.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A collector's answer is a small status message; a larger one is not read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// TCP connect budget to the collector.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Posts export requests to the collector (`http://`, or `https://` verified against the public
-/// web roots).
+/// web roots and the configured CA certificates).
 pub(super) struct Transport {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     runtime: tokio::runtime::Handle,
+    /// One attempt at most (`OTEL_EXPORTER_OTLP_TIMEOUT`).
+    timeout: Duration,
+    /// Whether the last attempt failed (the state logged).
+    failing: AtomicBool,
 }
 
 impl Transport {
     /// A client whose connections live on `runtime`.
-    pub(super) fn new(runtime: tokio::runtime::Handle) -> Result<Transport, TlsError> {
+    pub(super) fn new(
+        runtime: tokio::runtime::Handle,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Transport, TlsError> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         http.set_nodelay(true);
         http.enforce_http(false);
         let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls::upstream_client_config(None)?)
+            .with_tls_config(tls::upstream_client_config("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_file)?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -47,7 +56,18 @@ impl Transport {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(2)
             .build(connector);
-        Ok(Transport { client, runtime })
+        Ok(Transport { client, runtime, timeout, failing: AtomicBool::new(false) })
+    }
+
+    /// Log a change between exporting and failing, once.
+    fn note(&self, failure: Option<String>) {
+        match failure {
+            Some(error) if !self.failing.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(error, "exporting traces failed; spans are dropped until the collector answers");
+            }
+            None if self.failing.swap(false, Ordering::Relaxed) => tracing::info!("exporting traces again"),
+            _ => {}
+        }
     }
 }
 
@@ -64,14 +84,32 @@ impl HttpClient for Transport {
         let exchange = async move {
             let response = client.request(request.map(Full::new)).await?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES).collect().await?.to_bytes();
+            // An answer too large is the collector's, and sending the batch again would not help.
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| -> HttpError {
+                    if e.is::<LengthLimitError>() {
+                        Box::new(ResponseBodyTooLarge::new())
+                    } else {
+                        e
+                    }
+                })?
+                .to_bytes();
             Ok::<_, HttpError>(Response::from_parts(parts, body))
         };
         // The timer, like the connection, belongs to the export runtime: the caller has none.
-        let attempt = async move { tokio::time::timeout(ATTEMPT_TIMEOUT, exchange).await };
-        match self.runtime.spawn(attempt).await? {
+        let timeout = self.timeout;
+        let attempt = async move { tokio::time::timeout(timeout, exchange).await };
+        let answer = match self.runtime.spawn(attempt).await? {
             Ok(answer) => answer,
             Err(_) => Err("OTLP export timed out".into()),
-        }
+        };
+        self.note(match &answer {
+            Ok(response) if response.status().is_success() => None,
+            Ok(response) => Some(format!("the collector answered {}", response.status())),
+            Err(e) => Some(e.to_string()),
+        });
+        answer
     }
 }

@@ -94,7 +94,7 @@ impl Upstream {
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.enforce_http(false);
         let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls::upstream_client_config(config.ca_file.as_deref())?)
+            .with_tls_config(tls::upstream_client_config("upstream.ca_file", config.ca_file.as_deref())?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -131,7 +131,8 @@ impl Upstream {
         let span = tracing::debug_span!(
             "upstream",
             otel.kind = "client",
-            http.request.method = %req.method(),
+            otel.name = telemetry::clip(req.method().as_str()),
+            http.request.method = telemetry::clip(req.method().as_str()),
             server.address = self.authority.host(),
             server.port = self.authority.port_u16(),
             http.response.status_code = Empty,

@@ -538,7 +538,12 @@ impl BinaryProxy {
 
     /// Start it on a configuration file the test laid out (its directory is removed on drop).
     pub fn start(config_path: std::path::PathBuf, env: &[(&str, &str)]) -> BinaryProxy {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sidecache"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidecache"));
+        // The test's own settings only: none of the shell's logging or OpenTelemetry variables.
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("OTEL_")) {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
