@@ -2,10 +2,10 @@
 //! `proxy.toml` on `SIGHUP` or when the file changes, and applied to new requests at once.
 //!
 //! Requests load the `Active` when they start and keep it to their end, so a request in flight
-//! finishes on the configuration it began with and no connection is touched. A route whose cache
-//! or limit settings did not change keeps its cache state and in-process buckets. What only a
-//! restart applies (listeners, workers, the upstream, Redis, the log format, cache sizes) keeps
-//! its running value and is reported.
+//! finishes on the configuration it began with and no connection is touched. Every route keeps
+//! its purges; a route whose limit did not change keeps its in-process buckets. What only a
+//! restart applies (listeners, workers, the upstream, Redis, traces, the log format, cache sizes)
+//! keeps its running value and is reported.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -65,6 +67,25 @@ pub fn upstream_client_config(field: &'static str, ca_file: Option<&Path>) -> Re
         add_roots(&mut roots, field, path)?;
     }
     Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+/// A connector for `http://` and `https://` URLs over HTTP/1.1: TCP with `connect_timeout`,
+/// no Nagle, keep-alive probes; TLS as [`upstream_client_config`] sets it.
+pub fn https_connector(
+    field: &'static str,
+    ca_file: Option<&Path>,
+    connect_timeout: std::time::Duration,
+) -> Result<HttpsConnector<HttpConnector>, TlsError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    http.enforce_http(false);
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(upstream_client_config(field, ca_file)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
 }
 
 /// The client side for `rediss://`: the system's trusted roots (the compiled-in web roots when the

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -42,15 +42,7 @@ impl Transport {
         timeout: Duration,
         ca_file: Option<&Path>,
     ) -> Result<Transport, TlsError> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls::upstream_client_config("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_file)?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = tls::https_connector("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_file, CONNECT_TIMEOUT)?;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
