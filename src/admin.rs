@@ -179,6 +179,10 @@ impl Admin {
                 None => "none",
             },
             "ratelimit_redis": redis_status(self.limiter.as_ref().and_then(|l| l.redis())),
+            "cache_encryption": {
+                "enabled": self.cache.as_ref().and_then(|c| c.seal_key_id()).is_some(),
+                "key_id": self.cache.as_ref().and_then(|c| c.seal_key_id()),
+            },
             "cache_enabled": c.cache_enabled,
             "rate_limit_enabled": c.rate_limit_enabled,
             "routes": routes,

@@ -63,7 +63,19 @@ fn build_cache(
             CacheStore::Memory(MemoryStore::new(config.cache_memory_max))
         }
     };
-    Ok(Some(Arc::new(Cache::new(config, store, clock))))
+    let cache = Cache::new(config, store, clock);
+    match (&config.cache_encryption, cache.seal_key_id()) {
+        (Some(keys), Some(id)) => tracing::info!(
+            key_id = id,
+            previous_key_id = keys.previous.as_ref().map(|k| k.id_hex()),
+            "cache entries in Redis are sealed (AES-256-GCM)"
+        ),
+        (Some(_), None) => {
+            tracing::info!("cache encryption keys are not used: the embedded store keeps entries in process")
+        }
+        _ => {}
+    }
+    Ok(Some(Arc::new(cache)))
 }
 
 /// The rate limits of the routes that have one (or will, after a reload): shared through Redis

@@ -41,6 +41,10 @@ pub const CACHE_LOOKUPS_TOTAL: &str = "sidecache_cache_lookups_total";
 /// `sidecache_cache_stores_total{route,result}`: stored, not_storable, too_large, dropped, error.
 pub const CACHE_STORES_TOTAL: &str = "sidecache_cache_stores_total";
 
+/// `sidecache_cache_unreadable_total{route,reason}`: entries read from the store that could not
+/// be used (unknown_key, tampered, unsealed, undecodable): misses, deleted.
+pub const CACHE_UNREADABLE_TOTAL: &str = "sidecache_cache_unreadable_total";
+
 /// `sidecache_ratelimit_checks_total{route,result,backend}`: allowed/limited by redis or local,
 /// error by allow_all (the shared limiter failed and the route fails open).
 pub const RATELIMIT_CHECKS_TOTAL: &str = "sidecache_ratelimit_checks_total";
@@ -245,6 +249,11 @@ fn describe(r: &PrometheusRecorder) {
         text("Upstream exchanges that failed, by kind (connect, connect_timeout, timeout, protocol)."),
     );
     r.describe_gauge(KeyName::from_const_str(INFLIGHT_REQUESTS), None, text("Requests being handled now."));
+    r.describe_counter(
+        KeyName::from_const_str(CACHE_UNREADABLE_TOTAL),
+        None,
+        text("Entries read from the store that could not be used, by route and reason (unknown_key, tampered, unsealed, undecodable): answered as misses and deleted."),
+    );
     r.describe_counter(
         KeyName::from_const_str(CONFIG_RELOADS_TOTAL),
         None,

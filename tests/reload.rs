@@ -364,19 +364,6 @@ async fn cache_entries_survive_unrelated_reloads_but_never_a_changed_key_or_a_pu
     }
 }
 
-/// Waits (10 s at most) until `/metrics` has `series` at `value`.
-async fn until_metric(admin: std::net::SocketAddr, series: &str, value: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics(admin).await;
-        if metric(&m, series) == Some(value) {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "{series} never became {value}: {m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_missing_file_is_no_lasting_failure_and_a_replaced_directory_is_watched_again() {
     let upstream = TestUpstream::spawn().await;

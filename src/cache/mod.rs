@@ -8,6 +8,7 @@ pub mod exchange;
 pub mod key;
 pub mod outcome;
 pub mod policy;
+pub mod seal;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config};
-use crate::metrics::{Registrar, CACHE_LOOKUPS_TOTAL, CACHE_STORES_TOTAL};
+use crate::metrics::{Registrar, CACHE_LOOKUPS_TOTAL, CACHE_STORES_TOTAL, CACHE_UNREADABLE_TOTAL};
 use crate::store::{CacheStore, MemoryStore, StoreError, Weight};
 use coalesce::Flights;
 use entry::Entry;
@@ -29,6 +30,7 @@ pub use exchange::{Begin, Exchange};
 use key::CacheKey;
 pub use outcome::Outcome;
 use policy::Phase;
+use seal::{Seal, Unreadable};
 
 /// Store writes in flight at most; past it, writes are dropped and counted, never queued.
 const MAX_PENDING_WRITES: usize = 256;
@@ -89,6 +91,7 @@ pub struct RouteCache {
     generation_key: String,
     lookups: [Counter; Outcome::ALL.len()],
     stores: [Counter; StoreResult::ALL.len()],
+    unreadable: [Counter; Unreadable::ALL.len()],
 }
 
 impl RouteCache {
@@ -99,6 +102,10 @@ impl RouteCache {
 
     fn count_store(&self, r: StoreResult) {
         self.stores[r as usize].increment(1);
+    }
+
+    fn count_unreadable(&self, why: Unreadable) {
+        self.unreadable[why as usize].increment(1);
     }
 }
 
@@ -136,6 +143,8 @@ pub struct Cache {
     lock_timeout: Duration,
     /// How long a response to be stored may take to arrive whole.
     body_timeout: Duration,
+    /// Seals entries written to Redis, when `[cache]` names keys (never the embedded store).
+    seal: Option<Seal>,
 }
 
 /// Fresh decoded entries, each trusted for at most `ttl` (by the cache's clock) and never past
@@ -160,7 +169,9 @@ impl Cache {
     /// The cache shared by every route that has one.
     pub fn new(config: &Config, store: CacheStore, clock: Clock) -> Cache {
         let prefix = config.redis.as_ref().map_or_else(|| "sidecache:".to_string(), |r| r.key_prefix.clone());
-        let hot = (matches!(store, CacheStore::Redis(_)) && !config.cache_hot_ttl.is_zero())
+        let redis = matches!(store, CacheStore::Redis(_));
+        let seal = config.cache_encryption.as_ref().filter(|_| redis).map(Seal::new);
+        let hot = (redis && !config.cache_hot_ttl.is_zero())
             .then(|| HotTier { entries: MemoryStore::new(config.cache_memory_max), ttl: config.cache_hot_ttl });
         Cache {
             store: Arc::new(store),
@@ -172,6 +183,7 @@ impl Cache {
             clock,
             lock_timeout: config.cache_lock_timeout,
             body_timeout: config.upstream.response_timeout,
+            seal,
         }
     }
 
@@ -196,7 +208,14 @@ impl Cache {
                 .map(|o| registrar.counter(CACHE_LOOKUPS_TOTAL, &[("route", name), ("result", o.as_str())])),
             stores: StoreResult::ALL
                 .map(|s| registrar.counter(CACHE_STORES_TOTAL, &[("route", name), ("result", s.as_str())])),
+            unreadable: Unreadable::ALL
+                .map(|u| registrar.counter(CACHE_UNREADABLE_TOTAL, &[("route", name), ("reason", u.as_str())])),
         })
+    }
+
+    /// The id of the key entries are sealed with, when they are.
+    pub fn seal_key_id(&self) -> Option<&str> {
+        self.seal.as_ref().map(Seal::key_id)
     }
 
     /// The store behind the cache.
@@ -224,7 +243,11 @@ impl Cache {
                 return Found::Unavailable;
             }
         };
-        match Entry::decode(&bytes) {
+        let opened = match &self.seal {
+            Some(seal) => seal.open(&bytes, &key.path_key, &key.variant),
+            None => Ok(bytes),
+        };
+        match opened.and_then(|bytes| Entry::decode(&bytes).map_err(|_| Unreadable::Undecodable)) {
             Ok(entry) => {
                 let entry = Arc::new(entry);
                 let phase = policy::phase(&entry, now);
@@ -233,8 +256,10 @@ impl Cache {
                 }
                 Found::Entry(entry, phase)
             }
-            Err(e) => {
-                tracing::debug!(route = %route.name, error = %e, "stored entry does not decode; deleting it");
+            Err(why) => {
+                // Never served, never an error: a miss, counted, and gone for the next request.
+                route.count_unreadable(why);
+                tracing::debug!(route = %route.name, reason = why.as_str(), "stored entry unreadable; deleting it");
                 let (store, doomed) = (self.store.clone(), key.clone());
                 tokio::spawn(async move {
                     if let Err(e) = store.remove(&doomed.path_key, &doomed.variant).await {
@@ -259,6 +284,10 @@ impl Cache {
         };
         let (store, route) = (self.store.clone(), route.clone());
         let (bytes, keep_for) = (entry.encode(), policy::keep_for(entry));
+        let bytes = match &self.seal {
+            Some(seal) => seal.seal(&bytes, &key.path_key, &key.variant),
+            None => bytes,
+        };
         let write = async move {
             let result = store.put(&key.path_key, &key.variant, bytes, keep_for).await;
             route.count_store(match result {

@@ -5,6 +5,7 @@
 //! environment. Validation runs once at start-up; the rest of the proxy only sees typed values
 //! (`Duration`, `SocketAddr`, compiled route patterns, enums).
 
+mod encryption;
 mod raw;
 mod redis_url;
 mod telemetry;
@@ -22,6 +23,7 @@ use ipnet::IpNet;
 use sha2::Digest;
 
 use crate::route::pattern::Pattern;
+pub use encryption::{EncryptionConfig, SealKey};
 use raw::RawConfig;
 pub use redis_url::{RedisNode, RedisTopology};
 pub use telemetry::TelemetryConfig;
@@ -55,6 +57,9 @@ pub struct Config {
     pub cache_lock_timeout: Duration,
     /// `SIDECACHE_RATE_LIMIT_ENABLED=false` turns every rate limit off.
     pub rate_limit_enabled: bool,
+    /// The keys entries in Redis are sealed with (`[cache] encryption_key_env` or
+    /// `encryption_key_file`); `None`: stored as they are.
+    pub cache_encryption: Option<EncryptionConfig>,
     /// The first 16 hex digits of the SHA-256 of the configuration text
     /// (`sha256sum proxy.toml | cut -c1-16`): which configuration is loaded.
     pub hash: String,
@@ -336,6 +341,7 @@ impl Config {
             cache_memory_max,
             cache_hot_ttl,
             cache_lock_timeout,
+            cache_encryption,
             telemetry,
             hash: _,
         } = running;
@@ -362,6 +368,7 @@ impl Config {
             "cache.memory_max": self.cache_memory_max => cache_memory_max;
             "cache.hot_ttl": self.cache_hot_ttl => cache_hot_ttl;
             "cache.lock_timeout": self.cache_lock_timeout => cache_lock_timeout;
+            "cache.encryption": self.cache_encryption => cache_encryption;
             "telemetry": self.telemetry => telemetry;
         }
         changed

@@ -86,6 +86,9 @@ pub struct RawCacheSettings {
     pub memory_max: Option<i64>,
     pub hot_ttl: Option<String>,
     pub lock_timeout: Option<String>,
+    pub encryption_key_env: Option<String>,
+    pub encryption_key_file: Option<String>,
+    pub previous_encryption_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

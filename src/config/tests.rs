@@ -450,3 +450,53 @@ fn invalid_telemetry_settings_are_refused_with_their_field() {
     let accepted = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]);
     assert!(Config::from_sources(&on, &accepted).unwrap().telemetry.is_some());
 }
+
+#[test]
+fn encryption_keys_come_from_the_environment_or_files_and_bad_ones_are_named_not_shown() {
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const OLD: &str = "HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo";
+    let by_env = format!("{UP}[cache]\nencryption_key_env = \"SIDECACHE_CACHE_KEY\"\n");
+    let keys = |pairs: &[(&str, &str)]| Config::from_sources(&by_env, &env(pairs)).map(|c| c.cache_encryption.unwrap());
+    let current = keys(&[("SIDECACHE_CACHE_KEY", KEY)]).unwrap();
+    assert_eq!((current.current.bytes()[31], current.previous.is_none()), (31, true));
+    let rotating = keys(&[("SIDECACHE_CACHE_KEY", KEY), ("SIDECACHE_CACHE_KEY_PREVIOUS", OLD)]).unwrap();
+    assert_eq!(rotating.previous.as_ref().map(|k| k.bytes()[0]), Some(31), "unpadded base64 is fine");
+    assert_ne!(rotating.current.id(), rotating.previous.unwrap().id());
+    let printed = format!("{current:?}");
+    assert!(
+        printed.contains(&current.current.id_hex()) && !printed.contains("AAECAw") && !printed.contains("[0, 1, 2")
+    );
+    assert_eq!(ok(UP).cache_encryption, None, "off by default");
+
+    let named = |pairs: &[(&str, &str)], field: &str, needle: &str| {
+        let errs = errors_with(&by_env, &env(pairs));
+        assert!(
+            errs.iter().any(|e| e.starts_with(&format!("{field}: ")) && e.contains(needle)),
+            "{field} {needle}: {errs:#?}"
+        );
+        assert!(!errs.iter().any(|e| e.contains("not-base64") || e.contains("AAECAw")), "no key material: {errs:#?}");
+    };
+    named(&[], "cache.encryption_key_env", "SIDECACHE_CACHE_KEY, which is not set");
+    named(&[("SIDECACHE_CACHE_KEY", "not-base64!")], "SIDECACHE_CACHE_KEY", "is not base64");
+    named(&[("SIDECACHE_CACHE_KEY", "AAECAwQFBgcICQoLDA0ODw==")], "SIDECACHE_CACHE_KEY", "is 16 bytes once decoded");
+    named(
+        &[("SIDECACHE_CACHE_KEY", KEY), ("SIDECACHE_CACHE_KEY_PREVIOUS", "AAECAw==")],
+        "SIDECACHE_CACHE_KEY_PREVIOUS",
+        "is 4 bytes",
+    );
+
+    let dir = std::env::temp_dir().join(format!("sidecache-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("current"), format!("{KEY}\n")).unwrap();
+    let file = |extra: &str| format!("{UP}[cache]\nencryption_key_file = {:?}\n{extra}", dir.join("current"));
+    assert!(ok(&file("")).cache_encryption.is_some_and(|k| k.current.bytes()[1] == 1), "a trailing newline is fine");
+    let missing = format!("previous_encryption_key_file = {:?}\n", dir.join("absent"));
+    assert_error(&file(&missing), "cache.previous_encryption_key_file", "cannot read");
+    assert_error(&file("encryption_key_env = \"K\"\n"), "cache.encryption_key_file", "not both");
+    assert_error(
+        &format!("{UP}[cache]\nprevious_encryption_key_file = \"/k\"\n"),
+        "cache.previous_encryption_key_file",
+        "needs encryption_key_file",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

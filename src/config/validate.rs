@@ -111,6 +111,7 @@ impl Validator {
 
         let cache_enabled = self.env_bool(env, "SIDECACHE_CACHE_ENABLED");
         let cache_memory_max = self.int("cache.memory_max", raw.cache.memory_max, 64 << 20, 1 << 20, 1 << 40);
+        let cache_encryption = self.encryption(&raw.cache, env);
         let cache_hot_ttl = self.field(
             "cache.hot_ttl",
             raw.cache.hot_ttl.as_deref(),
@@ -148,6 +149,7 @@ impl Validator {
             cache_hot_ttl,
             cache_lock_timeout,
             rate_limit_enabled,
+            cache_encryption,
             hash: String::new(),
             telemetry,
         })

@@ -697,6 +697,20 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
+/// Waits (10 s at most) until the `/metrics` of the admin listener at `admin` has `series` at
+/// `value`; the whole text then.
+pub async fn until_metric(admin: SocketAddr, series: &str, value: f64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = get(&format!("http://{admin}/metrics")).await.text();
+        if metric(&m, series) == Some(value) {
+            return m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} never became {value}: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (up to 10 s) until `/status` at `admin_url` says every Redis client of the proxy (the
 /// cache's, the limiter's) is connected with its breaker closed.
 pub async fn until_redis_ready(admin_url: &str) {

@@ -1,0 +1,130 @@
+//! `[cache] encryption_key_env` or `encryption_key_file`: the keys that seal cache entries in
+//! Redis (the current one, and a previous one still accepted for reading). Key material never
+//! appears in an error, a log line or a `Debug` print: only its id.
+
+use std::collections::HashMap;
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+
+use super::raw::RawCacheSettings;
+use super::validate::Validator;
+
+/// Bytes of a key: AES-256.
+pub const KEY_LEN: usize = 32;
+
+/// A 256-bit key and its id (the first 4 bytes of a SHA-256 of it: naming it reveals nothing).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealKey {
+    id: [u8; 4],
+    bytes: [u8; KEY_LEN],
+}
+
+impl SealKey {
+    fn new(bytes: [u8; KEY_LEN]) -> SealKey {
+        let digest = Sha256::new().chain_update(b"sidecache cache key id\0").chain_update(bytes).finalize();
+        SealKey { id: [digest[0], digest[1], digest[2], digest[3]], bytes }
+    }
+
+    /// The id an entry sealed with this key carries.
+    pub fn id(&self) -> [u8; 4] {
+        self.id
+    }
+
+    /// The id as 8 hex digits, for `/status` and logs.
+    pub fn id_hex(&self) -> String {
+        self.id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The key itself.
+    pub fn bytes(&self) -> &[u8; KEY_LEN] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealKey({})", self.id_hex())
+    }
+}
+
+/// The keys entries in Redis are sealed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptionConfig {
+    /// Seals every write, and opens what it sealed.
+    pub current: SealKey,
+    /// Opens what it sealed, during a rotation.
+    pub previous: Option<SealKey>,
+}
+
+/// A key given base64-encoded (padding optional, surrounding white space ignored).
+fn parse_key(text: &str) -> Result<SealKey, String> {
+    let text = text.trim();
+    // The decoder's own error would quote a byte of the key.
+    let bytes = STANDARD
+        .decode(text)
+        .or_else(|_| STANDARD_NO_PAD.decode(text))
+        .map_err(|_| "is not base64 (make a key with `openssl rand -base64 32`)".to_string())?;
+    let bytes = <[u8; KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| {
+        format!("is {} bytes once decoded; a key is {KEY_LEN} (`openssl rand -base64 32`)", bytes.len())
+    })?;
+    Ok(SealKey::new(bytes))
+}
+
+impl Validator {
+    /// The keys, when `[cache]` names where they are.
+    pub(super) fn encryption(
+        &mut self,
+        raw: &RawCacheSettings,
+        env: &HashMap<String, String>,
+    ) -> Option<EncryptionConfig> {
+        let mut key = |field: String, text: Option<Result<String, String>>| match text? {
+            Ok(text) => parse_key(&text).map_err(|message| self.errors.push(super::FieldError { field, message })).ok(),
+            Err(message) => {
+                self.errors.push(super::FieldError { field, message });
+                None
+            }
+        };
+        let read = |path: &str| Some(std::fs::read_to_string(path).map_err(|e| format!("cannot read {path:?}: {e}")));
+        match (&raw.encryption_key_env, &raw.encryption_key_file, &raw.previous_encryption_key_file) {
+            (Some(_), Some(_), _) => {
+                key(
+                    "cache.encryption_key_file".into(),
+                    Some(Err("set encryption_key_env or encryption_key_file, not both".into())),
+                );
+                None
+            }
+            (Some(name), None, previous_file) => {
+                if previous_file.is_some() {
+                    let message = format!(
+                        "goes with encryption_key_file; with encryption_key_env the previous key is {name}_PREVIOUS"
+                    );
+                    key("cache.previous_encryption_key_file".into(), Some(Err(message)));
+                }
+                if name.trim().is_empty() {
+                    key("cache.encryption_key_env".into(), Some(Err("must name an environment variable".into())));
+                    return None;
+                }
+                let set = |var: &str| env.get(var).filter(|v| !v.trim().is_empty()).cloned();
+                let current = set(name).ok_or_else(|| format!("names {name}, which is not set"));
+                let current =
+                    key(if current.is_ok() { name.clone() } else { "cache.encryption_key_env".into() }, Some(current));
+                let previous_var = format!("{name}_PREVIOUS");
+                let previous = key(previous_var.clone(), set(&previous_var).map(Ok));
+                Some(EncryptionConfig { current: current?, previous })
+            }
+            (None, Some(path), previous_file) => {
+                let current = key("cache.encryption_key_file".into(), read(path));
+                let previous =
+                    key("cache.previous_encryption_key_file".into(), previous_file.as_deref().and_then(read));
+                Some(EncryptionConfig { current: current?, previous })
+            }
+            (None, None, Some(_)) => {
+                key("cache.previous_encryption_key_file".into(), Some(Err("needs encryption_key_file".into())));
+                None
+            }
+            (None, None, None) => None,
+        }
+    }
+}
