@@ -6,11 +6,14 @@
 #   breaker open  sidecache pass-through route | sidecache cached route with Redis paused (SIGSTOP)
 #   rate limit    sidecache pass-through | sidecache rate-limited route (Redis, every request
 #                 allowed) | nginx limit_req allowing every request
+#   sealed        sidecache cache hits with entries sealed in Redis ([cache] encryption_key_env) or
+#                 not: with the hot tier (hits mostly from process memory, never opened again) and
+#                 with hot_ttl = "0s" (every hit read from Redis and opened)
 # The backend is benches/upstream.rs (1 KiB bodies; 20 ms under /slow/). Targets of a comparison
 # run in interleaved rounds and each figure is the median, so a noisy neighbour cannot favour one.
 #
 # Usage: benches/bench.sh [seconds per measurement, default 5] [connections, default 64] [rounds, default 3]
-#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit).
+#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit sealed).
 #   BENCH_BASELINE=path/to/an/older/sidecache also runs that binary, same configuration, in the
 #   pass-through and cache-hit rounds (before/after a change in one run).
 # Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
@@ -21,7 +24,7 @@ DURATION=${1:-5}
 CONNECTIONS=${2:-64}
 ROUNDS=${3:-3}
 THREADS=2
-ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit}
+ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit sealed}
 BASELINE=${BENCH_BASELINE:-}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
@@ -118,6 +121,27 @@ if [ -n "$BASELINE" ]; then
   for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.1:$BLA/readyz" 2>/dev/null && break; sleep 0.05; done
 fi
 
+# variant NAME CACHE_TABLE: another sidecache on the same configuration with its own ports, its own
+# key prefix in the same Redis, and this [cache] table; its proxy port is in PORT_<NAME>.
+variant() {
+  local name=$1 port admin
+  port=$(free_port); admin=$(free_port)
+  sed -e "s/127.0.0.1:$SC\"/127.0.0.1:$port\"/" -e "s/127.0.0.1:$SCA\"/127.0.0.1:$admin\"/" \
+    -e "s/^\[redis\]\$/[redis]\nkey_prefix = \"$name:\"/" "$WORK/proxy.toml" >"$WORK/$name.toml"
+  printf '[cache]\n%b\n' "$2" >>"$WORK/$name.toml"
+  BENCH_CACHE_KEY=$(head -c 32 /dev/urandom | base64) "$BIN" --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$admin/status" 2>/dev/null | grep -q '"state":"up"' && break; sleep 0.05; done
+  printf -v "PORT_${name//-/_}" '%s' "$port"
+}
+if want sealed; then
+  SEALED='encryption_key_env = "BENCH_CACHE_KEY"'
+  variant plain-hot ''
+  variant sealed-hot "$SEALED"
+  variant plain-redis 'hot_ttl = "0s"'
+  variant sealed-redis "$SEALED\nhot_ttl = \"0s\""
+fi
+
 for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$NGX/" "http://127.0.0.1:$SCA/readyz"; do
   for _ in $(seq 1 100); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
 done
@@ -177,6 +201,12 @@ for _ in $(seq 1 "$ROUNDS"); do
     run slow-direct "http://127.0.0.1:$UP/slow/a"
     run slow-sidecache-hits "http://127.0.0.1:$SC/slow/a"
   fi
+  if want sealed; then
+    for name in plain-hot sealed-hot plain-redis sealed-redis; do
+      port_var="PORT_${name//-/_}"
+      run "$name" "http://127.0.0.1:${!port_var}/cached/a"
+    done
+  fi
 done
 LOAD_RSS=$(rss $SC_PID VmHWM:)
 HITS=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_cache_lookups_total\{route="cached",result="hit"\}/ {print $2}')
@@ -199,6 +229,7 @@ want ratelimit && table "rate limit (all allowed)" sidecache sidecache-limited n
 want cache && table "cache hits" direct-cached-path sidecache-hits ${BASELINE:+baseline-hits} nginx-proxy_cache-hits
 want slow && table "20 ms upstream" slow-direct slow-sidecache-hits
 want breaker && table "Redis paused (breaker open)" redis-paused-passthrough redis-paused-cached-route
+want sealed && table "cache hits, sealed or not" plain-hot sealed-hot plain-redis sealed-redis
 errors=$(awk 'NF > 4' "$WORK/results")
 [ -z "$errors" ] || printf '\nerrors reported by wrk:\n%s\n' "$errors"
 
@@ -211,5 +242,6 @@ if [ -n "$BASELINE" ]; then
 fi
 want cache && echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4)  (hits counted: ${HITS:-0})"
 want slow && echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
+want sealed && echo "sealed        with the hot tier sealed/plain: throughput $(ratio sealed-hot plain-hot 2), p99 $(ratio sealed-hot plain-hot 4); every hit from Redis sealed/plain: throughput $(ratio sealed-redis plain-redis 2), p99 $(ratio sealed-redis plain-redis 4)"
 want breaker && echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
 printf 'sidecache RSS: idle %.1f MiB, peak under load %.1f MiB\n' "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$LOAD_RSS/1024" | bc -l)"

@@ -45,6 +45,10 @@ pub const CACHE_STORES_TOTAL: &str = "sidecache_cache_stores_total";
 /// be used (unknown_key, tampered, unsealed, undecodable): misses, deleted.
 pub const CACHE_UNREADABLE_TOTAL: &str = "sidecache_cache_unreadable_total";
 
+/// `sidecache_cache_resealed_total{route}`: entries opened with the previous encryption key and
+/// sealed again with the current one.
+pub const CACHE_RESEALED_TOTAL: &str = "sidecache_cache_resealed_total";
+
 /// `sidecache_ratelimit_checks_total{route,result,backend}`: allowed/limited by redis or local,
 /// error by allow_all (the shared limiter failed and the route fails open).
 pub const RATELIMIT_CHECKS_TOTAL: &str = "sidecache_ratelimit_checks_total";
@@ -253,6 +257,11 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(CACHE_UNREADABLE_TOTAL),
         None,
         text("Entries read from the store that could not be used, by route and reason (unknown_key, tampered, unsealed, undecodable): answered as misses and deleted."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(CACHE_RESEALED_TOTAL),
+        None,
+        text("Entries opened with the previous encryption key and sealed again with the current one, by route."),
     );
     r.describe_counter(
         KeyName::from_const_str(CONFIG_RELOADS_TOTAL),

@@ -118,9 +118,13 @@ async fn a_rotation_keeps_hits_and_an_entry_no_key_opens_is_a_counted_miss() {
     let (upstream, redis) = (upstream().await, TestRedis::start());
     let old = proxy(&upstream, &redis, Some((K1, None))).await;
     assert_eq!(x_cache(&old, "/gen/r").await.0, "MISS");
-    // The new key, with the old one as previous: what the old key sealed is still a hit.
+    assert_eq!(x_cache(&old, "/gen/q").await.0, "MISS");
+    // The new key, with the old one as previous: what the old key sealed is still a hit, and is
+    // sealed again under the new key.
     let rotated = proxy(&upstream, &redis, Some((K2, Some(K1)))).await;
     assert_eq!(x_cache(&rotated, "/gen/r").await.0, "HIT");
+    until_metric(rotated.admin, "sidecache_cache_resealed_total{route=\"enc\"}", 1.0).await;
+    until_metric(rotated.admin, "sidecache_cache_stores_total{route=\"enc\",result=\"stored\"}", 1.0).await;
     assert_eq!(x_cache(&rotated, "/gen/s").await.0, "MISS");
     assert_eq!(x_cache(&rotated, "/gen/s").await.0, "HIT");
     // A proxy that knows only the old key cannot open the new key's entry: a miss, counted, and
@@ -128,11 +132,12 @@ async fn a_rotation_keeps_hits_and_an_entry_no_key_opens_is_a_counted_miss() {
     assert_eq!(x_cache(&old, "/gen/s").await.0, "MISS");
     assert_eq!(unreadable(&old, "unknown_key").await, 1.0);
     assert_eq!(x_cache(&old, "/gen/s").await.0, "HIT");
-    // And the previous key dropped: the old key's entries are misses.
+    // The previous key dropped: what was sealed again is a hit, what the old key sealed is not.
     let new_only = proxy(&upstream, &redis, Some((K2, None))).await;
-    assert_eq!(x_cache(&new_only, "/gen/r").await.0, "MISS");
-    assert_eq!(unreadable(&new_only, "unknown_key").await, 1.0);
     assert_eq!(x_cache(&new_only, "/gen/r").await.0, "HIT");
+    assert_eq!(x_cache(&new_only, "/gen/q").await.0, "MISS");
+    assert_eq!(unreadable(&new_only, "unknown_key").await, 1.0);
+    assert_eq!(x_cache(&new_only, "/gen/q").await.0, "HIT");
 }
 
 #[tokio::test]
@@ -147,8 +152,16 @@ async fn altered_moved_or_unsealed_entries_are_counted_misses() {
                 redis.call('HSET', KEYS[1], ARGV[1], string.sub(v, 1, -2) .. string.char((string.byte(v, -1) + 1) % 256)) \
                 return 1";
     assert_eq!(redis.command(&["EVAL", flip, "1", &key, &field]), ":1");
-    assert_eq!(x_cache(&proxy, "/gen/t").await.0, "MISS");
+    // This time the backend says no-store: what is left in Redis is what the proxy left there.
+    upstream.set("/gen/t", Reply::ok().header("cache-control", "no-store"));
+    let a = send(http::Method::GET, &proxy.url("/gen/t"), &[("host", "shop.example")], "").await;
+    assert_eq!(a.headers["x-cache"], "MISS");
     assert_eq!(unreadable(&proxy, "tampered").await, 1.0);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while redis.command(&["HEXISTS", &key, &field]) != ":0" {
+        assert!(tokio::time::Instant::now() < deadline, "the altered entry was not deleted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // Moved: another path's Redis key holding a copy of this one.
     assert_eq!(x_cache(&proxy, "/gen/u").await.0, "MISS");

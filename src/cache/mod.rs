@@ -22,7 +22,9 @@ use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config};
-use crate::metrics::{Registrar, CACHE_LOOKUPS_TOTAL, CACHE_STORES_TOTAL, CACHE_UNREADABLE_TOTAL};
+use crate::metrics::{
+    Registrar, CACHE_LOOKUPS_TOTAL, CACHE_RESEALED_TOTAL, CACHE_STORES_TOTAL, CACHE_UNREADABLE_TOTAL,
+};
 use crate::store::{CacheStore, MemoryStore, StoreError, Weight};
 use coalesce::Flights;
 use entry::Entry;
@@ -30,7 +32,7 @@ pub use exchange::{Begin, Exchange};
 use key::CacheKey;
 pub use outcome::Outcome;
 use policy::Phase;
-use seal::{Seal, Unreadable};
+use seal::{Opened, Seal, Unreadable};
 
 /// Store writes in flight at most; past it, writes are dropped and counted, never queued.
 const MAX_PENDING_WRITES: usize = 256;
@@ -92,6 +94,7 @@ pub struct RouteCache {
     lookups: [Counter; Outcome::ALL.len()],
     stores: [Counter; StoreResult::ALL.len()],
     unreadable: [Counter; Unreadable::ALL.len()],
+    resealed: Counter,
 }
 
 impl RouteCache {
@@ -210,6 +213,7 @@ impl Cache {
                 .map(|s| registrar.counter(CACHE_STORES_TOTAL, &[("route", name), ("result", s.as_str())])),
             unreadable: Unreadable::ALL
                 .map(|u| registrar.counter(CACHE_UNREADABLE_TOTAL, &[("route", name), ("reason", u.as_str())])),
+            resealed: registrar.counter(CACHE_RESEALED_TOTAL, &[("route", name)]),
         })
     }
 
@@ -225,7 +229,7 @@ impl Cache {
 
     /// Look a key up: the hot tier, then the store. Never fails: a store error is
     /// [`Found::Unavailable`], a stored entry that does not decode is a miss (and is deleted).
-    async fn find(&self, route: &RouteCache, key: &CacheKey) -> Found {
+    async fn find(&self, route: &Arc<RouteCache>, key: &CacheKey) -> Found {
         let now = self.clock.now();
         if let Some(hot) = &self.hot {
             if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, &key.variant) {
@@ -245,10 +249,19 @@ impl Cache {
         };
         let opened = match &self.seal {
             Some(seal) => seal.open(&bytes, &key.path_key, &key.variant),
-            None => Ok(bytes),
+            None => Ok(Opened { plain: bytes, by_previous: false }),
         };
-        match opened.and_then(|bytes| Entry::decode(&bytes).map_err(|_| Unreadable::Undecodable)) {
-            Ok(entry) => {
+        let decoded = opened.and_then(|opened| match Entry::decode(&opened.plain) {
+            Ok(entry) => Ok((entry, opened.by_previous)),
+            Err(_) => Err(Unreadable::Undecodable),
+        });
+        match decoded {
+            Ok((entry, by_previous)) => {
+                if by_previous {
+                    // Sealed again under the current key: the previous one is needed ever less.
+                    route.resealed.increment(1);
+                    self.write(route, key.clone(), &entry);
+                }
                 let entry = Arc::new(entry);
                 let phase = policy::phase(&entry, now);
                 if let (Some(hot), Phase::Fresh(left)) = (&self.hot, phase) {

@@ -1,19 +1,28 @@
-//! Entries sealed for Redis: AES-256-GCM (ring), a random nonce per write, and as associated data
-//! the entry's Redis key (prefix, route, generation, path) and its variant, so that a sealed value
-//! opens only where it was written. The value carries the id of the key that sealed it, so a
-//! previous key still opens what it sealed while a rotation rolls out.
+//! Entries sealed for Redis: AES-256-GCM (ring) under a key of the entry's own, derived (HKDF-SHA256)
+//! from the configured key and a random 128-bit salt, with a random nonce; so no two writes share
+//! a key and nonce however many entries a key seals (a plain random 96-bit nonce under one key
+//! would need a rotation every 2³² writes). The associated data is the value's header and the
+//! entry's place, its Redis key (prefix, route, generation, path) and its variant, each with its
+//! length: a sealed value opens only where it was written. The value carries the id of the key
+//! that sealed it, so a previous key still opens what it sealed while a rotation rolls out.
 //!
-//! `SE` | format 1 | key id (4) | nonce (12) | ciphertext and tag (16)
+//! `SE` | format 1 | key id (4) | salt (16) | nonce (12) | ciphertext and tag (16)
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hkdf::{Salt, HKDF_SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::config::{EncryptionConfig, SealKey};
+use crate::config::{EncryptionConfig, SealKey, KEY_LEN};
 
 const MAGIC: &[u8; 2] = b"SE";
 const FORMAT: u8 = 1;
-const HEADER: usize = MAGIC.len() + 1 + 4 + NONCE_LEN;
+const SALT_LEN: usize = 16;
+const ID: std::ops::Range<usize> = 3..7;
+const SALT: std::ops::Range<usize> = 7..7 + SALT_LEN;
+const HEADER: usize = SALT.end + NONCE_LEN;
+/// What the derivation is for (HKDF's info).
+const INFO: &[u8] = b"sidecache cache entry v1";
 
 /// Why a stored value could not be opened; also the `reason` label of
 /// `sidecache_cache_unreadable_total` (with `undecodable`, an opened entry that does not decode).
@@ -44,15 +53,32 @@ impl Unreadable {
     }
 }
 
+/// An opened value, and whether the previous key sealed it (then worth sealing again under the
+/// current one, so the previous key can be dropped sooner).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The plain value.
+    pub plain: Bytes,
+    /// Sealed with the previous key.
+    pub by_previous: bool,
+}
+
 struct Key {
     id: [u8; 4],
-    aead: LessSafeKey,
+    secret: [u8; KEY_LEN],
 }
 
 impl Key {
     fn new(key: &SealKey) -> Key {
-        let unbound = UnboundKey::new(&AES_256_GCM, key.bytes()).expect("a 32-byte key is an AES-256 key");
-        Key { id: key.id(), aead: LessSafeKey::new(unbound) }
+        Key { id: key.id(), secret: *key.bytes() }
+    }
+
+    /// The AES-256-GCM key of the entry with this salt: HKDF-SHA256 of the configured key.
+    fn entry_key(&self, salt: &[u8]) -> LessSafeKey {
+        let prk = Salt::new(HKDF_SHA256, salt).extract(&self.secret);
+        let info = [INFO];
+        let okm = prk.expand(&info, &AES_256_GCM).expect("32 bytes are within HKDF-SHA256's output");
+        LessSafeKey::new(UnboundKey::from(okm))
     }
 }
 
@@ -82,50 +108,53 @@ impl Seal {
 
     /// `plain`, sealed for the hash field `variant` of the Redis key `path_key`.
     pub fn seal(&self, plain: &[u8], path_key: &str, variant: &str) -> Bytes {
-        let mut nonce = [0u8; NONCE_LEN];
-        self.random.fill(&mut nonce).expect("the system's random source works");
         let mut out = BytesMut::with_capacity(HEADER + plain.len() + AES_256_GCM.tag_len());
         out.put_slice(MAGIC);
         out.put_u8(FORMAT);
         out.put_slice(&self.current.id);
-        out.put_slice(&nonce);
-        out.put_slice(plain);
-        let mut body = out.split_off(HEADER);
-        let aad = associated(path_key, variant);
-        self.current
-            .aead
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut body)
+        out.resize(HEADER, 0);
+        self.random.fill(&mut out[SALT.start..HEADER]).expect("the system's random source works");
+        let nonce = Nonce::try_assume_unique_for_key(&out[SALT.end..HEADER]).expect("a nonce's length");
+        let aad = associated(&out[..HEADER], path_key, variant);
+        let key = self.current.entry_key(&out[SALT]);
+        let mut body = BytesMut::from(plain);
+        key.seal_in_place_append_tag(nonce, Aad::from(&aad), &mut body)
             .expect("a cache entry is far below AES-GCM's length limit");
         out.unsplit(body);
         out.freeze()
     }
 
     /// The plain value of `sealed`, read from the hash field `variant` of the Redis key `path_key`.
-    pub fn open(&self, sealed: &[u8], path_key: &str, variant: &str) -> Result<Bytes, Unreadable> {
+    pub fn open(&self, sealed: &[u8], path_key: &str, variant: &str) -> Result<Opened, Unreadable> {
         if sealed.len() < HEADER || &sealed[..2] != MAGIC || sealed[2] != FORMAT {
             return Err(Unreadable::Unsealed);
         }
-        let id = &sealed[3..7];
-        let key = [Some(&self.current), self.previous.as_ref()]
-            .into_iter()
-            .flatten()
-            .find(|k| k.id == id)
-            .ok_or(Unreadable::UnknownKey)?;
-        let nonce = Nonce::try_assume_unique_for_key(&sealed[7..HEADER]).map_err(|_| Unreadable::Tampered)?;
+        let id = &sealed[ID];
+        let (key, by_previous) = if self.current.id == id {
+            (&self.current, false)
+        } else {
+            (self.previous.as_ref().filter(|k| k.id == id).ok_or(Unreadable::UnknownKey)?, true)
+        };
+        let nonce = Nonce::try_assume_unique_for_key(&sealed[SALT.end..HEADER]).map_err(|_| Unreadable::Tampered)?;
+        let aad = associated(&sealed[..HEADER], path_key, variant);
         let mut body = sealed[HEADER..].to_vec();
-        let aad = associated(path_key, variant);
-        let plain = key.aead.open_in_place(nonce, Aad::from(&aad), &mut body).map_err(|_| Unreadable::Tampered)?;
+        let plain = key
+            .entry_key(&sealed[SALT])
+            .open_in_place(nonce, Aad::from(&aad), &mut body)
+            .map_err(|_| Unreadable::Tampered)?;
         let len = plain.len();
         body.truncate(len);
-        Ok(Bytes::from(body))
+        Ok(Opened { plain: Bytes::from(body), by_previous })
     }
 }
 
-/// Where a value belongs: its Redis key and hash field.
-fn associated(path_key: &str, variant: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(path_key.len() + 1 + variant.len());
+/// What a value is bound to: its header, its Redis key and its hash field, lengths first.
+fn associated(header: &[u8], path_key: &str, variant: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + 8 + path_key.len() + variant.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(&(path_key.len() as u32).to_be_bytes());
     aad.extend_from_slice(path_key.as_bytes());
-    aad.push(0);
+    aad.extend_from_slice(&(variant.len() as u32).to_be_bytes());
     aad.extend_from_slice(variant.as_bytes());
     aad
 }
@@ -152,29 +181,37 @@ mod tests {
     #[test]
     fn sealed_values_open_only_where_they_were_written_and_with_a_key_that_sealed_them() {
         let (a, plain) = (seal(A, None), b"HTTP/1.1 200 personal data".as_slice());
+        let at = |s: &Seal, sealed: &[u8], path_key: &str, variant: &str| s.open(sealed, path_key, variant);
         let sealed = a.seal(plain, "sc:c:r:0:g:/x?", "v1");
         assert!(!sealed.windows(8).any(|w| w == b"personal"), "nothing of it in the clear");
-        assert_ne!(sealed, a.seal(plain, "sc:c:r:0:g:/x?", "v1"), "a nonce of its own per write");
-        assert_eq!(a.open(&sealed, "sc:c:r:0:g:/x?", "v1").unwrap(), plain);
-        assert_eq!(a.open(&sealed, "sc:c:r:0:g:/y?", "v1"), Err(Unreadable::Tampered), "another key");
-        assert_eq!(a.open(&sealed, "sc:c:r:0:g:/x?", "v2"), Err(Unreadable::Tampered), "another variant");
-        assert_eq!(a.open(&sealed, "sc:c:r:1:g:/x?", "v1"), Err(Unreadable::Tampered), "another generation");
-        for i in [3, 8, HEADER, sealed.len() - 1] {
+        assert_ne!(sealed, a.seal(plain, "sc:c:r:0:g:/x?", "v1"), "a salt and nonce of its own per write");
+        let opened = at(&a, &sealed, "sc:c:r:0:g:/x?", "v1").unwrap();
+        assert_eq!((opened.plain.as_ref(), opened.by_previous), (plain, false));
+        assert_eq!(at(&a, &sealed, "sc:c:r:0:g:/y?", "v1"), Err(Unreadable::Tampered), "another key");
+        assert_eq!(at(&a, &sealed, "sc:c:r:0:g:/x?", "v2"), Err(Unreadable::Tampered), "another variant");
+        assert_eq!(at(&a, &sealed, "sc:c:r:1:g:/x?", "v1"), Err(Unreadable::Tampered), "another generation");
+        assert_eq!(at(&a, &sealed, "sc:c:r:0:g:/x?v", "1"), Err(Unreadable::Tampered), "the same bytes cut elsewhere");
+        // Each part of the value, altered, is told apart: what decides the alert.
+        for (i, expected) in [(0, Unreadable::Unsealed), (2, Unreadable::Unsealed), (3, Unreadable::UnknownKey)]
+            .into_iter()
+            .chain([ID.end - 1].map(|i| (i, Unreadable::UnknownKey)))
+            .chain([SALT.start, SALT.end, HEADER, sealed.len() - 1].map(|i| (i, Unreadable::Tampered)))
+        {
             let mut bad = sealed.to_vec();
             bad[i] ^= 1;
-            let err = a.open(&bad, "sc:c:r:0:g:/x?", "v1").unwrap_err();
-            assert!(matches!(err, Unreadable::Tampered | Unreadable::UnknownKey), "byte {i}: {err:?}");
+            assert_eq!(at(&a, &bad, "sc:c:r:0:g:/x?", "v1"), Err(expected), "byte {i}");
         }
-        assert_eq!(a.open(plain, "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::Unsealed));
-        assert_eq!(a.open(&sealed[..HEADER + 3], "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::Tampered));
+        assert_eq!(at(&a, plain, "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::Unsealed));
+        assert_eq!(at(&a, &sealed[..HEADER + 3], "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::Tampered));
 
         // Rotation: B current with A previous opens both; B alone does not know A.
         let rotated = seal(B, Some(A));
-        assert_eq!(rotated.open(&sealed, "sc:c:r:0:g:/x?", "v1").unwrap(), plain);
+        let opened = at(&rotated, &sealed, "sc:c:r:0:g:/x?", "v1").unwrap();
+        assert_eq!((opened.plain.as_ref(), opened.by_previous), (plain, true));
         let by_b = rotated.seal(plain, "sc:c:r:0:g:/x?", "v1");
-        assert_eq!(seal(B, None).open(&by_b, "sc:c:r:0:g:/x?", "v1").unwrap(), plain);
-        assert_eq!(seal(B, None).open(&sealed, "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::UnknownKey));
-        assert_eq!(a.open(&by_b, "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::UnknownKey));
+        assert_eq!(at(&seal(B, None), &by_b, "sc:c:r:0:g:/x?", "v1").unwrap().plain, plain);
+        assert_eq!(at(&seal(B, None), &sealed, "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::UnknownKey));
+        assert_eq!(at(&a, &by_b, "sc:c:r:0:g:/x?", "v1"), Err(Unreadable::UnknownKey));
         assert_ne!(a.key_id(), rotated.key_id());
     }
 }

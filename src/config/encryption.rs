@@ -73,6 +73,17 @@ fn parse_key(text: &str) -> Result<SealKey, String> {
 }
 
 impl Validator {
+    /// The current key and the previous one, which must differ (one given twice is a rotation
+    /// command gone wrong, and their ids would clash).
+    fn rotation(&mut self, current: SealKey, previous: Option<SealKey>, field: &str) -> Option<EncryptionConfig> {
+        if previous.as_ref().is_some_and(|p| p.id() == current.id()) {
+            let message = "is the current key; during a rotation it holds the key before it".to_string();
+            self.errors.push(super::FieldError { field: field.into(), message });
+            return None;
+        }
+        Some(EncryptionConfig { current, previous })
+    }
+
     /// The keys, when `[cache]` names where they are.
     pub(super) fn encryption(
         &mut self,
@@ -112,13 +123,13 @@ impl Validator {
                     key(if current.is_ok() { name.clone() } else { "cache.encryption_key_env".into() }, Some(current));
                 let previous_var = format!("{name}_PREVIOUS");
                 let previous = key(previous_var.clone(), set(&previous_var).map(Ok));
-                Some(EncryptionConfig { current: current?, previous })
+                self.rotation(current?, previous, &previous_var)
             }
             (None, Some(path), previous_file) => {
                 let current = key("cache.encryption_key_file".into(), read(path));
                 let previous =
                     key("cache.previous_encryption_key_file".into(), previous_file.as_deref().and_then(read));
-                Some(EncryptionConfig { current: current?, previous })
+                self.rotation(current?, previous, "cache.previous_encryption_key_file")
             }
             (None, None, Some(_)) => {
                 key("cache.previous_encryption_key_file".into(), Some(Err("needs encryption_key_file".into())));

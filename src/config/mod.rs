@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use sha2::Digest;
 
 use crate::route::pattern::Pattern;
-pub use encryption::{EncryptionConfig, SealKey};
+pub use encryption::{EncryptionConfig, SealKey, KEY_LEN};
 use raw::RawConfig;
 pub use redis_url::{RedisNode, RedisTopology};
 pub use telemetry::TelemetryConfig;

@@ -485,6 +485,12 @@ fn encryption_keys_come_from_the_environment_or_files_and_bad_ones_are_named_not
         "is 4 bytes",
     );
 
+    named(
+        &[("SIDECACHE_CACHE_KEY", KEY), ("SIDECACHE_CACHE_KEY_PREVIOUS", KEY)],
+        "SIDECACHE_CACHE_KEY_PREVIOUS",
+        "is the current key",
+    );
+
     let dir = std::env::temp_dir().join(format!("sidecache-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("current"), format!("{KEY}\n")).unwrap();
