@@ -228,7 +228,8 @@ impl Cache {
     }
 
     /// Look a key up: the hot tier, then the store. Never fails: a store error is
-    /// [`Found::Unavailable`], a stored entry that does not decode is a miss (and is deleted).
+    /// [`Found::Unavailable`], a stored entry that cannot be opened or decoded is a miss (and is
+    /// deleted); one opened with the previous key is sealed again with the current one.
     async fn find(&self, route: &Arc<RouteCache>, key: &CacheKey) -> Found {
         let now = self.clock.now();
         if let Some(hot) = &self.hot {

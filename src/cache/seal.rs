@@ -1,12 +1,17 @@
-//! Entries sealed for Redis: AES-256-GCM (ring) under a key of the entry's own, derived (HKDF-SHA256)
-//! from the configured key and a random 128-bit salt, with a random nonce; so no two writes share
-//! a key and nonce however many entries a key seals (a plain random 96-bit nonce under one key
-//! would need a rotation every 2³² writes). The associated data is the value's header and the
+//! Entries sealed for Redis: AES-256-GCM (ring) with a random nonce, under a key derived
+//! (HKDF-SHA256) from the configured key and a random 128-bit salt that a process uses for at most
+//! 2²⁸ writes, then draws again; so no key and nonce pair is likely to repeat however many
+//! entries a configured key seals (one key with random 96-bit nonces would need a rotation every
+//! 2³² writes, which a client asking for unique URLs could hasten). Readers keep the keys of the
+//! salts they meet (each process's few), so a read derives nothing in the common case. The associated data is the value's header and the
 //! entry's place, its Redis key (prefix, route, generation, path) and its variant, each with its
 //! length: a sealed value opens only where it was written. The value carries the id of the key
 //! that sealed it, so a previous key still opens what it sealed while a rotation rolls out.
 //!
 //! `SE` | format 1 | key id (4) | salt (16) | nonce (12) | ciphertext and tag (16)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -23,6 +28,11 @@ const SALT: std::ops::Range<usize> = 7..7 + SALT_LEN;
 const HEADER: usize = SALT.end + NONCE_LEN;
 /// What the derivation is for (HKDF's info).
 const INFO: &[u8] = b"sidecache cache entry v1";
+/// Writes under one salt at most (random nonces: a repeat is then about 2⁻⁴¹ likely).
+const SALT_WRITES: u64 = 1 << 28;
+/// Derived keys a process keeps per configured key; past it, they are all dropped (salts come
+/// from the processes writing: a handful, unless someone writes made-up values into Redis).
+const DERIVED_MAX: usize = 256;
 
 /// Why a stored value could not be opened; also the `reason` label of
 /// `sidecache_cache_unreadable_total` (with `undecodable`, an opened entry that does not decode).
@@ -63,23 +73,42 @@ pub struct Opened {
     pub by_previous: bool,
 }
 
+type Derived = Arc<LessSafeKey>;
+
 struct Key {
     id: [u8; 4],
     secret: [u8; KEY_LEN],
+    derived: Mutex<HashMap<[u8; SALT_LEN], Derived>>,
 }
 
 impl Key {
     fn new(key: &SealKey) -> Key {
-        Key { id: key.id(), secret: *key.bytes() }
+        Key { id: key.id(), secret: *key.bytes(), derived: Mutex::default() }
     }
 
-    /// The AES-256-GCM key of the entry with this salt: HKDF-SHA256 of the configured key.
-    fn entry_key(&self, salt: &[u8]) -> LessSafeKey {
-        let prk = Salt::new(HKDF_SHA256, salt).extract(&self.secret);
+    /// The AES-256-GCM key of this salt: HKDF-SHA256 of the configured key, derived once.
+    fn salted(&self, salt: [u8; SALT_LEN]) -> Derived {
+        let mut derived = self.derived.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = derived.get(&salt) {
+            return key.clone();
+        }
+        let prk = Salt::new(HKDF_SHA256, &salt).extract(&self.secret);
         let info = [INFO];
         let okm = prk.expand(&info, &AES_256_GCM).expect("32 bytes are within HKDF-SHA256's output");
-        LessSafeKey::new(UnboundKey::from(okm))
+        let key = Arc::new(LessSafeKey::new(UnboundKey::from(okm)));
+        if derived.len() >= DERIVED_MAX {
+            derived.clear();
+        }
+        derived.insert(salt, key.clone());
+        key
     }
+}
+
+/// The salt this process writes with, and how many writes it has sealed.
+struct Writing {
+    salt: [u8; SALT_LEN],
+    key: Derived,
+    writes: u64,
 }
 
 /// Seals with the current key; opens with the current or the previous one.
@@ -88,6 +117,7 @@ pub struct Seal {
     previous: Option<Key>,
     current_id: String,
     random: SystemRandom,
+    writing: Mutex<Option<Writing>>,
 }
 
 impl Seal {
@@ -98,7 +128,23 @@ impl Seal {
             previous: config.previous.as_ref().map(Key::new),
             current_id: config.current.id_hex(),
             random: SystemRandom::new(),
+            writing: Mutex::new(None),
         }
+    }
+
+    /// The salt and key of the next write: a new salt at first and every [`SALT_WRITES`].
+    fn next_write(&self) -> ([u8; SALT_LEN], Derived) {
+        let mut writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let writing = match &mut *writing {
+            Some(w) if w.writes < SALT_WRITES => w,
+            stale => {
+                let mut salt = [0u8; SALT_LEN];
+                self.random.fill(&mut salt).expect("the system's random source works");
+                stale.insert(Writing { salt, key: self.current.salted(salt), writes: 0 })
+            }
+        };
+        writing.writes += 1;
+        (writing.salt, writing.key.clone())
     }
 
     /// The id of the key writes are sealed with (8 hex digits).
@@ -112,11 +158,12 @@ impl Seal {
         out.put_slice(MAGIC);
         out.put_u8(FORMAT);
         out.put_slice(&self.current.id);
+        let (salt, key) = self.next_write();
+        out.put_slice(&salt);
         out.resize(HEADER, 0);
-        self.random.fill(&mut out[SALT.start..HEADER]).expect("the system's random source works");
+        self.random.fill(&mut out[SALT.end..HEADER]).expect("the system's random source works");
         let nonce = Nonce::try_assume_unique_for_key(&out[SALT.end..HEADER]).expect("a nonce's length");
         let aad = associated(&out[..HEADER], path_key, variant);
-        let key = self.current.entry_key(&out[SALT]);
         let mut body = BytesMut::from(plain);
         key.seal_in_place_append_tag(nonce, Aad::from(&aad), &mut body)
             .expect("a cache entry is far below AES-GCM's length limit");
@@ -138,10 +185,9 @@ impl Seal {
         let nonce = Nonce::try_assume_unique_for_key(&sealed[SALT.end..HEADER]).map_err(|_| Unreadable::Tampered)?;
         let aad = associated(&sealed[..HEADER], path_key, variant);
         let mut body = sealed[HEADER..].to_vec();
-        let plain = key
-            .entry_key(&sealed[SALT])
-            .open_in_place(nonce, Aad::from(&aad), &mut body)
-            .map_err(|_| Unreadable::Tampered)?;
+        let salt = <[u8; SALT_LEN]>::try_from(&sealed[SALT]).expect("the header's salt");
+        let plain =
+            key.salted(salt).open_in_place(nonce, Aad::from(&aad), &mut body).map_err(|_| Unreadable::Tampered)?;
         let len = plain.len();
         body.truncate(len);
         Ok(Opened { plain: Bytes::from(body), by_previous })
@@ -184,7 +230,10 @@ mod tests {
         let at = |s: &Seal, sealed: &[u8], path_key: &str, variant: &str| s.open(sealed, path_key, variant);
         let sealed = a.seal(plain, "sc:c:r:0:g:/x?", "v1");
         assert!(!sealed.windows(8).any(|w| w == b"personal"), "nothing of it in the clear");
-        assert_ne!(sealed, a.seal(plain, "sc:c:r:0:g:/x?", "v1"), "a salt and nonce of its own per write");
+        let again = a.seal(plain, "sc:c:r:0:g:/x?", "v1");
+        assert_ne!(sealed[SALT.end..], again[SALT.end..], "a nonce of its own per write");
+        assert_eq!(sealed[SALT], again[SALT], "one salt per process, for many writes");
+        assert_ne!(sealed[SALT], seal(A, None).seal(plain, "p", "v")[SALT], "a salt of its own per process");
         let opened = at(&a, &sealed, "sc:c:r:0:g:/x?", "v1").unwrap();
         assert_eq!((opened.plain.as_ref(), opened.by_previous), (plain, false));
         assert_eq!(at(&a, &sealed, "sc:c:r:0:g:/y?", "v1"), Err(Unreadable::Tampered), "another key");
