@@ -4,12 +4,13 @@
 //! turns 503 only while the proxy drains for shutdown, so the pod leaves endpoints first.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::body::{self, Body};
 use crate::cache::{Cache, PurgeError};
+use crate::config::AdminToken;
 use crate::metrics::Metrics;
 use crate::proxy::Conn;
 use crate::ratelimit::RateLimiter;
@@ -59,13 +61,17 @@ impl Admin {
         Admin { active, metrics, state, cache, limiter }
     }
 
-    /// Answer one admin request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Answer one admin request from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
         if req.uri().path() == "/purge" {
             if req.method() != Method::POST {
                 let mut resp = respond::method_not_allowed("method not allowed\n");
                 resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
                 return resp;
+            }
+            let token = self.active.load().config.admin.token.clone();
+            if let Some(refused) = refusal(token.as_ref(), peer, req.headers()) {
+                return refused;
             }
             return self.purge(req).await;
         }
@@ -212,8 +218,79 @@ fn redis_status(redis: Option<&RedisStore>) -> serde_json::Value {
     }
 }
 
+/// The answer to a request that may not change state, if it may not: with a token configured, it
+/// must carry it (`Authorization: Bearer …`); without one, it must come from loopback
+/// (`kubectl port-forward` arrives so), never from another pod.
+fn refusal(token: Option<&AdminToken>, peer: IpAddr, headers: &HeaderMap) -> Option<Response<Body>> {
+    let Some(token) = token else {
+        let loopback = match peer {
+            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        };
+        return (!loopback).then(|| {
+            respond::text(
+                StatusCode::FORBIDDEN,
+                "state-changing admin endpoints answer only on loopback unless SIDECACHE_ADMIN_TOKEN is set\n",
+            )
+        });
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .filter(|t| token.matches(t));
+    if presented.is_some() {
+        return None;
+    }
+    let mut refused = respond::text(StatusCode::UNAUTHORIZED, "a bearer token (SIDECACHE_ADMIN_TOKEN) is required\n");
+    refused.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sidecache\""));
+    Some(refused)
+}
+
 impl Handler for Admin {
-    fn call(&self, req: Request<Incoming>, _conn: Conn) -> impl Future<Output = Response<Body>> + Send {
-        self.handle(req)
+    fn call(&self, req: Request<Incoming>, conn: Conn) -> impl Future<Output = Response<Body>> + Send {
+        self.handle(req, conn.peer.ip())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn token(value: &str) -> AdminToken {
+        let env = HashMap::from([("SIDECACHE_ADMIN_TOKEN".to_string(), value.to_string())]);
+        let config = Config::from_sources("[upstream]\nurl = \"http://127.0.0.1:1\"\n", &env).unwrap();
+        config.admin.token.unwrap()
+    }
+
+    fn bearer(value: &str) -> HeaderMap {
+        HeaderMap::from_iter([(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap())])
+    }
+
+    #[test]
+    fn state_changes_need_the_token_or_loopback() {
+        let (pod, local) = ("10.1.2.3".parse().unwrap(), "127.0.0.1".parse().unwrap());
+        let status = |r: Option<Response<Body>>| r.map_or(Ok(()), |e| Err(e.status().as_u16()));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        // No token: loopback only.
+        assert_eq!(status(refusal(None, local, &HeaderMap::new())), Ok(()));
+        assert_eq!(status(refusal(None, mapped, &HeaderMap::new())), Ok(()));
+        assert_eq!(status(refusal(None, "::1".parse().unwrap(), &HeaderMap::new())), Ok(()));
+        assert_eq!(status(refusal(None, pod, &bearer("Bearer anything-at-all-here"))), Err(403));
+        // A token: whoever brings it, and nobody else, loopback included.
+        let t = token("0123456789abcdef0123");
+        assert_eq!(status(refusal(Some(&t), pod, &bearer("Bearer 0123456789abcdef0123"))), Ok(()));
+        assert_eq!(status(refusal(Some(&t), local, &HeaderMap::new())), Err(401));
+        for wrong in [
+            "Bearer 0123456789abcdef012",
+            "Bearer 0123456789abcdef01234",
+            "bearer 0123456789abcdef0123",
+            "0123456789abcdef0123",
+        ] {
+            assert_eq!(status(refusal(Some(&t), pod, &bearer(wrong))), Err(401), "{wrong}");
+        }
+        assert!(!format!("{t:?}").contains("0123"), "the token is never printed");
     }
 }

@@ -144,6 +144,8 @@ fn configmap_proxy_toml_passes_sidecache_check() {
             "SIDECACHE_CACHE_ENABLED",
             "SIDECACHE_RATE_LIMIT_ENABLED",
             "SIDECACHE_CONFIG",
+            "SIDECACHE_ADMIN_TOKEN",
+            "SIDECACHE_CACHE_KEY",
         ] {
             check.env_remove(var);
         }
@@ -604,4 +606,28 @@ fn every_alert_has_a_summary_and_a_runbook_section() {
         assert_eq!(fragment, anchor(name), "{name}: the runbook section is named after the alert");
         assert!(anchors.contains(fragment), "{name}: docs/operations.md has no section #{fragment}");
     }
+}
+
+#[test]
+fn the_network_policy_admits_the_proxy_port_and_keeps_the_admin_port_for_monitoring() {
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    assert!(kustomization["resources"].as_array().unwrap().contains(&json!("networkpolicy.yaml")));
+    let (policy, deployment) =
+        (yaml("deploy/kubernetes/networkpolicy.yaml"), yaml("deploy/kubernetes/deployment.yaml"));
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    let config = configmap_config();
+    let (proxy, admin) = (u64::from(config.server.listen.port()), u64::from(config.admin.listen.port()));
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let from = |port: u64| -> Vec<&Value> {
+        rules
+            .iter()
+            .filter(|r| r["ports"].as_array().unwrap().iter().any(|p| p["port"].as_u64() == Some(port)))
+            .flat_map(|r| r["from"].as_array().unwrap())
+            .collect()
+    };
+    assert_eq!(from(proxy), [&json!({ "podSelector": {} })], "the proxy port: the namespace's pods");
+    let monitoring = json!({ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "monitoring" } } });
+    assert_eq!(from(admin), [&monitoring], "the admin port: monitoring only");
+    assert_eq!(rules.len(), 2, "nothing else is admitted");
 }

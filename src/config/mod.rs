@@ -100,6 +100,27 @@ pub struct TlsFiles {
 pub struct AdminConfig {
     /// Address of the admin listener.
     pub listen: SocketAddr,
+    /// `SIDECACHE_ADMIN_TOKEN`: the bearer token endpoints that change state require; without
+    /// one, they answer only on loopback.
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token; its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Whether `presented` is the token, in time that does not depend on where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let (a, b) = (sha2::Sha256::digest(self.0.as_bytes()), sha2::Sha256::digest(presented));
+        a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
 }
 
 /// `[upstream]`.
@@ -330,7 +351,8 @@ impl Config {
         let Config {
             server:
                 ServerConfig { listen, trusted_proxies: _, shutdown_grace, max_header_bytes, max_connections, workers, tls },
-            admin: AdminConfig { listen: admin_listen },
+            // From the environment, which does not change while the process runs.
+            admin: AdminConfig { listen: admin_listen, token: _ },
             upstream,
             redis,
             log: LogConfig { format, level: _ },

@@ -506,3 +506,17 @@ fn encryption_keys_come_from_the_environment_or_files_and_bad_ones_are_named_not
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_admin_token_comes_from_the_environment_and_is_never_printed() {
+    let token = |value: &str| Config::from_sources(UP, &env(&[("SIDECACHE_ADMIN_TOKEN", value)]));
+    assert!(ok(UP).admin.token.is_none());
+    assert!(token("  ").unwrap().admin.token.is_none(), "empty is unset");
+    let config = token("0123456789abcdef\n").unwrap();
+    assert!(config.admin.token.as_ref().is_some_and(|t| t.matches(b"0123456789abcdef")));
+    assert!(!format!("{config:?}").contains("0123456789abcdef"));
+    for bad in ["short", "0123456789abcdef with spaces"] {
+        let errs = errors_with(UP, &env(&[("SIDECACHE_ADMIN_TOKEN", bad)]));
+        assert!(errs.iter().any(|e| e.starts_with("SIDECACHE_ADMIN_TOKEN: ") && !e.contains(bad)), "{errs:?}");
+    }
+}

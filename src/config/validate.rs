@@ -139,7 +139,7 @@ impl Validator {
                 workers,
                 tls,
             },
-            admin: AdminConfig { listen: admin_listen },
+            admin: AdminConfig { listen: admin_listen, token: self.admin_token(env) },
             upstream: upstream?,
             redis,
             log: LogConfig { format, level },
@@ -153,6 +153,16 @@ impl Validator {
             hash: String::new(),
             telemetry,
         })
+    }
+
+    /// `SIDECACHE_ADMIN_TOKEN`, at least 16 characters when set (an empty value is unset).
+    fn admin_token(&mut self, env: &HashMap<String, String>) -> Option<AdminToken> {
+        let token = env.get("SIDECACHE_ADMIN_TOKEN").map(|t| t.trim()).filter(|t| !t.is_empty())?;
+        if token.len() < 16 || token.chars().any(|c| !c.is_ascii_graphic()) {
+            self.err("SIDECACHE_ADMIN_TOKEN", "must be at least 16 visible ASCII characters (openssl rand -hex 32)");
+            return None;
+        }
+        Some(AdminToken(token.to_string()))
     }
 
     fn env_bool(&mut self, env: &HashMap<String, String>, name: &str) -> bool {
