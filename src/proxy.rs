@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::time::Instant;
@@ -122,6 +122,10 @@ impl Proxy {
                 let response = respond::method_not_allowed("CONNECT is not supported\n");
                 return self.finish(response, route_metrics, started, &conn);
             }
+            if let Some(reason) = malformed(&req) {
+                return self.finish(respond::text(StatusCode::BAD_REQUEST, reason), route_metrics, started, &conn);
+            }
+            let version = req.version();
 
             // 2. Rate limit, before the cache: a cached answer still costs a token. A limiter that
             // cannot answer lets the request through (or decides in process).
@@ -141,6 +145,11 @@ impl Proxy {
             };
 
             let mut response = self.serve(req, route, &conn, trusted).await;
+            // Our own version, whatever the backend's (RFC 9110 6.2): an HTTP/1.0 backend's answer
+            // must not close the client's keep-alive connection.
+            if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
+                *response.version_mut() = Version::HTTP_11;
+            }
             headers::append_via(response.headers_mut(), Version::HTTP_11);
             if let Some(quota) = quota {
                 quota.apply(response.headers_mut());
@@ -234,6 +243,32 @@ impl Proxy {
         );
         response
     }
+}
+
+/// Standard methods, which are case-sensitive (RFC 9110 9.1).
+const STANDARD_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+
+/// Why a request is refused before anything looks at it, if it is: a standard method spelt in
+/// another case (`post` would pass a route that lists `POST`, and backends that fold case treat
+/// it as one), two `Host` fields, or an HTTP/1.1 request without one (RFC 9112 3.2). An
+/// absolute-form target or h2's `:authority` gives the host itself (`Hop::sanitize` sets `Host`).
+fn malformed<B>(req: &Request<B>) -> Option<&'static str> {
+    let method = req.method().as_str();
+    if method.bytes().any(|b| b.is_ascii_lowercase()) && STANDARD_METHODS.iter().any(|m| m.eq_ignore_ascii_case(method))
+    {
+        return Some("methods are case-sensitive: standard methods are upper case\n");
+    }
+    if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (_, Some(_)) => return Some("more than one Host field\n"),
+            (None, None) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+                return Some("an HTTP/1.1 request needs a Host field\n")
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Send a prepared request to the upstream: its response, or the error as the response to give.

@@ -182,10 +182,10 @@ impl Hop<'_> {
     /// `:authority` instead), hop-by-hop fields dropped (keeping an upgrade's own
     /// `Connection: upgrade` + `Upgrade`), forwarding claims dropped unless the peer is trusted.
     pub fn sanitize<B>(&self, req: &mut Request<B>, upgrade: bool) {
-        if !req.headers().contains_key(header::HOST) {
-            if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-                req.headers_mut().insert(header::HOST, host);
-            }
+        // An absolute-form target's authority, and h2's `:authority`, win over a Host field
+        // (RFC 9112 3.2.2, RFC 9113 8.3.1): the backend sees the host the request was for.
+        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(header::HOST, host);
         }
         let upgrade_to = if upgrade { req.headers().get(header::UPGRADE).cloned() } else { None };
         let h = req.headers_mut();
