@@ -8,14 +8,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::body::{Body, Streamed};
 use crate::cache::{Begin, Cache, Exchange};
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::reload::Active;
@@ -90,7 +89,8 @@ impl Proxy {
         // 1. Route: first match in file order; unmatched requests are plain pass-through. The
         // request keeps the configuration it started with to its end, whatever a reload does.
         let active = self.active.load_full();
-        let trusted = &active.config.server.trusted_proxies;
+        let server = &active.config.server;
+        let trusted = &server.trusted_proxies;
         let route = active.routes.find(req.method(), req.uri().path());
         let route_metrics = route.map_or(&self.unrouted, |r| &r.metrics);
         // Field names are OpenTelemetry's: with traces on, this span is exported as it is.
@@ -144,7 +144,7 @@ impl Proxy {
                 Verdict::Unlimited | Verdict::Unchecked => None,
             };
 
-            let mut response = self.serve(req, route, &conn, trusted).await;
+            let mut response = self.serve(req, route, &conn, server).await;
             // Our own version, whatever the backend's (RFC 9110 6.2): an HTTP/1.0 backend's answer
             // must not close the client's keep-alive connection.
             if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
@@ -166,14 +166,23 @@ impl Proxy {
         mut req: Request<Incoming>,
         route: Option<&Route>,
         conn: &Conn,
-        trusted: &[IpNet],
+        server: &ServerConfig,
     ) -> Response<Body> {
         // 3. One preparation for every request to the upstream, foreground or background. What
         // the backend will see of the client's request is decided first (hop-by-hop fields,
         // forwarding claims of untrusted peers): the cache keys on it. An HTTP/1.1 upgrade keeps
         // its handshake headers.
-        let hop = Hop { peer: &conn.peer_value, tls: conn.tls, trusted: headers::is_trusted(conn.peer.ip(), trusted) };
-        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        let hop = Hop {
+            peer: &conn.peer_value,
+            tls: conn.tls,
+            trusted: headers::is_trusted(conn.peer.ip(), &server.trusted_proxies),
+        };
+        // Only the protocols `server.upgrades` lists are tunnelled (bytes after a 101 pass no
+        // limit and no rewriting); any other offer goes on as a plain request, its Upgrade
+        // removed with the other hop-by-hop fields.
+        let upgrade = req.version() == Version::HTTP_11
+            && headers::is_upgrade(req.headers())
+            && headers::upgrade_allowed(req.headers(), &server.upgrades);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         hop.sanitize(&mut req, upgrade);
 
@@ -209,13 +218,19 @@ impl Proxy {
             }
             exchange => {
                 let mut forwarded = forward(&self.upstream, &self.metrics, req).await;
-                if let (Some(client_upgrade), Ok(response)) = (client_upgrade, &mut forwarded) {
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                match (client_upgrade, &mut forwarded) {
+                    (Some(client_upgrade), Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                         let upstream_upgrade = hyper::upgrade::on(response);
                         // A span of its own: the request's ends with the 101, the tunnel lives on.
                         let span = tracing::debug_span!(parent: None, "tunnel", sidecache.route = route.map_or(NO_ROUTE, |r| r.name.as_str()));
                         tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).instrument(span));
                     }
+                    // A switch nobody asked for (or that `server.upgrades` does not allow) is
+                    // never passed on: the client would be left with a connection in limbo.
+                    (None, Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                        return respond::text(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked\n");
+                    }
+                    _ => {}
                 }
                 conclude(exchange, forwarded).await
             }

@@ -103,3 +103,26 @@ async fn an_http_1_0_backend_is_answered_as_http_1_1_on_a_kept_connection() {
     }
     served.await.unwrap();
 }
+
+#[tokio::test]
+async fn only_the_listed_upgrades_are_tunnelled() {
+    let upstream = TestUpstream::spawn().await;
+    let default = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let none = TestProxy::start(&config_text(upstream.addr, "upgrades = []")).await;
+    let offer = |protocol: &str| {
+        format!("GET /headers HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {protocol}\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+    };
+    // h2c (and anything unlisted) goes on as a plain request: no Upgrade reaches the backend.
+    for (proxy, protocol) in [(&default, "h2c"), (&default, "websocket, h2c"), (&none, "websocket")] {
+        let (status, text) = exchange(proxy, &offer(protocol)).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{protocol}: {text}");
+        let seen: serde_json::Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        assert!(seen["headers"].get("upgrade").is_none() && seen["headers"].get("http2-settings").is_none(), "{seen}");
+    }
+    // A backend that switches anyway is not passed on.
+    let handshake = "GET /ws HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let (status, _) = exchange(&none, handshake).await;
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    let (status, _) = exchange(&default, handshake).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "websocket is tunnelled by default: {status}");
+}

@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Protocols an HTTP/1.1 `Upgrade` may switch to, lower case (default `websocket`); a
+    /// request offering any other is forwarded as a plain request, without the upgrade.
+    pub upgrades: Vec<String>,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// Largest request head (request line + headers) accepted; larger gets 431.
@@ -350,7 +353,16 @@ impl Config {
         // Every field is named: one added to `Config` must be declared reloadable (`_`) or not.
         let Config {
             server:
-                ServerConfig { listen, trusted_proxies: _, shutdown_grace, max_header_bytes, max_connections, workers, tls },
+                ServerConfig {
+                    listen,
+                    trusted_proxies: _,
+                    upgrades: _,
+                    shutdown_grace,
+                    max_header_bytes,
+                    max_connections,
+                    workers,
+                    tls,
+                },
             // From the environment, which does not change while the process runs.
             admin: AdminConfig { listen: admin_listen, token: _ },
             upstream,

@@ -30,6 +30,7 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub upgrades: Option<Vec<String>>,
     pub shutdown_grace: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,

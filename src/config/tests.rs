@@ -520,3 +520,13 @@ fn the_admin_token_comes_from_the_environment_and_is_never_printed() {
         assert!(errs.iter().any(|e| e.starts_with("SIDECACHE_ADMIN_TOKEN: ") && !e.contains(bad)), "{errs:?}");
     }
 }
+
+#[test]
+fn upgrades_default_to_websocket_and_never_include_h2c() {
+    assert_eq!(ok(UP).server.upgrades, ["websocket"]);
+    let listed = |list: &str| format!("[server]\nupgrades = {list}\n{UP}");
+    assert_eq!(ok(&listed("[\"WebSocket\", \"TLS\"]")).server.upgrades, ["websocket", "tls"]);
+    assert!(ok(&listed("[]")).server.upgrades.is_empty());
+    assert_error(&listed("[\"h2c\"]"), "server.upgrades[0]", "cannot be tunnelled");
+    assert_error(&listed("[\"web socket\"]"), "server.upgrades[0]", "is not a protocol name");
+}

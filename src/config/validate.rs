@@ -71,6 +71,18 @@ impl Validator {
         let s = raw.server;
         let listen = self.field("server.listen", s.listen.as_deref(), units::addr(DEFAULT_LISTEN), units::parse_addr);
         let trusted_proxies = self.list("server.trusted_proxies", s.trusted_proxies, units::parse_net);
+        let upgrades = match s.upgrades {
+            None => vec!["websocket".to_string()],
+            some => self.list("server.upgrades", some, |p| {
+                let token =
+                    !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                match p.to_ascii_lowercase() {
+                    _ if !token => Err("is not a protocol name (a token, like \"websocket\")".into()),
+                    h2c if h2c == "h2c" => Err("cannot be tunnelled: the upstream connection is HTTP/1.1".into()),
+                    name => Ok(name),
+                }
+            }),
+        };
         let shutdown_grace = self.field(
             "server.shutdown_grace",
             s.shutdown_grace.as_deref(),
@@ -133,6 +145,7 @@ impl Validator {
             server: ServerConfig {
                 listen,
                 trusted_proxies,
+                upgrades,
                 shutdown_grace,
                 max_header_bytes,
                 max_connections,

@@ -102,6 +102,18 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether every protocol an `Upgrade` field offers (`websocket`, `h2c, websocket`; a `/version`
+/// suffix ignored) is one of `allowed` (lower case).
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut offered = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or(",").split(','))
+        .map(|p| p.trim().split('/').next().unwrap_or(""))
+        .peekable();
+    offered.peek().is_some() && offered.all(|p| allowed.iter().any(|a| a.eq_ignore_ascii_case(p)))
+}
+
 /// Whether the peer is one of the proxies whose forwarding headers are believed.
 pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
     let peer = canonical(peer);
