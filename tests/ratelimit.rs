@@ -466,3 +466,19 @@ async fn a_limit_in_shadow_mode_counts_what_it_would_limit_and_limits_nothing() 
         assert_eq!(checks(&text, "limited", backend), 0.0, "{backend}");
     }
 }
+
+#[tokio::test]
+async fn a_key_header_named_in_connection_does_not_choose_the_bucket() {
+    // The backend never sees a field named in Connection, so a client could otherwise invent a
+    // fresh value per request and never run out: it takes its address's bucket instead.
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited("burst = 2, rate = \"1/1h\", key = \"header:X-Api-Key\""), None).await;
+    let url = proxy.url("/gen/k");
+    for (i, expected) in [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS].into_iter().enumerate() {
+        let key = format!("invented-{i}");
+        let a = get_with(&url, &[("x-api-key", &key), ("connection", "keep-alive, X-Api-Key")]).await;
+        assert_eq!(a.status, expected, "request {i}");
+    }
+    // Sent plainly, the header still picks its own bucket.
+    assert_eq!(get_with(&url, &[("x-api-key", "real")]).await.status, StatusCode::OK);
+}

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use crate::config::ClientKey;
-use crate::upstream::headers::{canonical, is_trusted, X_FORWARDED_FOR};
+use crate::upstream::headers::{canonical, is_connection_option, is_trusted, X_FORWARDED_FOR};
 
 /// Header values longer than this (or not plain visible ASCII) name their bucket by SHA-256, so a
 /// key in Redis stays short and printable whatever a client sends.
@@ -45,12 +45,16 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 }
 
 /// The bucket id of a request within its route: `ip:ADDR`, `h:VALUE` (or `h#SHA256` for long or
-/// unusual values), or `all`. A request without the configured header uses its address.
+/// unusual values), or `all`. A request without the configured header uses its address; so does
+/// one that names the header in `Connection`: the backend never sees it (it is hop-by-hop then),
+/// so it must not choose a bucket either (a fresh invented value per request would dodge the limit).
 pub fn bucket_id(key: &ClientKey, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> String {
     let value = match key {
         ClientKey::Route => return "all".to_owned(),
-        ClientKey::Header(name) => headers.get(name).map(|v| v.as_bytes()).filter(|v| !v.is_empty()),
-        ClientKey::Ip => None,
+        ClientKey::Header(name) if !is_connection_option(headers, name) => {
+            headers.get(name).map(|v| v.as_bytes()).filter(|v| !v.is_empty())
+        }
+        ClientKey::Header(_) | ClientKey::Ip => None,
     };
     match value {
         Some(v) if v.len() <= MAX_PLAIN_HEADER && v.iter().all(|b| b.is_ascii_graphic()) => {

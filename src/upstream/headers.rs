@@ -102,6 +102,16 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether `Connection` names `name` (which then goes no further than this hop).
+pub fn is_connection_option(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
 /// Whether every protocol an `Upgrade` field offers (`websocket`, `h2c, websocket`; a `/version`
 /// suffix ignored) is one of `allowed` (lower case).
 pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
