@@ -150,6 +150,7 @@ impl Admin {
     fn status(&self) -> serde_json::Value {
         let active = self.active.load();
         let c = &active.config;
+        let key_id = self.cache.as_ref().and_then(|c| c.seal_key_id());
         let routes: Vec<_> = c
             .routes
             .iter()
@@ -185,10 +186,7 @@ impl Admin {
                 None => "none",
             },
             "ratelimit_redis": redis_status(self.limiter.as_ref().and_then(|l| l.redis())),
-            "cache_encryption": {
-                "enabled": self.cache.as_ref().and_then(|c| c.seal_key_id()).is_some(),
-                "key_id": self.cache.as_ref().and_then(|c| c.seal_key_id()),
-            },
+            "cache_encryption": { "enabled": key_id.is_some(), "key_id": key_id },
             "cache_enabled": c.cache_enabled,
             "rate_limit_enabled": c.rate_limit_enabled,
             "routes": routes,

@@ -207,7 +207,8 @@ impl Proxy {
         match exchange {
             Some(exchange) if exchange.leads() => {
                 let (upstream, metrics) = (self.upstream.clone(), self.metrics.clone());
-                let fetch = async move { conclude(Some(exchange), forward(&upstream, &metrics, req).await).await };
+                let fetch =
+                    async move { conclude(Some(exchange), forward(&upstream, &metrics, req).await, false).await };
                 match tokio::spawn(fetch.in_current_span()).await {
                     Ok(response) => response,
                     Err(e) => {
@@ -218,21 +219,17 @@ impl Proxy {
             }
             exchange => {
                 let mut forwarded = forward(&self.upstream, &self.metrics, req).await;
-                match (client_upgrade, &mut forwarded) {
+                let tunnelled = match (client_upgrade, &mut forwarded) {
                     (Some(client_upgrade), Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                         let upstream_upgrade = hyper::upgrade::on(response);
                         // A span of its own: the request's ends with the 101, the tunnel lives on.
                         let span = tracing::debug_span!(parent: None, "tunnel", sidecache.route = route.map_or(NO_ROUTE, |r| r.name.as_str()));
                         tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).instrument(span));
+                        true
                     }
-                    // A switch nobody asked for (or that `server.upgrades` does not allow) is
-                    // never passed on: the client would be left with a connection in limbo.
-                    (None, Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                        return respond::text(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked\n");
-                    }
-                    _ => {}
-                }
-                conclude(exchange, forwarded).await
+                    _ => false,
+                };
+                conclude(exchange, forwarded, tunnelled).await
             }
         }
     }
@@ -305,8 +302,17 @@ async fn forward(
     }
 }
 
-/// The answer to a forwarded request: through the cache's exchange when there is one.
-async fn conclude(exchange: Option<Exchange>, forwarded: Result<Response<Incoming>, Response<Body>>) -> Response<Body> {
+/// The answer to a forwarded request: through the cache's exchange when there is one. A `101` is
+/// passed on only when its tunnel was set up: a switch nobody asked for (or that
+/// `server.upgrades` does not allow) would leave the client with a connection in limbo.
+async fn conclude(
+    exchange: Option<Exchange>,
+    mut forwarded: Result<Response<Incoming>, Response<Body>>,
+    tunnelled: bool,
+) -> Response<Body> {
+    if !tunnelled && forwarded.as_ref().is_ok_and(|r| r.status() == StatusCode::SWITCHING_PROTOCOLS) {
+        forwarded = Err(respond::text(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked\n"));
+    }
     match (exchange, forwarded) {
         (Some(exchange), Ok(response)) => exchange.respond(response).await,
         (Some(exchange), Err(error)) => exchange.fail(error),

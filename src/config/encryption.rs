@@ -77,11 +77,21 @@ impl Validator {
     /// command gone wrong, and their ids would clash).
     fn rotation(&mut self, current: SealKey, previous: Option<SealKey>, field: &str) -> Option<EncryptionConfig> {
         if previous.as_ref().is_some_and(|p| p.id() == current.id()) {
-            let message = "is the current key; during a rotation it holds the key before it".to_string();
-            self.errors.push(super::FieldError { field: field.into(), message });
+            self.err(field, "is the current key; during a rotation it holds the key before it");
             return None;
         }
         Some(EncryptionConfig { current, previous })
+    }
+
+    /// A key from its text, or the error named `field`.
+    fn key(&mut self, field: &str, text: Result<String, String>) -> Option<SealKey> {
+        match text.and_then(|text| parse_key(&text)) {
+            Ok(key) => Some(key),
+            Err(message) => {
+                self.err(field, message);
+                None
+            }
+        }
     }
 
     /// The keys, when `[cache]` names where they are.
@@ -90,49 +100,40 @@ impl Validator {
         raw: &RawCacheSettings,
         env: &HashMap<String, String>,
     ) -> Option<EncryptionConfig> {
-        let mut key = |field: String, text: Option<Result<String, String>>| match text? {
-            Ok(text) => parse_key(&text).map_err(|message| self.errors.push(super::FieldError { field, message })).ok(),
-            Err(message) => {
-                self.errors.push(super::FieldError { field, message });
-                None
-            }
-        };
-        let read = |path: &str| Some(std::fs::read_to_string(path).map_err(|e| format!("cannot read {path:?}: {e}")));
+        let read = |path: &str| std::fs::read_to_string(path).map_err(|e| format!("cannot read {path:?}: {e}"));
         match (&raw.encryption_key_env, &raw.encryption_key_file, &raw.previous_encryption_key_file) {
             (Some(_), Some(_), _) => {
-                key(
-                    "cache.encryption_key_file".into(),
-                    Some(Err("set encryption_key_env or encryption_key_file, not both".into())),
-                );
+                self.err("cache.encryption_key_file", "set encryption_key_env or encryption_key_file, not both");
                 None
             }
             (Some(name), None, previous_file) => {
                 if previous_file.is_some() {
-                    let message = format!(
-                        "goes with encryption_key_file; with encryption_key_env the previous key is {name}_PREVIOUS"
+                    self.err(
+                        "cache.previous_encryption_key_file",
+                        format!("goes with encryption_key_file; with encryption_key_env the previous key is {name}_PREVIOUS"),
                     );
-                    key("cache.previous_encryption_key_file".into(), Some(Err(message)));
                 }
                 if name.trim().is_empty() {
-                    key("cache.encryption_key_env".into(), Some(Err("must name an environment variable".into())));
+                    self.err("cache.encryption_key_env", "must name an environment variable");
                     return None;
                 }
                 let set = |var: &str| env.get(var).filter(|v| !v.trim().is_empty()).cloned();
-                let current = set(name).ok_or_else(|| format!("names {name}, which is not set"));
-                let current =
-                    key(if current.is_ok() { name.clone() } else { "cache.encryption_key_env".into() }, Some(current));
+                let current = match set(name) {
+                    Some(text) => self.key(name, Ok(text)),
+                    None => self.key("cache.encryption_key_env", Err(format!("names {name}, which is not set"))),
+                };
                 let previous_var = format!("{name}_PREVIOUS");
-                let previous = key(previous_var.clone(), set(&previous_var).map(Ok));
+                let previous = set(&previous_var).and_then(|text| self.key(&previous_var, Ok(text)));
                 self.rotation(current?, previous, &previous_var)
             }
             (None, Some(path), previous_file) => {
-                let current = key("cache.encryption_key_file".into(), read(path));
+                let current = self.key("cache.encryption_key_file", read(path));
                 let previous =
-                    key("cache.previous_encryption_key_file".into(), previous_file.as_deref().and_then(read));
+                    previous_file.as_deref().and_then(|p| self.key("cache.previous_encryption_key_file", read(p)));
                 self.rotation(current?, previous, "cache.previous_encryption_key_file")
             }
             (None, None, Some(_)) => {
-                key("cache.previous_encryption_key_file".into(), Some(Err("needs encryption_key_file".into())));
+                self.err("cache.previous_encryption_key_file", "needs encryption_key_file");
                 None
             }
             (None, None, None) => None,

@@ -21,7 +21,7 @@ pub(super) struct Validator {
 }
 
 impl Validator {
-    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError { field: field.into(), message: message.into() });
     }
 

@@ -51,7 +51,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 pub fn bucket_id(key: &ClientKey, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> String {
     let value = match key {
         ClientKey::Route => return "all".to_owned(),
-        ClientKey::Header(name) if !is_connection_option(headers, name) => {
+        ClientKey::Header(name) if !is_connection_option(headers, name.as_str()) => {
             headers.get(name).map(|v| v.as_bytes()).filter(|v| !v.is_empty())
         }
         ClientKey::Header(_) | ClientKey::Ip => None,

@@ -93,23 +93,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Whether the request asks for a protocol switch (WebSocket and other HTTP/1.1 upgrades).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    headers.contains_key(header::UPGRADE) && is_connection_option(headers, "upgrade")
 }
 
-/// Whether `Connection` names `name` (which then goes no further than this hop).
-pub fn is_connection_option(headers: &HeaderMap, name: &HeaderName) -> bool {
+/// Whether a `Connection` field lists `option` (a field so named then goes no further than this
+/// hop).
+pub fn is_connection_option(headers: &HeaderMap, option: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+        .any(|t| t.trim().eq_ignore_ascii_case(option))
 }
 
 /// Whether every protocol an `Upgrade` field offers (`websocket`, `h2c, websocket`; a `/version`
