@@ -257,18 +257,14 @@ impl Proxy {
     }
 }
 
-/// Standard methods, which are case-sensitive (RFC 9110 9.1).
-const STANDARD_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
-
-/// Why a request is refused before anything looks at it, if it is: a standard method spelt in
-/// another case (`post` would pass a route that lists `POST`, and backends that fold case treat
-/// it as one), two `Host` fields, or an HTTP/1.1 request without one (RFC 9112 3.2). An
-/// absolute-form target or h2's `:authority` gives the host itself (`Hop::sanitize` sets `Host`).
+/// Why a request is refused before anything looks at it, if it is: a method with a lower-case
+/// letter (methods are case-sensitive, routes list upper-case ones, and `post` or `purge` would
+/// pass a route listing `POST` or `PURGE` to a backend that folds case; nginx refuses them too),
+/// two `Host` fields, or an HTTP/1.1 request without one (RFC 9112 3.2). An absolute-form target
+/// or h2's `:authority` gives the host itself (`Hop::sanitize` sets `Host`).
 fn malformed<B>(req: &Request<B>) -> Option<&'static str> {
-    let method = req.method().as_str();
-    if method.bytes().any(|b| b.is_ascii_lowercase()) && STANDARD_METHODS.iter().any(|m| m.eq_ignore_ascii_case(method))
-    {
-        return Some("methods are case-sensitive: standard methods are upper case\n");
+    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return Some("methods are case-sensitive, and sidecache takes upper-case ones only\n");
     }
     if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
         let mut hosts = req.headers().get_all(header::HOST).iter();

@@ -56,6 +56,8 @@ async fn host_fields_and_method_spellings_are_checked_before_anything_else() {
         "GET /gen/a HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
         "post /gen/login HTTP/1.1\r\nHost: a.example\r\nContent-Length: 0\r\n\r\n",
         "Get /gen/a HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        // Any method with a lower-case letter: `purge` would pass a route listing `PURGE`.
+        "purge /gen/login HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ];
     for request in bad {
         let (status, text) = exchange(&proxy, request).await;
@@ -69,7 +71,12 @@ async fn host_fields_and_method_spellings_are_checked_before_anything_else() {
         exchange(&proxy, "GET http://target.example/gen/abs HTTP/1.1\r\nHost: other.example\r\n\r\n").await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert_eq!(upstream.seen("/gen/abs")[0]["host"], "target.example");
-    // Extension methods keep their case.
+    // Naming Host in Connection does not take it away from the backend.
+    let (status, _) =
+        exchange(&proxy, "GET /gen/named HTTP/1.1\r\nHost: shop.example\r\nConnection: host\r\n\r\n").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(upstream.seen("/gen/named")[0]["host"], "shop.example");
+    // Extension methods in upper case pass.
     let (status, _) = exchange(&proxy, "PROPFIND /gen/dav HTTP/1.1\r\nHost: a.example\r\n\r\n").await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
 }

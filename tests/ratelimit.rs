@@ -482,3 +482,18 @@ async fn a_key_header_named_in_connection_does_not_choose_the_bucket() {
     // Sent plainly, the header still picks its own bucket.
     assert_eq!(get_with(&url, &[("x-api-key", "real")]).await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_key_header_sent_on_several_lines_does_not_choose_the_bucket() {
+    // The bucket would come from one line while the backend may read another (or all of them):
+    // an invented first line per request would dodge the limit. Such a request takes its
+    // address's bucket.
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited("burst = 2, rate = \"1/1h\", key = \"header:X-Api-Key\""), None).await;
+    let url = proxy.url("/gen/k");
+    for (i, expected) in [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS].into_iter().enumerate() {
+        let invented = format!("invented-{i}");
+        let a = get_with(&url, &[("x-api-key", &invented), ("x-api-key", "real")]).await;
+        assert_eq!(a.status, expected, "request {i}");
+    }
+}

@@ -45,14 +45,19 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 }
 
 /// The bucket id of a request within its route: `ip:ADDR`, `h:VALUE` (or `h#SHA256` for long or
-/// unusual values), or `all`. A request without the configured header uses its address; so does
-/// one that names the header in `Connection`: the backend never sees it (it is hop-by-hop then),
+/// unusual values), or `all`. A request without the configured header uses its address; so do
+/// one that sends it on several lines and one that names it in `Connection`: the backend never sees it (it is hop-by-hop then),
 /// so it must not choose a bucket either (a fresh invented value per request would dodge the limit).
 pub fn bucket_id(key: &ClientKey, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> String {
     let value = match key {
         ClientKey::Route => return "all".to_owned(),
+        // One line only: with several, the backend may read another than the one bucketed.
         ClientKey::Header(name) if !is_connection_option(headers, name.as_str()) => {
-            headers.get(name).map(|v| v.as_bytes()).filter(|v| !v.is_empty())
+            let mut lines = headers.get_all(name).iter();
+            match (lines.next(), lines.next()) {
+                (Some(v), None) if !v.is_empty() => Some(v.as_bytes()),
+                _ => None,
+            }
         }
         ClientKey::Header(_) | ClientKey::Ip => None,
     };

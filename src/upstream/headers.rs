@@ -80,7 +80,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter(|t| !["keep-alive", "close", "upgrade", ""].iter().any(|c| t.eq_ignore_ascii_case(c)))
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
-        for name in &named {
+        // Host is never hop-by-hop: `Connection: host` must not leave the backend to pick one
+        // (hyper's client would fill in the upstream's own address).
+        for name in named.iter().filter(|n| **n != header::HOST) {
             headers.remove(name);
         }
     }
