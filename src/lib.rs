@@ -9,6 +9,7 @@ pub mod body;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod deadline;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::body::{Body, Streamed};
 use crate::cache::{Begin, Cache, Exchange};
 use crate::config::{Config, ServerConfig};
+use crate::deadline::Activity;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::reload::Active;
@@ -33,12 +34,14 @@ pub struct Conn {
     pub peer_value: HeaderValue,
     /// Whether the client connection is TLS.
     pub tls: bool,
+    /// Whether requests are in progress on the connection (its deadlines wait while they are).
+    pub activity: Arc<Activity>,
 }
 
 impl Conn {
     /// Describe a newly accepted connection.
     pub fn new(peer: SocketAddr, tls: bool) -> Conn {
-        Conn { peer, peer_value: headers::peer_value(peer.ip()), tls }
+        Conn { peer, peer_value: headers::peer_value(peer.ip()), tls, activity: Arc::default() }
     }
 }
 
@@ -224,7 +227,16 @@ impl Proxy {
                         let upstream_upgrade = hyper::upgrade::on(response);
                         // A span of its own: the request's ends with the 101, the tunnel lives on.
                         let span = tracing::debug_span!(parent: None, "tunnel", sidecache.route = route.map_or(NO_ROUTE, |r| r.name.as_str()));
-                        tokio::spawn(upstream::tunnel(client_upgrade, upstream_upgrade).instrument(span));
+                        // The connection has no idle deadline while its tunnel lives.
+                        let busy = conn.activity.busy();
+                        let tunnel = upstream::tunnel(client_upgrade, upstream_upgrade);
+                        tokio::spawn(
+                            async move {
+                                tunnel.await;
+                                drop(busy)
+                            }
+                            .instrument(span),
+                        );
                         true
                     }
                     _ => false,
@@ -291,7 +303,9 @@ async fn forward(
             Ok(forwarded.response)
         }
         Err(e) => {
-            metrics.upstream_error(e.kind());
+            if let Some(kind) = e.kind() {
+                metrics.upstream_error(kind);
+            }
             tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream failed");
             Err(respond::upstream_error(&e))
         }

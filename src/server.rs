@@ -28,13 +28,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
 use crate::config::Config;
+use crate::deadline::{Deadlined, Limits, Tracked};
 use crate::proxy::{Conn, Proxy};
 use crate::tls;
 
 /// A client has this long to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client has this long to send a complete request head (slow-loris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The admin port needs few connections: probes and a scraper.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// How long admin connections get to finish once the proxy has drained.
@@ -187,7 +186,7 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError>
 struct Worker {
     listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Http>,
     proxy: Arc<Proxy>,
     limit: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -236,14 +235,22 @@ impl Worker {
     }
 }
 
-/// One builder for HTTP/1.1 and h2c (detected from the connection preface).
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+/// How a listener serves its connections: one builder for HTTP/1.1 and h2c (detected from the
+/// connection preface) and the connection deadlines.
+struct Http {
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+}
+
+fn http_builder(config: &Config) -> Http {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Deadlined keeps the connection's deadlines: hyper's timer here would also run while a
+        // keep-alive connection is idle.
+        .header_read_timeout(None)
         // The head must fit the read buffer: a larger one is answered 431.
         .max_buf_size(config.server.max_header_bytes);
     builder
@@ -251,7 +258,8 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(config.server.max_header_bytes as u32)
         .keep_alive_interval(Duration::from_secs(30));
-    builder
+    let limits = Limits { header_read: config.server.header_read_timeout, idle: config.server.idle_timeout };
+    Http { builder, limits }
 }
 
 /// Something that answers requests on a listener: the proxy or the admin endpoints.
@@ -265,7 +273,7 @@ pub trait Handler: Send + Sync + 'static {
 async fn accept_loop<H: Handler>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Http>,
     handler: Arc<H>,
     limit: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
@@ -313,7 +321,7 @@ async fn accept_loop<H: Handler>(
 
 /// Serve one connection until it closes; holds its connection permit until then.
 async fn serve<I, H>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     io: I,
     handler: Arc<H>,
     conn: Conn,
@@ -324,12 +332,16 @@ async fn serve<I, H>(
     H: Handler,
 {
     let peer = conn.peer;
+    let activity = conn.activity.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handler.call(req, conn).await) }
+        // Held from the request head until the response body is dropped.
+        let busy = conn.activity.busy();
+        async move { Ok::<_, Infallible>(handler.call(req, conn).await.map(|body| Tracked::new(body, busy))) }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let io = Deadlined::new(io, activity, http.limits);
+    let connection = http.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }

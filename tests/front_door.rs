@@ -1,6 +1,6 @@
-//! Request hygiene at the front door, on raw connections to the real server: `Host` as RFC 9112
-//! wants it, case-sensitive standard methods, and sidecache's own HTTP version on every answer,
-//! an HTTP/1.0 backend's included.
+//! The front door, on raw connections to the real server: connection deadlines, `Host` as RFC
+//! 9112 wants it, case-sensitive standard methods, and sidecache's own HTTP version on every
+//! answer, an HTTP/1.0 backend's included.
 
 mod support;
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 /// Read one response (head, and a `Content-Length` body) from `stream`: its status line and
 /// whole text.
@@ -132,4 +133,120 @@ async fn only_the_listed_upgrades_are_tunnelled() {
     assert!(status.starts_with("HTTP/1.1 502"), "{status}");
     let (status, _) = exchange(&default, handshake).await;
     assert!(status.starts_with("HTTP/1.1 101"), "websocket is tunnelled by default: {status}");
+}
+
+/// How long after `from` the server closed `stream` (reading nothing else), at most `limit`.
+async fn closed_after(stream: &mut TcpStream, from: Instant, limit: Duration) -> Duration {
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(limit, stream.read(&mut buf)).await.expect("closed in time");
+    assert!(read.map_or(true, |n| n == 0), "closed without an answer");
+    from.elapsed()
+}
+
+#[tokio::test]
+async fn silent_and_slow_connections_are_closed_at_the_head_deadline() {
+    let upstream = TestUpstream::spawn().await;
+    let proxy =
+        TestProxy::start(&config_text(upstream.addr, "header_read_timeout = \"2s\"\nmax_connections = 4")).await;
+    // Silent sockets fill the proxy port's whole budget: the admin port has its own.
+    let start = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let health = get(&proxy.admin_url("/healthz")).await;
+    assert_eq!(health.status, 200);
+    assert!(start.elapsed() < Duration::from_secs(2), "the admin port answered at once");
+    // More silent sockets than the admin budget: the liveness probe waits only for the deadline.
+    for _ in 0..70 {
+        silent.push(TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    let probe = Instant::now();
+    let health = tokio::time::timeout(Duration::from_secs(8), get(&proxy.admin_url("/healthz"))).await;
+    assert_eq!(health.expect("healthz answers once the deadline frees the budget").status, 200);
+    assert!(probe.elapsed() < Duration::from_secs(5), "{:?}", probe.elapsed());
+    let proxied = tokio::time::timeout(Duration::from_secs(8), get(&proxy.url("/gen/a"))).await;
+    assert_eq!(proxied.expect("the proxy port answers once the deadline frees it").status, 200);
+    for stream in &mut silent[..4] {
+        let after = closed_after(stream, start, Duration::from_secs(5)).await;
+        assert!(after >= Duration::from_secs(2), "{after:?}");
+    }
+
+    // A head sent a byte at a time gets the same deadline from its first byte.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    let start = Instant::now();
+    let trickle = b"GET /gen/slow HTTP/1.1\r\nHost: a.example\r\nX-Pad: ";
+    let mut closed = false;
+    for byte in trickle.iter().chain(std::iter::repeat(&b'a')).take(60) {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = if closed { start.elapsed() } else { closed_after(&mut slow, start, Duration::from_secs(5)).await };
+    assert!((Duration::from_secs(2)..Duration::from_secs(5)).contains(&after), "{after:?}");
+    assert!(upstream.seen("/gen/slow").is_empty());
+}
+
+#[tokio::test]
+async fn idle_connections_close_but_requests_and_tunnels_outlast_the_idle_timeout() {
+    let upstream = TestUpstream::new().route("/gen/late", Reply::ok().delay(Duration::from_millis(2500))).spawn().await;
+    let proxy =
+        TestProxy::start(&config_text(upstream.addr, "idle_timeout = \"1s\"\nheader_read_timeout = \"1s\"")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    // A request that takes longer than both timeouts, then one more on the same connection.
+    for path in ["/gen/late", "/gen/next"] {
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.example\r\n\r\n").as_bytes()).await.unwrap();
+        let (status, text) = response(&mut stream).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    let idle = Instant::now();
+    let after = closed_after(&mut stream, idle, Duration::from_secs(5)).await;
+    assert!((Duration::from_millis(900)..Duration::from_secs(3)).contains(&after), "{after:?}");
+
+    // h2: an idle connection ends too.
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(proxy.addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://a.example/gen/h2").body(boxed(http_body_util::Empty::new())).unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let idle = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn).await.expect("the idle h2 connection ended").unwrap().ok();
+    assert!(idle.elapsed() >= Duration::from_millis(900), "{:?}", idle.elapsed());
+
+    // A WebSocket tunnel is not idle: it lives until either side closes it.
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.addr), stream).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed, Message::text("still here"));
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_is_the_clients_error() {
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let head = "POST /upload HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let long_extension = format!("5;ext={}\r\nhello\r\n0\r\n\r\n", "x".repeat(70_000));
+    for body in ["5\r\nhello\r\nzz\r\nmore\r\n0\r\n\r\n", &long_extension] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // The backend has the head (and the body's start) before the bad chunk arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let (status, text) = response(&mut stream).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "{}: {text}", &body[..10]);
+    }
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    let errors: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("sidecache_upstream_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(errors, 0.0, "{metrics}");
 }

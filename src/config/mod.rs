@@ -79,6 +79,11 @@ pub struct ServerConfig {
     pub upgrades: Vec<String>,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// A connection has this long from its start, and an HTTP/1 request from its first byte, to
+    /// send a complete request head; then it is closed.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress (and no upgraded tunnel) is closed after this.
+    pub idle_timeout: Duration,
     /// Largest request head (request line + headers) accepted; larger gets 431.
     pub max_header_bytes: usize,
     /// Open client connections at most; further connections wait in the accept queue.
@@ -358,6 +363,8 @@ impl Config {
                     trusted_proxies: _,
                     upgrades: _,
                     shutdown_grace,
+                    header_read_timeout,
+                    idle_timeout,
                     max_header_bytes,
                     max_connections,
                     workers,
@@ -392,6 +399,8 @@ impl Config {
             "server.listen": self.server.listen => listen;
             "server.tls": self.server.tls => tls;
             "server.shutdown_grace": self.server.shutdown_grace => shutdown_grace;
+            "server.header_read_timeout": self.server.header_read_timeout => header_read_timeout;
+            "server.idle_timeout": self.server.idle_timeout => idle_timeout;
             "server.max_header_bytes": self.server.max_header_bytes => max_header_bytes;
             "server.max_connections": self.server.max_connections => max_connections;
             "server.workers": self.server.workers => workers;

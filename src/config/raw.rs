@@ -32,6 +32,8 @@ pub struct RawServer {
     pub trusted_proxies: Option<Vec<String>>,
     pub upgrades: Option<Vec<String>>,
     pub shutdown_grace: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub max_connections: Option<i64>,
     pub workers: Option<i64>,

@@ -530,3 +530,14 @@ fn upgrades_default_to_websocket_and_never_include_h2c() {
     assert_error(&listed("[\"h2c\"]"), "server.upgrades[0]", "cannot be tunnelled");
     assert_error(&listed("[\"web socket\"]"), "server.upgrades[0]", "is not a protocol name");
 }
+
+#[test]
+fn connection_deadlines_default_and_are_bounded() {
+    assert_eq!(ok(UP).server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(ok(UP).server.idle_timeout, Duration::from_secs(60));
+    let server = |line: &str| format!("[server]\n{line}\n{UP}");
+    assert_eq!(ok(&server("idle_timeout = \"5m\"")).server.idle_timeout, Duration::from_secs(300));
+    assert_error(&server("header_read_timeout = \"0s\""), "server.header_read_timeout", "greater than zero");
+    assert_error(&server("header_read_timeout = \"2h\""), "server.header_read_timeout", "at most 1h");
+    assert_error(&server("idle_timeout = \"100000000y\""), "server.idle_timeout", "at most 1day");
+}

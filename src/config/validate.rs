@@ -89,6 +89,25 @@ impl Validator {
             Duration::from_secs(20),
             units::parse_duration_or_zero,
         );
+        // nginx: client_header_timeout 60 s, keepalive_timeout 75 s. A sidecar's clients are near.
+        let up_to = |max: Duration| {
+            move |v: &str| match units::parse_duration(v)? {
+                d if d > max => Err(format!("must be at most {}", humantime::format_duration(max))),
+                d => Ok(d),
+            }
+        };
+        let header_read_timeout = self.field(
+            "server.header_read_timeout",
+            s.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+            up_to(Duration::from_secs(3600)),
+        );
+        let idle_timeout = self.field(
+            "server.idle_timeout",
+            s.idle_timeout.as_deref(),
+            Duration::from_secs(60),
+            up_to(Duration::from_secs(24 * 3600)),
+        );
         let max_header_bytes =
             self.int("server.max_header_bytes", s.max_header_bytes, 64 * 1024, 8 * 1024, 1024 * 1024) as usize;
         let max_connections = self.int("server.max_connections", s.max_connections, 10_000, 1, 1_000_000) as usize;
@@ -147,6 +166,8 @@ impl Validator {
                 trusted_proxies,
                 upgrades,
                 shutdown_grace,
+                header_read_timeout,
+                idle_timeout,
                 max_header_bytes,
                 max_connections,
                 workers,

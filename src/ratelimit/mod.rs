@@ -207,7 +207,9 @@ impl RateLimiter {
         let started = Instant::now();
         let id = client::bucket_id(&limit.config.key, peer, headers, trusted);
         let shared = match &self.redis {
-            Some(redis) => self.shared(redis, limit, &id).await,
+            // Boxed: a Redis command's future is large, and every request's future would carry
+            // it (and be copied whole), whatever store answers.
+            Some(redis) => Box::pin(self.shared(redis, limit, &id)).await,
             None => None,
         };
         let (taken, backend) = match (shared, &limit.local) {

@@ -56,7 +56,7 @@ impl CacheStore {
     /// One variant of a path.
     pub async fn get(&self, path_key: &str, variant: &str) -> Result<Option<Bytes>, StoreError> {
         match self {
-            Self::Redis(r) => r.hget(path_key, variant).await,
+            Self::Redis(r) => Box::pin(r.hget(path_key, variant)).await,
             Self::Memory(m) => Ok(m.get(path_key, variant)),
         }
     }
@@ -71,7 +71,7 @@ impl CacheStore {
         keep_for: Duration,
     ) -> Result<bool, StoreError> {
         match self {
-            Self::Redis(r) => r.hset_variant(path_key, variant, value, keep_for, MAX_VARIANTS).await,
+            Self::Redis(r) => Box::pin(r.hset_variant(path_key, variant, value, keep_for, MAX_VARIANTS)).await,
             Self::Memory(m) => {
                 m.put(path_key, variant, value, keep_for);
                 Ok(true)
@@ -82,7 +82,7 @@ impl CacheStore {
     /// Remove one variant (an entry that failed to decode).
     pub async fn remove(&self, path_key: &str, variant: &str) -> Result<(), StoreError> {
         match self {
-            Self::Redis(r) => r.hdel(path_key, variant).await,
+            Self::Redis(r) => Box::pin(r.hdel(path_key, variant)).await,
             Self::Memory(m) => {
                 m.remove(path_key, variant);
                 Ok(())
@@ -93,7 +93,7 @@ impl CacheStore {
     /// Remove every variant of a path.
     pub async fn purge_path(&self, path_key: &str) -> Result<(), StoreError> {
         match self {
-            Self::Redis(r) => r.del(path_key).await,
+            Self::Redis(r) => Box::pin(r.del(path_key)).await,
             Self::Memory(m) => {
                 m.purge_path(path_key);
                 Ok(())
@@ -104,7 +104,7 @@ impl CacheStore {
     /// A route's generation, read from `key`.
     pub async fn generation(&self, key: &str) -> Result<u64, StoreError> {
         match self {
-            Self::Redis(r) => r.get_counter(key).await,
+            Self::Redis(r) => Box::pin(r.get_counter(key)).await,
             Self::Memory(m) => Ok(m.generation(key)),
         }
     }
@@ -112,7 +112,7 @@ impl CacheStore {
     /// Increment the generation at `key`: every entry of the route is gone at once.
     pub async fn bump_generation(&self, key: &str) -> Result<u64, StoreError> {
         match self {
-            Self::Redis(r) => r.incr(key).await.map(|g| g.max(0) as u64),
+            Self::Redis(r) => Box::pin(r.incr(key)).await.map(|g| g.max(0) as u64),
             Self::Memory(m) => Ok(m.bump_generation(key)),
         }
     }

@@ -38,21 +38,32 @@ pub enum UpstreamError {
     /// The backend broke the exchange.
     #[error("upstream closed or broke the connection")]
     Protocol(#[source] hyper_util::client::legacy::Error),
+    /// The client's request body failed (a malformed chunk, the client gone): the client's
+    /// error, not the backend's.
+    #[error("the client's request body failed")]
+    ClientBody(#[source] hyper_util::client::legacy::Error),
 }
 
 impl UpstreamError {
-    /// The metric label and the family of HTTP answer.
-    pub fn kind(&self) -> UpstreamErrorKind {
+    /// The metric label, or `None` when the backend is not to blame.
+    pub fn kind(&self) -> Option<UpstreamErrorKind> {
         match self {
-            Self::Connect(_) => UpstreamErrorKind::Connect,
-            Self::ConnectTimeout(_) => UpstreamErrorKind::ConnectTimeout,
-            Self::Timeout => UpstreamErrorKind::Timeout,
-            Self::Protocol(_) => UpstreamErrorKind::Protocol,
+            Self::Connect(_) => Some(UpstreamErrorKind::Connect),
+            Self::ConnectTimeout(_) => Some(UpstreamErrorKind::ConnectTimeout),
+            Self::Timeout => Some(UpstreamErrorKind::Timeout),
+            Self::Protocol(_) => Some(UpstreamErrorKind::Protocol),
+            Self::ClientBody(_) => None,
         }
     }
 
     fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
         if !e.is_connect() {
+            // hyper reports a failure of the request body as a user error caused by the body's
+            // own error, which for a client's streamed body is the server side's hyper::Error.
+            let sent = e.source().and_then(|s| s.downcast_ref::<hyper::Error>());
+            if sent.is_some_and(|h| h.is_user() && h.source().is_some_and(|c| c.is::<hyper::Error>())) {
+                return Self::ClientBody(e);
+            }
             return Self::Protocol(e);
         }
         // HttpConnector reports its connect timeout as an io::Error of kind TimedOut.
@@ -151,7 +162,7 @@ impl Upstream {
         if !span.is_disabled() {
             match &forwarded {
                 Ok(f) => telemetry::record_status(&span, f.response.status(), 400),
-                Err(e) => telemetry::record_error(&span, e.kind().as_str()),
+                Err(e) => telemetry::record_error(&span, e.kind().map_or("client_body", |k| k.as_str())),
             }
         }
         forwarded

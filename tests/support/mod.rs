@@ -78,7 +78,8 @@ where
     let mut len = 0u64;
     let mut intact = true;
     while let Some(frame) = body.frame().await {
-        let frame = frame.expect("body frame");
+        // A body cut short (the proxy gave up on its client's) is not the pattern.
+        let Ok(frame) = frame else { return (len, false) };
         if let Ok(data) = frame.into_data() {
             for (i, b) in data.iter().enumerate() {
                 intact &= *b == ((len + i as u64) % 251) as u8;

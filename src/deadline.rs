@@ -1,0 +1,341 @@
+//! Connection deadlines: a connection gets `server.header_read_timeout` from its start (and an
+//! HTTP/1 request from its first byte) to deliver a complete request head, and is closed after
+//! `server.idle_timeout` with no request in progress.
+//!
+//! hyper cannot do this alone: hyper-util's auto builder waits with no timer for the bytes that
+//! tell HTTP/1.1 from h2, hyper's HTTP/1 header timer also runs while a keep-alive connection is
+//! idle, and its h2 server has no idle timeout. So the connection's IO is wrapped in
+//! [`Deadlined`], which sees every read, and the request path holds a [`Busy`] guard from the
+//! moment hyper hands it a request until the response body is dropped (or, for an upgraded
+//! connection, until the tunnel ends). Only while no guard is held does a deadline run.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The two timeouts, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From the connection's start, or an HTTP/1 request's first byte, to its complete head.
+    pub header_read: Duration,
+    /// With no request in progress.
+    pub idle: Duration,
+}
+
+/// What a connection's requests are doing, shared by its IO and its requests.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Requests (and tunnels) in progress.
+    in_flight: AtomicUsize,
+    /// Requests begun, ever: a request can begin and end between two reads.
+    begun: AtomicUsize,
+    /// An h2 connection's task, woken when its last request ends (a stream ends on a task of its
+    /// own, and the connection must then start its idle deadline).
+    waker: AtomicWaker,
+}
+
+impl Activity {
+    /// Mark a request in progress until the guard is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+}
+
+/// A request (or tunnel) in progress; see [`Activity::busy`].
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.waker.wake();
+        }
+    }
+}
+
+/// A response body that keeps its request's [`Busy`] guard until it is dropped.
+pub struct Tracked<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B> Tracked<B> {
+    /// Keep `busy` for as long as `body` lives.
+    pub fn new(body: B, busy: Busy) -> Tracked<B> {
+        Tracked { body, _busy: busy }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request head to complete: the connection's first, or an HTTP/1 request's
+    /// once its first byte arrived.
+    Head,
+    /// A request or tunnel in progress: no deadline.
+    Busy,
+    /// Nothing in progress.
+    Idle,
+}
+
+/// A connection's IO with the deadlines of [`Limits`]. A deadline that passes fails the next
+/// read with `TimedOut`, and hyper closes the connection.
+pub struct Deadlined<I> {
+    io: I,
+    activity: Arc<Activity>,
+    limits: Limits,
+    phase: Phase,
+    /// `Activity::begun` when last read.
+    begun: usize,
+    /// Whether the connection speaks h2 (told by its first bytes). An h2 client's frames between
+    /// requests (PING, SETTINGS) do not start a request head.
+    h2: Option<bool>,
+    deadline: Instant,
+    /// The timer, armed at `armed`: never later than `deadline`, re-armed only when it fires
+    /// early, so a keep-alive request usually costs no timer update.
+    sleep: Pin<Box<Sleep>>,
+    armed: Instant,
+}
+
+impl<I> Deadlined<I> {
+    /// Wrap a newly accepted connection: its first request head is due within
+    /// `limits.header_read`.
+    pub fn new(io: I, activity: Arc<Activity>, limits: Limits) -> Deadlined<I> {
+        let deadline = Instant::now() + limits.header_read;
+        Deadlined {
+            io,
+            activity,
+            limits,
+            phase: Phase::Head,
+            begun: 0,
+            h2: None,
+            deadline,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            armed: deadline,
+        }
+    }
+
+    fn set_deadline(&mut self, after: Duration) {
+        self.deadline = Instant::now() + after;
+        if self.deadline < self.armed {
+            self.armed = self.deadline;
+            self.sleep.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// Follow the connection's requests; `true` when it has just become idle.
+    fn observe(&mut self, cx: &mut Context<'_>) -> bool {
+        let begun = self.activity.begun.load(Ordering::Relaxed);
+        if self.activity.in_flight.load(Ordering::Acquire) > 0 {
+            self.phase = Phase::Busy;
+            self.begun = begun;
+            // An h2 stream ends on a task of its own: the connection's must learn of it.
+            if self.h2 == Some(true) {
+                self.activity.waker.register(cx.waker());
+            }
+        } else if self.phase == Phase::Busy || self.begun != begun {
+            self.phase = Phase::Idle;
+            self.begun = begun;
+            self.set_deadline(self.limits.idle);
+            return true;
+        }
+        false
+    }
+
+    /// Whether the deadline has passed; otherwise the timer will wake the task.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            if self.armed >= self.deadline {
+                return true;
+            }
+            self.armed = self.deadline;
+            self.sleep.as_mut().reset(self.deadline);
+        }
+        false
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.observe(cx);
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        match polled {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if !read.is_empty() {
+                    let h2 = *this.h2.get_or_insert_with(|| read.starts_with(b"PRI"));
+                    if this.phase == Phase::Idle && !h2 {
+                        this.phase = Phase::Head;
+                        this.set_deadline(this.limits.header_read);
+                    }
+                }
+                polled
+            }
+            Poll::Pending if this.phase != Phase::Busy && this.expired(cx) => {
+                let what = if this.phase == Phase::Idle { "idle timeout" } else { "request head timeout" };
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // HTTP/1 flushes after a response's last bytes, with its body (and the request's guard)
+        // dropped, and may not read again before the next request arrives: the idle deadline
+        // starts here.
+        if this.observe(cx) {
+            this.expired(cx);
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LIMITS: Limits = Limits { header_read: Duration::from_secs(10), idle: Duration::from_secs(60) };
+
+    fn pair() -> (Deadlined<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<Activity>) {
+        let (server, client) = tokio::io::duplex(1024);
+        let activity = Arc::new(Activity::default());
+        (Deadlined::new(server, activity.clone(), LIMITS), client, activity)
+    }
+
+    /// The client sends `bytes`; the server side reads them.
+    async fn deliver(client: &mut tokio::io::DuplexStream, io: &mut Deadlined<tokio::io::DuplexStream>, bytes: &[u8]) {
+        client.write_all(bytes).await.unwrap();
+        let mut buf = vec![0u8; bytes.len()];
+        io.read_exact(&mut buf).await.unwrap();
+    }
+
+    async fn read_fails_after(io: &mut Deadlined<tokio::io::DuplexStream>, start: Instant) -> Duration {
+        let mut buf = [0u8; 64];
+        let err = io.read(&mut buf).await.expect_err("deadline");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_ends_at_the_header_deadline() {
+        let (mut io, _client, _) = pair();
+        assert_eq!(read_fails_after(&mut io, Instant::now()).await, LIMITS.header_read);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_ends_at_the_header_deadline_whatever_it_sends() {
+        let (mut io, mut client, _) = pair();
+        let start = Instant::now();
+        for _ in 0..5 {
+            deliver(&mut client, &mut io, b"G").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(read_fails_after(&mut io, start).await, LIMITS.header_read);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_deadline_while_busy_then_idle_then_a_new_head() {
+        let (mut io, mut client, activity) = pair();
+        let mut buf = [0u8; 64];
+        deliver(&mut client, &mut io, b"GET / HTTP/1.1\r\n\r\n").await;
+        let busy = activity.busy();
+        // A request far longer than both timeouts: nothing ends it.
+        let read = tokio::time::timeout(Duration::from_secs(3600), io.read(&mut buf)).await;
+        assert!(read.is_err(), "no deadline while a request is in progress");
+        drop(busy);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        // The next request's first byte starts its head deadline.
+        deliver(&mut client, &mut io, b"G").await;
+        let head_from = Instant::now();
+        assert_eq!(read_fails_after(&mut io, head_from).await, LIMITS.header_read);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_at_the_idle_deadline() {
+        let (mut io, mut client, activity) = pair();
+        deliver(&mut client, &mut io, b"GET / HTTP/1.1\r\n\r\n").await;
+        drop(activity.busy());
+        assert_eq!(read_fails_after(&mut io, Instant::now()).await, LIMITS.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_frames_between_requests_do_not_start_a_head() {
+        let (mut io, mut client, activity) = pair();
+        let mut buf = [0u8; 64];
+        deliver(&mut client, &mut io, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        drop(activity.busy());
+        // The read that sees the request's end starts the idle deadline.
+        let start = Instant::now();
+        assert!(tokio::time::timeout(Duration::ZERO, io.read(&mut buf)).await.is_err());
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(11)).await;
+            deliver(&mut client, &mut io, b"ping").await;
+        }
+        assert_eq!(read_fails_after(&mut io, start).await, LIMITS.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_h2_stream_ending_wakes_a_waiting_read() {
+        let (mut io, mut client, activity) = pair();
+        deliver(&mut client, &mut io, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let busy = activity.busy();
+        let start = Instant::now();
+        let ended = tokio::spawn(async move { read_fails_after(&mut io, start).await });
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        drop(busy);
+        assert_eq!(ended.await.unwrap(), Duration::from_secs(100) + LIMITS.idle);
+    }
+}
