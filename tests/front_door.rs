@@ -250,3 +250,36 @@ async fn a_malformed_request_body_is_the_clients_error() {
         .sum();
     assert_eq!(errors, 0.0, "{metrics}");
 }
+
+#[tokio::test]
+async fn spellings_of_a_limited_path_take_the_same_bucket() {
+    let upstream = TestUpstream::spawn().await;
+    let routes = "[[route]]\nname = \"login\"\npath = \"/gen/login\"\nmethods = [\"POST\"]\nrate_limit = { burst = 1, rate = \"1/1h\" }\n\
+                  [[route]]\nname = \"iis\"\npath = \"/gen/iis\"\nmethods = [\"POST\"]\ncase_insensitive = true\nrate_limit = { burst = 1, rate = \"1/1h\" }\n\
+                  [[route]]\nname = \"exact\"\npath = \"/gen/exact\"\nmethods = [\"POST\"]\ntrailing_slash = \"distinct\"\nrate_limit = { burst = 1, rate = \"1/1h\" }\n";
+    let proxy = TestProxy::start(&config_text(upstream.addr, routes)).await;
+    let post = |path: &str| format!("POST {path} HTTP/1.1\r\nHost: a.example\r\nContent-Length: 0\r\n\r\n");
+    let (status, _) = exchange(&proxy, &post("/gen/login")).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    for dodge in
+        ["/gen/login/", "/gen/login;jsessionid=x", "/gen/login/.", "/gen//login", "/gen/x/..;/login", "/gen/%6cogin"]
+    {
+        let (status, text) = exchange(&proxy, &post(dodge)).await;
+        assert!(status.starts_with("HTTP/1.1 429"), "{dodge}: {text}");
+    }
+    // Case counts unless the route says the backend ignores it.
+    let (status, _) = exchange(&proxy, &post("/gen/Login")).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let (status, _) = exchange(&proxy, &post("/gen/iis")).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let (status, _) = exchange(&proxy, &post("/gen/IIS/")).await;
+    assert!(status.starts_with("HTTP/1.1 429"), "{status}");
+    // trailing_slash = "distinct": the slashed path is another resource.
+    for path in ["/gen/exact", "/gen/exact/"] {
+        let (status, _) = exchange(&proxy, &post(path)).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
+    }
+    // The backend gets the request as sent.
+    assert_eq!(upstream.seen("/gen/Login").len(), 1);
+    assert_eq!(upstream.seen("/gen/exact/").len(), 1);
+}

@@ -106,6 +106,8 @@ pub struct RawLog {
 pub struct RawRoute {
     pub name: String,
     pub path: String,
+    pub trailing_slash: Option<String>,
+    pub case_insensitive: Option<bool>,
     pub methods: Option<Vec<String>>,
     pub cache: Option<RawCache>,
     pub rate_limit: Option<RawRateLimit>,

@@ -541,3 +541,13 @@ fn connection_deadlines_default_and_are_bounded() {
     assert_error(&server("header_read_timeout = \"2h\""), "server.header_read_timeout", "at most 1h");
     assert_error(&server("idle_timeout = \"100000000y\""), "server.idle_timeout", "at most 1day");
 }
+
+#[test]
+fn route_matching_options() {
+    let route = |extra: &str| format!("{UP}[[route]]\nname = \"login\"\npath = \"/login\"\n{extra}\n");
+    let plain = ok(&route("")).routes[0].pattern.clone();
+    assert!(plain.matches("/login/") && !plain.matches("/Login"));
+    let strict = ok(&route("trailing_slash = \"distinct\"\ncase_insensitive = true")).routes[0].pattern.clone();
+    assert!(!strict.matches("/login/") && strict.matches("/LOGIN"));
+    assert_error(&route("trailing_slash = \"ignore\""), "route[0].trailing_slash", "same, distinct");
+}

@@ -341,8 +341,16 @@ impl Validator {
             } else if !names.insert(r.name.clone()) {
                 self.err(format!("{at}.name"), format!("{:?} is used by an earlier route", r.name));
             }
-            let pattern =
-                Pattern::parse(&r.path).map_err(|m| self.err(format!("{at}.path"), format!("{:?} {m}", r.path))).ok();
+            let trailing_slash_same =
+                self.field(&format!("{at}.trailing_slash"), r.trailing_slash.as_deref(), true, |s| match s {
+                    "same" => Ok(true),
+                    "distinct" => Ok(false),
+                    _ => Err("is not a trailing-slash rule (same, distinct)".into()),
+                });
+            let pattern = Pattern::parse(&r.path)
+                .map_err(|m| self.err(format!("{at}.path"), format!("{:?} {m}", r.path)))
+                .ok()
+                .map(|p| p.matching(trailing_slash_same, r.case_insensitive.unwrap_or(false)));
             let methods = self.methods(&at, r.methods);
             let cache = r.cache.map(|c| self.cache(&at, c));
             if cache.is_some() && !methods.contains(&Method::GET) {

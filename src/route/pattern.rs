@@ -2,8 +2,9 @@
 //!
 //! Patterns are `/exact/path`, `{param}` segments that match one non-empty segment, and a trailing
 //! `/*` that matches the prefix itself and everything below it. Matching runs on a normalized path
-//! (duplicate slashes collapsed, `.`/`..` resolved, unreserved `%XX` decoded) so that `//login` or
-//! `/a/../login` cannot dodge a route's rate limit; the request itself is forwarded unchanged.
+//! (see [`normalize`]) so that `//login`, `/a/../login` or `/login;jsessionid=x` cannot dodge a
+//! route's rate limit, and, unless the route says otherwise, a trailing slash matches the same
+//! route; the request itself is forwarded unchanged.
 
 use std::borrow::Cow;
 
@@ -13,6 +14,10 @@ pub struct Pattern {
     source: String,
     segments: Vec<Segment>,
     prefix: bool,
+    /// `/login/` matches `/login` (`route.trailing_slash = "same"`).
+    trailing_slash_same: bool,
+    /// Literal segments match whatever the case of their ASCII letters (`route.case_insensitive`).
+    case_insensitive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +59,15 @@ impl Pattern {
         } else if body == "/" && prefix {
             return Err("has an empty segment (//)".into());
         }
-        Ok(Pattern { source: s.to_string(), segments, prefix })
+        Ok(Pattern { source: s.to_string(), segments, prefix, trailing_slash_same: true, case_insensitive: false })
+    }
+
+    /// How a path is compared: whether a trailing slash matches the same route (the default), and
+    /// whether letters' case is ignored (not by default).
+    pub fn matching(mut self, trailing_slash_same: bool, case_insensitive: bool) -> Pattern {
+        self.trailing_slash_same = trailing_slash_same;
+        self.case_insensitive = case_insensitive;
+        self
     }
 
     /// The pattern as written.
@@ -64,17 +77,18 @@ impl Pattern {
 
     /// Whether a normalized path matches.
     pub fn matches(&self, path: &str) -> bool {
-        let rest = match path.strip_prefix('/') {
-            Some(rest) => rest,
-            None => return false,
-        };
+        let Some(mut rest) = path.strip_prefix('/') else { return false };
+        if self.trailing_slash_same {
+            rest = rest.strip_suffix('/').unwrap_or(rest);
+        }
         if self.segments.is_empty() {
             return self.prefix || rest.is_empty();
         }
         let mut parts = rest.split('/');
         for seg in &self.segments {
             match (seg, parts.next()) {
-                (Segment::Literal(lit), Some(part)) if lit == part => {}
+                (Segment::Literal(lit), Some(part))
+                    if lit == part || (self.case_insensitive && lit.eq_ignore_ascii_case(part)) => {}
                 (Segment::Param, Some(part)) if !part.is_empty() => {}
                 _ => return false,
             }
@@ -84,17 +98,25 @@ impl Pattern {
     }
 }
 
-/// Normalize a request path for matching (RFC 3986 5.2.4 dot segments, 6.2.2.2 percent-encoding
-/// of unreserved characters) and collapse duplicate slashes. Allocates only when needed.
+/// Normalize a request path for matching, the way the backends behind it may read it:
+/// unreserved `%XX` decoded (RFC 3986 6.2.2.2), `\` read as `/` (IIS), `;params` cut from each
+/// segment (Tomcat, Jetty, Spring: `/login;jsessionid=x` is `/login`, `/a/..;/b` is `/b`), dot
+/// segments resolved (RFC 3986 5.2.4) and duplicate slashes collapsed. A trailing slash stays:
+/// the route decides. Allocates only when there is work to do.
 pub fn normalize(path: &str) -> Cow<'_, str> {
-    let needs_work = path.contains("//") || path.contains("/.") || path.contains('%');
+    let bytes = path.as_bytes();
+    let needs_work = bytes.iter().enumerate().any(|(i, &b)| {
+        matches!(b, b'%' | b';' | b'\\') || (b == b'/' && matches!(bytes.get(i + 1), Some(b'/' | b'.')))
+    });
     if !needs_work {
         return Cow::Borrowed(path);
     }
-    let decoded = decode_unreserved(path);
+    let decoded = decode_unreserved(path).replace('\\', "/");
     let mut out: Vec<&str> = Vec::new();
-    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut trailing = false;
     for seg in decoded.split('/') {
+        let seg = seg.split_once(';').map_or(seg, |(name, _params)| name);
+        trailing = matches!(seg, "" | "." | "..");
         match seg {
             "" | "." => {}
             ".." => {
@@ -141,10 +163,20 @@ mod tests {
         Pattern::parse(pattern).unwrap().matches(&normalize(path))
     }
 
+    fn distinct(pattern: &str, path: &str) -> bool {
+        Pattern::parse(pattern).unwrap().matching(false, false).matches(&normalize(path))
+    }
+
+    fn any_case(pattern: &str, path: &str) -> bool {
+        Pattern::parse(pattern).unwrap().matching(true, true).matches(&normalize(path))
+    }
+
     #[test]
     fn exact() {
         assert!(m("/health", "/health"));
-        assert!(!m("/health", "/health/"));
+        assert!(m("/health", "/health/"), "a trailing slash is the same route by default");
+        assert!(!distinct("/health", "/health/"));
+        assert!(distinct("/health", "/health"));
         assert!(!m("/health", "/healthz"));
         assert!(!m("/health", "/"));
         assert!(m("/", "/"));
@@ -166,6 +198,8 @@ mod tests {
     fn params() {
         assert!(m("/users/{id}", "/users/42"));
         assert!(!m("/users/{id}", "/users/"));
+        assert!(m("/users/{id}", "/users/42/"));
+        assert!(!distinct("/users/{id}", "/users/42/"));
         assert!(!m("/users/{id}", "/users/42/posts"));
         assert!(m("/users/{id}/posts/*", "/users/42/posts/9"));
         assert!(!m("/users/{id}/posts/*", "/users/42/comments"));
@@ -179,6 +213,18 @@ mod tests {
         assert!(m("/login", "/%6Cogin"));
         assert!(m("/login", "/../../login"));
         assert!(!m("/login", "/login%2Fx"), "encoded slash is not a separator");
+        // What the issue's review got through a POST /login route.
+        for dodge in ["/login/", "/login;jsessionid=x", "/login/.", "/login/;x", "/a/..;/login", "/login\\", "\\login"]
+        {
+            assert!(m("/login", dodge), "{dodge}");
+        }
+        assert!(!m("/login", "/Login"));
+        assert!(any_case("/login", "/Login") && any_case("/login", "/LOGIN/") && any_case("/api/*", "/API/x"));
+        assert!(!any_case("/login", "/logins"));
+        assert!(m("/users/{id}", "/users/42;v=1"));
+        assert!(!m("/users/{id}", "/users/;v=1"), "a segment that is only params is empty");
+        assert_eq!(normalize("/a;x/b;y=1,2/c"), "/a/b/c");
+        assert_eq!(normalize("/a/b;x/..;y"), "/a/");
         assert_eq!(normalize("/plain/path"), Cow::Borrowed("/plain/path"));
         assert_eq!(normalize("/a/b/.."), "/a/");
         assert_eq!(normalize("/a%"), "/a%");
