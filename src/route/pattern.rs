@@ -136,22 +136,29 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(s)
 }
 
+/// `%XX` of unreserved characters decoded, once (a backend decodes once: `%2561` is `%61`).
 fn decode_unreserved(path: &str) -> String {
-    let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(b) = hex.filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b)) {
-                out.push(b as char);
-                i += 3;
-                continue;
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let unreserved = rest
+            .get(at + 1..at + 3)
+            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
+        match unreserved {
+            Some(b) => {
+                out.push(char::from(b));
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[at + 1..];
             }
         }
-        out.push(bytes[i] as char);
-        i += 1;
     }
+    out.push_str(rest);
     out
 }
 
@@ -228,6 +235,9 @@ mod tests {
         assert_eq!(normalize("/plain/path"), Cow::Borrowed("/plain/path"));
         assert_eq!(normalize("/a/b/.."), "/a/");
         assert_eq!(normalize("/a%"), "/a%");
+        // Found by fuzzing: non-ASCII was read byte by byte as Latin-1 (`ю` became `Ñ\u{8e}`).
+        assert_eq!(normalize("/.-%//-a(юz/"), "/.-%/-a(юz/");
+        assert_eq!(normalize("/%D1%8E/%25%36%31"), "/%D1%8E/%2561", "decoded once, unreserved only");
         assert_eq!(normalize("/a%4"), "/a%4");
     }
 
