@@ -2,6 +2,8 @@
 //! proxy already read from it), or a whole body the proxy wrote.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,19 +20,26 @@ pub struct Streamed {
     /// Frames (or the error that ended the body) already read, in reverse order.
     read: Vec<Result<Frame<Bytes>, hyper::Error>>,
     inner: Incoming,
+    /// Set once the body has been read to its end, when someone asked ([`Streamed::watch_end`]).
+    ended: Option<Arc<AtomicBool>>,
 }
 
 impl Streamed {
     /// Stream a body through untouched.
     pub fn new(inner: Incoming) -> Streamed {
-        Streamed { read: Vec::new(), inner }
+        Streamed { read: Vec::new(), inner, ended: None }
     }
 
     /// The rest of a body whose first frames were already read.
     pub fn after(read: Vec<Result<Frame<Bytes>, hyper::Error>>, inner: Incoming) -> Streamed {
         let mut read = read;
         read.reverse();
-        Streamed { read, inner }
+        Streamed { read, inner, ended: None }
+    }
+
+    /// A flag set once the body has been read to its end.
+    pub fn watch_end(&mut self) -> Arc<AtomicBool> {
+        self.ended.get_or_insert_with(Arc::default).clone()
     }
 
     /// As the request path's body type.
@@ -52,7 +61,13 @@ impl HttpBody for Streamed {
         if let Some(frame) = self.read.pop() {
             return Poll::Ready(Some(frame));
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(ended) = &self.ended {
+            if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+                ended.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

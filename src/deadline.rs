@@ -1,6 +1,7 @@
 //! Connection deadlines: a connection gets `server.header_read_timeout` from its start (and an
 //! HTTP/1 request from its first byte) to deliver a complete request head, and is closed after
-//! `server.idle_timeout` with no request in progress.
+//! `server.idle_timeout` with no request in progress, or with a write waiting that long for the
+//! client to read.
 //!
 //! hyper cannot do this alone: hyper-util's auto builder waits with no timer for the bytes that
 //! tell HTTP/1.1 from h2, hyper's HTTP/1 header timer also runs while a keep-alive connection is
@@ -20,6 +21,7 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 /// The two timeouts, from `[server]`.
@@ -32,7 +34,7 @@ pub struct Limits {
 }
 
 /// What a connection's requests are doing, shared by its IO and its requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Activity {
     /// Requests (and tunnels) in progress.
     in_flight: AtomicUsize,
@@ -41,9 +43,22 @@ pub struct Activity {
     /// An h2 connection's task, woken when its last request ends (a stream ends on a task of its
     /// own, and the connection must then start its idle deadline).
     waker: AtomicWaker,
+    /// The connection's place in its listener's budget: released when the connection and any
+    /// tunnel it was upgraded to are gone.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Activity {
+    /// A new connection's, holding `permit`.
+    pub fn new(permit: OwnedSemaphorePermit) -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            begun: AtomicUsize::new(0),
+            waker: AtomicWaker::new(),
+            _permit: permit,
+        }
+    }
+
     /// Mark a request in progress until the guard is dropped.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.begun.fetch_add(1, Ordering::Relaxed);
@@ -122,6 +137,9 @@ pub struct Deadlined<I> {
     /// early, so a keep-alive request usually costs no timer update.
     sleep: Pin<Box<Sleep>>,
     armed: Instant,
+    /// Set while a write waits for the client to read: a client that stops reading (a response
+    /// it never takes, pipelined requests it never collects) gets `idle` to read again.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl<I> Deadlined<I> {
@@ -139,6 +157,7 @@ impl<I> Deadlined<I> {
             deadline,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
             armed: deadline,
+            stalled: None,
         }
     }
 
@@ -147,6 +166,20 @@ impl<I> Deadlined<I> {
         if self.deadline < self.armed {
             self.armed = self.deadline;
             self.sleep.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// A write's outcome, failed once it has waited on the client for `idle`.
+    fn write_progress<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let idle = self.limits.idle;
+        let stall = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -210,16 +243,20 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.write_progress(cx, polled)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.write_progress(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -234,7 +271,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
         if this.observe(cx) {
             this.expired(cx);
         }
-        Pin::new(&mut this.io).poll_flush(cx)
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.write_progress(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -251,7 +289,8 @@ mod tests {
 
     fn pair() -> (Deadlined<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<Activity>) {
         let (server, client) = tokio::io::duplex(1024);
-        let activity = Arc::new(Activity::default());
+        let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
+        let activity = Arc::new(Activity::new(permit));
         (Deadlined::new(server, activity.clone(), LIMITS), client, activity)
     }
 
@@ -337,5 +376,22 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(100)).await;
         drop(busy);
         assert_eq!(ended.await.unwrap(), Duration::from_secs(100) + LIMITS.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_idle_timeout() {
+        let (mut io, _client, activity) = pair();
+        let _busy = activity.busy();
+        let start = Instant::now();
+        let chunk = [0u8; 256];
+        // The duplex buffer (1 KiB) fills; the client never reads.
+        let err = loop {
+            match io.write(&chunk).await {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), LIMITS.idle, "even with a request in progress");
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
@@ -20,7 +21,7 @@ use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::reload::Active;
 use crate::respond;
-use crate::route::Route;
+use crate::route::{self, Route};
 use crate::telemetry;
 use crate::tls::TlsError;
 use crate::upstream::{self, headers, Hop, Upstream};
@@ -39,9 +40,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Describe a newly accepted connection.
-    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
-        Conn { peer, peer_value: headers::peer_value(peer.ip()), tls, activity: Arc::default() }
+    /// Describe a newly accepted connection, which holds `permit` (its place in the listener's
+    /// connection budget) for as long as it or its upgraded tunnel lives.
+    pub fn new(peer: SocketAddr, tls: bool, permit: OwnedSemaphorePermit) -> Conn {
+        Conn { peer, peer_value: headers::peer_value(peer.ip()), tls, activity: Arc::new(Activity::new(permit)) }
     }
 }
 
@@ -190,7 +192,11 @@ impl Proxy {
         hop.sanitize(&mut req, upgrade);
 
         // 4. Cache: answer from it, or forward with an exchange that finishes the phase.
-        let exchange = match (route.and_then(|r| r.cache.as_ref()), &self.cache) {
+        // Only a path in normal form uses the cache: another spelling (`/api/x/..%2F..%2Fadmin`)
+        // matched the route the way the most lenient backend reads it, but this backend may
+        // serve another resource there, which must not be stored under the route's rules.
+        let route_cache = route.and_then(|r| r.cache.as_ref()).filter(|_| route::is_normal(req.uri().path()));
+        let exchange = match (route_cache, &self.cache) {
             (Some(route_cache), Some(cache)) => match cache.begin(route_cache, &req, &hop, &self.upstream).await {
                 Begin::Answer(response) => return response,
                 Begin::Forward(exchange) => Some(exchange),

@@ -54,9 +54,9 @@ pub fn limiter_unavailable(retry_after: std::time::Duration) -> Response<Body> {
     resp
 }
 
-/// The answer to a failed upstream exchange: 400 when the client's body failed it, 504 when a
-/// time budget ran out, 502 otherwise, with a one-line reason (never the error's details: they
-/// can name internal hosts).
+/// The answer to a failed upstream exchange: 400 when the client's body failed it, 408 when it
+/// was still arriving as the time budget ran out, 504 when the backend's ran out, 502
+/// otherwise, with a one-line reason (never the error's details: they can name internal hosts).
 pub fn upstream_error(e: &UpstreamError) -> Response<Body> {
     match e {
         UpstreamError::Timeout => text(StatusCode::GATEWAY_TIMEOUT, "upstream did not respond in time\n"),
@@ -64,6 +64,7 @@ pub fn upstream_error(e: &UpstreamError) -> Response<Body> {
         UpstreamError::Connect(_) => text(StatusCode::BAD_GATEWAY, "upstream unreachable\n"),
         UpstreamError::Protocol(_) => text(StatusCode::BAD_GATEWAY, "upstream closed the connection\n"),
         UpstreamError::ClientBody(_) => text(StatusCode::BAD_REQUEST, "malformed or incomplete request body\n"),
+        UpstreamError::ClientTimeout => text(StatusCode::REQUEST_TIMEOUT, "request body not received in time\n"),
     }
 }
 

@@ -23,7 +23,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
@@ -113,7 +113,12 @@ impl Server {
         );
 
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_builder = Arc::new(http_builder(config));
+        // HTTP/1.1 only: probes and scrapers speak it, and an h2 client could hold a connection
+        // open by never granting flow-control window for its answer.
+        let mut admin_http = http_builder(config);
+        admin_http.builder = admin_http.builder.http1_only();
+        admin_http.http1_only = true;
+        let admin_builder = Arc::new(admin_http);
         let admin_task = tokio::spawn(async move {
             let stop = async {
                 let _ = admin_stopped.await;
@@ -240,6 +245,8 @@ impl Worker {
 struct Http {
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
+    /// HTTP/1.1 only, without upgrades (the admin listener).
+    http1_only: bool,
 }
 
 fn http_builder(config: &Config) -> Http {
@@ -259,7 +266,7 @@ fn http_builder(config: &Config) -> Http {
         .max_header_list_size(config.server.max_header_bytes as u32)
         .keep_alive_interval(Duration::from_secs(30));
     let limits = Limits { header_read: config.server.header_read_timeout, idle: config.server.idle_timeout };
-    Http { builder, limits }
+    Http { builder, limits, http1_only: false }
 }
 
 /// Something that answers requests on a listener: the proxy or the admin endpoints.
@@ -303,12 +310,12 @@ async fn accept_loop<H: Handler>(
         let watcher = graceful.watcher();
         match tls.clone() {
             None => {
-                tokio::spawn(serve(builder, stream, handler, Conn::new(peer, false), watcher, permit));
+                tokio::spawn(serve(builder, stream, handler, Conn::new(peer, false, permit), watcher));
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(builder, stream, handler, Conn::new(peer, true), watcher, permit).await,
+                        Ok(Ok(stream)) => serve(builder, stream, handler, Conn::new(peer, true, permit), watcher).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -319,14 +326,14 @@ async fn accept_loop<H: Handler>(
     graceful
 }
 
-/// Serve one connection until it closes; holds its connection permit until then.
+/// Serve one connection until it closes. Its connection permit lives in its `Activity`, so an
+/// upgraded tunnel, which outlives this, holds it too.
 async fn serve<I, H>(
     http: Arc<Http>,
     io: I,
     handler: Arc<H>,
     conn: Conn,
     watcher: hyper_util::server::graceful::Watcher,
-    _permit: OwnedSemaphorePermit,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
@@ -341,8 +348,15 @@ async fn serve<I, H>(
         async move { Ok::<_, Infallible>(handler.call(req, conn).await.map(|body| Tracked::new(body, busy))) }
     });
     let io = Deadlined::new(io, activity, http.limits);
-    let connection = http.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
+    let io = TokioIo::new(io);
+    // Only a builder that may serve both protocols can upgrade (hyper-util reads the preface
+    // there whatever the builder allows).
+    let served = if http.http1_only {
+        watcher.watch(http.builder.serve_connection(io, service).into_owned()).await
+    } else {
+        watcher.watch(http.builder.serve_connection_with_upgrades(io, service).into_owned()).await
+    };
+    if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -229,8 +229,8 @@ async fn idle_connections_close_but_requests_and_tunnels_outlast_the_idle_timeou
 
 #[tokio::test]
 async fn a_malformed_request_body_is_the_clients_error() {
-    let upstream = TestUpstream::spawn().await;
-    let proxy = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let upstream = TestUpstream::new().route("/gen/slow", Reply::ok().delay(Duration::from_secs(3))).spawn().await;
+    let proxy = TestProxy::start(&config_full(upstream.addr, "", "response_timeout = \"1s\"", "")).await;
     let head = "POST /upload HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n";
     let long_extension = format!("5;ext={}\r\nhello\r\n0\r\n\r\n", "x".repeat(70_000));
     for body in ["5\r\nhello\r\nzz\r\nmore\r\n0\r\n\r\n", &long_extension] {
@@ -242,6 +242,14 @@ async fn a_malformed_request_body_is_the_clients_error() {
         let (status, text) = response(&mut stream).await;
         assert!(status.starts_with("HTTP/1.1 400"), "{}: {text}", &body[..10]);
     }
+    // A body that stops arriving: the time runs out on the client, not on the backend.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let (status, text) = response(&mut stream).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{text}");
     let metrics = get(&proxy.admin_url("/metrics")).await.text();
     let errors: f64 = metrics
         .lines()
@@ -249,6 +257,11 @@ async fn a_malformed_request_body_is_the_clients_error() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(errors, 0.0, "{metrics}");
+    // A backend that is too slow still is the backend's.
+    let (status, _) =
+        exchange(&proxy, "POST /gen/slow HTTP/1.1\r\nHost: a.example\r\nContent-Length: 2\r\n\r\nok").await;
+    assert!(status.starts_with("HTTP/1.1 504"), "{status}");
+    until_metric(proxy.admin, "sidecache_upstream_errors_total{kind=\"timeout\"}", 1.0).await;
 }
 
 #[tokio::test]
@@ -261,9 +274,17 @@ async fn spellings_of_a_limited_path_take_the_same_bucket() {
     let post = |path: &str| format!("POST {path} HTTP/1.1\r\nHost: a.example\r\nContent-Length: 0\r\n\r\n");
     let (status, _) = exchange(&proxy, &post("/gen/login")).await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    for dodge in
-        ["/gen/login/", "/gen/login;jsessionid=x", "/gen/login/.", "/gen//login", "/gen/x/..;/login", "/gen/%6cogin"]
-    {
+    for dodge in [
+        "/gen/login/",
+        "/gen/login;jsessionid=x",
+        "/gen/login/.",
+        "/gen//login",
+        "/gen/x/..;/login",
+        "/gen/%6cogin",
+        "/gen%2Flogin",
+        "/gen/%u006Cogin",
+        "/gen\\login",
+    ] {
         let (status, text) = exchange(&proxy, &post(dodge)).await;
         assert!(status.starts_with("HTTP/1.1 429"), "{dodge}: {text}");
     }
@@ -282,4 +303,57 @@ async fn spellings_of_a_limited_path_take_the_same_bucket() {
     // The backend gets the request as sent.
     assert_eq!(upstream.seen("/gen/Login").len(), 1);
     assert_eq!(upstream.seen("/gen/exact/").len(), 1);
+}
+
+#[tokio::test]
+async fn a_tunnel_keeps_its_connection_slot_and_the_admin_port_speaks_http_1_only() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "max_connections = 1")).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.addr), stream).await.unwrap();
+    // The tunnel is the one connection allowed: another waits in the accept queue.
+    let waiting = tokio::spawn(exchange_owned(proxy.addr, "GET /gen/after HTTP/1.1\r\nHost: a.example\r\n\r\n"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a tunnel counts against server.max_connections");
+    ws.send(Message::Close(None)).await.unwrap();
+    drop(ws);
+    let (status, _) = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("admitted").unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(proxy.admin).await.unwrap());
+    let h2 = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::get("http://a.example/healthz").body(boxed(http_body_util::Empty::new())).unwrap();
+        sender.send_request(req).await.ok()
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(5), h2).await.expect("refused in time");
+    assert!(answered.is_none(), "the admin port does not speak h2");
+}
+
+async fn exchange_owned(addr: std::net::SocketAddr, request: &'static str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    response(&mut stream).await
+}
+
+#[tokio::test]
+async fn only_a_path_in_normal_form_uses_a_routes_cache() {
+    let upstream = TestUpstream::spawn().await;
+    let routes = "[[route]]\nname = \"api\"\npath = \"/gen/api/*\"\ncache = { ttl = \"1m\" }\n";
+    let proxy = TestProxy::start(&config_text(upstream.addr, routes)).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    // Matched as /gen/api/..., but a backend that does not decode %2F serves another resource.
+    for path in ["/gen/api/x%2F..%2Fother", "/gen/api/a;v=1", "/gen/api/a"] {
+        for _ in 0..2 {
+            let (status, _) = exchange(&proxy, &get(path)).await;
+            assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
+        }
+    }
+    assert_eq!(upstream.seen("/gen/api/x%2F..%2Fother").len(), 2, "never stored");
+    assert_eq!(upstream.seen("/gen/api/a;v=1").len(), 2, "never stored");
+    assert_eq!(upstream.seen("/gen/api/a").len(), 1, "the normal form is cached");
 }

@@ -10,7 +10,7 @@ use http::Method;
 use crate::cache::RouteCache;
 use crate::metrics::RouteMetrics;
 use crate::ratelimit::Limit;
-pub use pattern::{normalize, Pattern};
+pub use pattern::{is_normal, normalize, Pattern};
 
 /// A route ready for the request path, compiled once: what it matches, and everything the
 /// request path needs of it.

@@ -99,10 +99,11 @@ impl Pattern {
 }
 
 /// Normalize a request path for matching, the way the backends behind it may read it:
-/// unreserved `%XX` decoded (RFC 3986 6.2.2.2), `\` read as `/` (IIS), `;params` cut from each
-/// segment (Tomcat, Jetty, Spring: `/login;jsessionid=x` is `/login`, `/a/..;/b` is `/b`), dot
-/// segments resolved (RFC 3986 5.2.4) and duplicate slashes collapsed. A trailing slash stays:
-/// the route decides. Allocates only when there is work to do.
+/// unreserved `%XX` decoded (RFC 3986 6.2.2.2), and so are `%2F` and `%5C` (a WSGI server or an
+/// nginx in front decodes them) and IIS's `%u00XX` forms of these; `\` read as `/` (IIS);
+/// `;params` cut from each segment (Tomcat, Jetty, Spring: `/login;jsessionid=x` is `/login`,
+/// `/a/..;/b` is `/b`); dot segments resolved (RFC 3986 5.2.4) and duplicate slashes
+/// collapsed. A trailing slash stays: the route decides. Allocates only when there is work to do.
 pub fn normalize(path: &str) -> Cow<'_, str> {
     let bytes = path.as_bytes();
     let needs_work = bytes.iter().enumerate().any(|(i, &b)| {
@@ -136,21 +137,38 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(s)
 }
 
-/// `%XX` of unreserved characters decoded, once (a backend decodes once: `%2561` is `%61`).
+/// Whether a path is already in normal form: one that is not could name, on the backend, another
+/// resource than the route it matched ([`normalize`] reads it like the most lenient backend).
+pub fn is_normal(path: &str) -> bool {
+    match normalize(path) {
+        Cow::Borrowed(_) => true,
+        Cow::Owned(normalized) => normalized == path,
+    }
+}
+
+/// `%XX` (and IIS's `%u00XX`) of unreserved characters, `/` and `\` decoded, once (a backend
+/// decodes once: `%2561` is `%61`).
 fn decode_unreserved(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     let mut rest = path;
     while let Some(at) = rest.find('%') {
         out.push_str(&rest[..at]);
-        let unreserved = rest
-            .get(at + 1..at + 3)
-            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-            .filter(|b| b.is_ascii_alphanumeric() || b"-._~".contains(b));
-        match unreserved {
-            Some(b) => {
+        let hex = |from: usize, len: usize| {
+            rest.get(at + from..at + from + len)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+        };
+        let decoded = match rest.as_bytes().get(at + 1) {
+            Some(b'u' | b'U') => hex(2, 4).map(|c| (c, 6)),
+            _ => hex(1, 2).map(|c| (c, 3)),
+        };
+        let decoded = decoded
+            .and_then(|(c, len)| Some((u8::try_from(c).ok()?, len)))
+            .filter(|(b, _)| b.is_ascii_alphanumeric() || b"-._~/\\".contains(b));
+        match decoded {
+            Some((b, len)) => {
                 out.push(char::from(b));
-                rest = &rest[at + 3..];
+                rest = &rest[at + len..];
             }
             None => {
                 out.push('%');
@@ -219,7 +237,10 @@ mod tests {
         assert!(m("/login", "/x/../login"));
         assert!(m("/login", "/%6Cogin"));
         assert!(m("/login", "/../../login"));
-        assert!(!m("/login", "/login%2Fx"), "encoded slash is not a separator");
+        // Servers in front of WSGI apps, and IIS, decode these before routing.
+        for encoded in ["/x%2F..%2Flogin", "/x%5c..%5clogin", "/%u006Cogin", "/x%u002f..%U005Clogin"] {
+            assert!(m("/login", encoded), "{encoded}");
+        }
         // What the review got through a POST /login route.
         for dodge in ["/login/", "/login;jsessionid=x", "/login/.", "/login/;x", "/a/..;/login", "/login\\", "\\login"]
         {
@@ -238,6 +259,9 @@ mod tests {
         // Found by fuzzing: non-ASCII was read byte by byte as Latin-1 (`ю` became `Ñ\u{8e}`).
         assert_eq!(normalize("/.-%//-a(юz/"), "/.-%/-a(юz/");
         assert_eq!(normalize("/%D1%8E/%25%36%31"), "/%D1%8E/%2561", "decoded once, unreserved only");
+        assert_eq!(normalize("/%u0041%u00e9%u"), "/A%u00e9%u");
+        assert!(is_normal("/api/models/7") && is_normal("/a%20b") && is_normal("/login/"));
+        assert!(!is_normal("/api/x/..%2F..%2Fadmin") && !is_normal("/a;p") && !is_normal("//a"));
         assert_eq!(normalize("/a%4"), "/a%4");
     }
 

@@ -4,11 +4,13 @@
 pub mod headers;
 
 use std::error::Error as StdError;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http_body_util::Either;
+use hyper::body::{Body as _, Incoming};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -42,6 +44,9 @@ pub enum UpstreamError {
     /// error, not the backend's.
     #[error("the client's request body failed")]
     ClientBody(#[source] hyper_util::client::legacy::Error),
+    /// `response_timeout` ran out while the client was still sending its body.
+    #[error("the client's request body was not complete in time")]
+    ClientTimeout,
 }
 
 impl UpstreamError {
@@ -52,7 +57,7 @@ impl UpstreamError {
             Self::ConnectTimeout(_) => Some(UpstreamErrorKind::ConnectTimeout),
             Self::Timeout => Some(UpstreamErrorKind::Timeout),
             Self::Protocol(_) => Some(UpstreamErrorKind::Protocol),
-            Self::ClientBody(_) => None,
+            Self::ClientBody(_) | Self::ClientTimeout => None,
         }
     }
 
@@ -145,11 +150,19 @@ impl Upstream {
             telemetry::inject(&span, req.headers_mut());
         }
 
+        // A body still arriving when the time runs out is the client's delay, not the backend's.
+        let body_ended = match req.body_mut() {
+            Either::Left(streamed) if !streamed.is_end_stream() => Some(streamed.watch_end()),
+            _ => None,
+        };
         let started = Instant::now();
         let result =
             tokio::time::timeout(self.response_timeout, self.client.request(req)).instrument(span.clone()).await;
         let elapsed = started.elapsed();
         let forwarded = match result {
+            Err(_) if body_ended.is_some_and(|ended| !ended.load(Ordering::Relaxed)) => {
+                Err(UpstreamError::ClientTimeout)
+            }
             Err(_) => Err(UpstreamError::Timeout),
             Ok(Err(e)) => Err(UpstreamError::classify(e)),
             Ok(Ok(mut response)) => {
