@@ -538,6 +538,7 @@ fn connection_deadlines_default_and_are_bounded() {
     let server = |line: &str| format!("[server]\n{line}\n{UP}");
     assert_eq!(ok(&server("idle_timeout = \"5m\"")).server.idle_timeout, Duration::from_secs(300));
     assert_error(&server("header_read_timeout = \"0s\""), "server.header_read_timeout", "greater than zero");
+    assert_error(&server("idle_timeout = \"1ms\""), "server.idle_timeout", "at least 1s");
     assert_error(&server("header_read_timeout = \"2h\""), "server.header_read_timeout", "at most 1h");
     assert_error(&server("idle_timeout = \"100000000y\""), "server.idle_timeout", "at most 1day");
 }

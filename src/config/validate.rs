@@ -93,6 +93,7 @@ impl Validator {
         let up_to = |max: Duration| {
             move |v: &str| match units::parse_duration(v)? {
                 d if d > max => Err(format!("must be at most {}", humantime::format_duration(max))),
+                d if d < Duration::from_secs(1) => Err("must be at least 1s".into()),
                 d => Ok(d),
             }
         };
