@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,6 +46,15 @@ pub struct Activity {
     /// The connection's place in its listener's budget: released when the connection and any
     /// tunnel it was upgraded to are gone.
     _permit: OwnedSemaphorePermit,
+    /// Whether the connection speaks h2, where a client can stall a response without a read or
+    /// write waiting: by granting no flow-control window, so hyper never asks the body for more.
+    h2: AtomicBool,
+    /// h2 response bodies not waiting on their source: hyper has not asked them for more since
+    /// their last frame (or at all).
+    unasked: AtomicUsize,
+    /// When an h2 response body was last created or asked, in milliseconds since `born`.
+    asked_at: AtomicU64,
+    born: Instant,
 }
 
 impl Activity {
@@ -56,7 +65,24 @@ impl Activity {
             begun: AtomicUsize::new(0),
             waker: AtomicWaker::new(),
             _permit: permit,
+            h2: AtomicBool::new(false),
+            unasked: AtomicUsize::new(0),
+            asked_at: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    fn mark_asked(&self) {
+        let millis = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.asked_at.store(millis, Ordering::Relaxed);
+    }
+
+    /// When every request in progress is an h2 response that hyper has not asked for more since
+    /// `idle` ago, the client has taken nothing: when that has lasted `idle`.
+    fn starved_until(&self, idle: Duration) -> Option<Instant> {
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        (in_flight > 0 && self.unasked.load(Ordering::Acquire) == in_flight)
+            .then(|| self.born + Duration::from_millis(self.asked_at.load(Ordering::Relaxed)) + idle)
     }
 
     /// Mark a request in progress until the guard is dropped.
@@ -79,16 +105,33 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its request's [`Busy`] guard until it is dropped.
+/// A response body that keeps its request's [`Busy`] guard until it is dropped, and on h2 says
+/// whether hyper keeps asking it for more.
 pub struct Tracked<B> {
     body: B,
-    _busy: Busy,
+    busy: Busy,
+    /// Counted in `Activity::unasked`.
+    unasked: bool,
 }
 
 impl<B> Tracked<B> {
     /// Keep `busy` for as long as `body` lives.
     pub fn new(body: B, busy: Busy) -> Tracked<B> {
-        Tracked { body, _busy: busy }
+        let activity = &busy.0;
+        let unasked = activity.h2.load(Ordering::Relaxed);
+        if unasked {
+            activity.mark_asked();
+            activity.unasked.fetch_add(1, Ordering::AcqRel);
+        }
+        Tracked { body, busy, unasked }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if self.unasked {
+            self.busy.0.unasked.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -97,7 +140,21 @@ impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
     type Error = B::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if this.busy.0.h2.load(Ordering::Relaxed) {
+            // Waiting on its source is not the client's doing; a frame handed over waits on it.
+            let unasked = polled.is_ready();
+            let activity = &this.busy.0;
+            activity.mark_asked();
+            match (this.unasked, unasked) {
+                (true, false) => drop(activity.unasked.fetch_sub(1, Ordering::AcqRel)),
+                (false, true) => drop(activity.unasked.fetch_add(1, Ordering::AcqRel)),
+                _ => {}
+            }
+            this.unasked = unasked;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -121,7 +178,7 @@ enum Phase {
 }
 
 /// A connection's IO with the deadlines of [`Limits`]. A deadline that passes fails the next
-/// read with `TimedOut`, and hyper closes the connection.
+/// read (a write stalled too long, that write) with `TimedOut`, and hyper closes the connection.
 pub struct Deadlined<I> {
     io: I,
     activity: Arc<Activity>,
@@ -137,6 +194,9 @@ pub struct Deadlined<I> {
     /// early, so a keep-alive request usually costs no timer update.
     sleep: Pin<Box<Sleep>>,
     armed: Instant,
+    /// Busy on h2 with every response starved of flow-control window: `deadline` is when that
+    /// has lasted `idle`.
+    starved: bool,
     /// Set while a write waits for the client to read: a client that stops reading (a response
     /// it never takes, pipelined requests it never collects) gets `idle` to read again.
     stalled: Option<Pin<Box<Sleep>>>,
@@ -157,15 +217,20 @@ impl<I> Deadlined<I> {
             deadline,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
             armed: deadline,
+            starved: false,
             stalled: None,
         }
     }
 
     fn set_deadline(&mut self, after: Duration) {
-        self.deadline = Instant::now() + after;
-        if self.deadline < self.armed {
-            self.armed = self.deadline;
-            self.sleep.as_mut().reset(self.deadline);
+        self.deadline_at(Instant::now() + after);
+    }
+
+    fn deadline_at(&mut self, at: Instant) {
+        self.deadline = at;
+        if at < self.armed {
+            self.armed = at;
+            self.sleep.as_mut().reset(at);
         }
     }
 
@@ -185,13 +250,19 @@ impl<I> Deadlined<I> {
 
     /// Follow the connection's requests; `true` when it has just become idle.
     fn observe(&mut self, cx: &mut Context<'_>) -> bool {
+        // An h2 stream ends on a task of its own: the connection's must learn of it. Registered
+        // before looking, so an end in between still wakes it.
+        if self.h2 == Some(true) {
+            self.activity.waker.register(cx.waker());
+        }
         let begun = self.activity.begun.load(Ordering::Relaxed);
         if self.activity.in_flight.load(Ordering::Acquire) > 0 {
             self.phase = Phase::Busy;
             self.begun = begun;
-            // An h2 stream ends on a task of its own: the connection's must learn of it.
-            if self.h2 == Some(true) {
-                self.activity.waker.register(cx.waker());
+            let starved = if self.h2 == Some(true) { self.activity.starved_until(self.limits.idle) } else { None };
+            self.starved = starved.is_some();
+            if let Some(until) = starved {
+                self.deadline_at(until);
             }
         } else if self.phase == Phase::Busy || self.begun != begun {
             self.phase = Phase::Idle;
@@ -225,7 +296,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
             Poll::Ready(Ok(())) => {
                 let read = &buf.filled()[before..];
                 if !read.is_empty() {
-                    let h2 = *this.h2.get_or_insert_with(|| read.starts_with(b"PRI"));
+                    let h2 = *this.h2.get_or_insert_with(|| {
+                        let h2 = read.starts_with(b"PRI");
+                        this.activity.h2.store(h2, Ordering::Relaxed);
+                        h2
+                    });
                     if this.phase == Phase::Idle && !h2 {
                         this.phase = Phase::Head;
                         this.set_deadline(this.limits.header_read);
@@ -233,8 +308,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
                 }
                 polled
             }
-            Poll::Pending if this.phase != Phase::Busy && this.expired(cx) => {
-                let what = if this.phase == Phase::Idle { "idle timeout" } else { "request head timeout" };
+            Poll::Pending if (this.phase != Phase::Busy || this.starved) && this.expired(cx) => {
+                let what = match this.phase {
+                    Phase::Idle => "idle timeout",
+                    Phase::Head => "request head timeout",
+                    Phase::Busy => "client granted no window for its responses",
+                };
                 Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)))
             }
             other => other,

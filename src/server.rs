@@ -115,29 +115,26 @@ impl Server {
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         // HTTP/1.1 only: probes and scrapers speak it, and an h2 client could hold a connection
         // open by never granting flow-control window for its answer.
-        let mut admin_http = http_builder(config);
-        admin_http.builder = admin_http.builder.http1_only();
-        admin_http.http1_only = true;
-        let admin_builder = Arc::new(admin_http);
+        let admin_http = Arc::new(http_builder(config, true));
         let admin_task = tokio::spawn(async move {
             let stop = async {
                 let _ = admin_stopped.await;
             };
             let limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
-            let graceful = accept_loop(admin_listener, None, admin_builder, admin, limit, stop).await;
+            let graceful = accept_loop(admin_listener, None, admin_http, admin, limit, stop).await;
             let _ = tokio::time::timeout(ADMIN_DRAIN, graceful.shutdown()).await;
         });
 
         let (stop, stopped) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
-        let builder = Arc::new(http_builder(config));
+        let http = Arc::new(http_builder(config, false));
         let mut workers = Vec::with_capacity(proxies.len());
         let spawn_all = || -> std::io::Result<()> {
             for (i, proxy) in proxies.into_iter().enumerate() {
                 let worker = Worker {
                     listener: proxy_listener.try_clone()?,
                     tls: tls.clone(),
-                    builder: builder.clone(),
+                    http: http.clone(),
                     proxy,
                     limit: limit.clone(),
                     stop: stopped.clone(),
@@ -191,7 +188,7 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError>
 struct Worker {
     listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<Http>,
+    http: Arc<Http>,
     proxy: Arc<Proxy>,
     limit: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
@@ -221,7 +218,7 @@ impl Worker {
     }
 
     async fn serve(self, index: usize, stopped_listening: tokio::sync::oneshot::Sender<()>) -> bool {
-        let Worker { listener, tls, builder, proxy, limit, mut stop, grace } = self;
+        let Worker { listener, tls, http, proxy, limit, mut stop, grace } = self;
         proxy.attach(index);
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -234,14 +231,14 @@ impl Worker {
             let _ = stop.wait_for(|stopping| *stopping).await;
         };
         // accept_loop owns the listener and closes it when it returns.
-        let graceful = accept_loop(listener, tls, builder, proxy, limit, shutdown).await;
+        let graceful = accept_loop(listener, tls, http, proxy, limit, shutdown).await;
         let _ = stopped_listening.send(());
         tokio::time::timeout(grace, graceful.shutdown()).await.is_ok()
     }
 }
 
 /// How a listener serves its connections: one builder for HTTP/1.1 and h2c (detected from the
-/// connection preface) and the connection deadlines.
+/// connection preface), or HTTP/1.1 only, and the connection deadlines.
 struct Http {
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
@@ -249,8 +246,11 @@ struct Http {
     http1_only: bool,
 }
 
-fn http_builder(config: &Config) -> Http {
+fn http_builder(config: &Config, http1_only: bool) -> Http {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if http1_only {
+        builder = builder.http1_only();
+    }
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -266,7 +266,7 @@ fn http_builder(config: &Config) -> Http {
         .max_header_list_size(config.server.max_header_bytes as u32)
         .keep_alive_interval(Duration::from_secs(30));
     let limits = Limits { header_read: config.server.header_read_timeout, idle: config.server.idle_timeout };
-    Http { builder, limits, http1_only: false }
+    Http { builder, limits, http1_only }
 }
 
 /// Something that answers requests on a listener: the proxy or the admin endpoints.
@@ -280,7 +280,7 @@ pub trait Handler: Send + Sync + 'static {
 async fn accept_loop<H: Handler>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: Arc<Http>,
+    http: Arc<Http>,
     handler: Arc<H>,
     limit: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
@@ -306,16 +306,16 @@ async fn accept_loop<H: Handler>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let builder = builder.clone();
+        let http = http.clone();
         let watcher = graceful.watcher();
         match tls.clone() {
             None => {
-                tokio::spawn(serve(builder, stream, handler, Conn::new(peer, false, permit), watcher));
+                tokio::spawn(serve(http, stream, handler, Conn::new(peer, false, permit), watcher));
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(builder, stream, handler, Conn::new(peer, true, permit), watcher).await,
+                        Ok(Ok(stream)) => serve(http, stream, handler, Conn::new(peer, true, permit), watcher).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

@@ -357,3 +357,32 @@ async fn only_a_path_in_normal_form_uses_a_routes_cache() {
     assert_eq!(upstream.seen("/gen/api/a;v=1").len(), 2, "never stored");
     assert_eq!(upstream.seen("/gen/api/a").len(), 1, "the normal form is cached");
 }
+
+#[tokio::test]
+async fn an_h2_client_that_grants_no_window_is_cut_off_after_the_idle_timeout() {
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "idle_timeout = \"1s\"")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: INITIAL_WINDOW_SIZE = 0, so no response body can ever be sent.
+    frames.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 0x4, 0, 0, 0, 0]);
+    // HEADERS (END_STREAM | END_HEADERS) on stream 1: GET http://a/gen/starved.
+    let block = [&[0x82, 0x86, 0x04, 12][..], b"/gen/starved", &[0x01, 0x01, b'a']].concat();
+    frames.extend_from_slice(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
+    frames.extend_from_slice(&block);
+    stream.write_all(&frames).await.unwrap();
+    let start = Instant::now();
+    // Read what the server sends (its SETTINGS, the response head) until it closes.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was closed");
+    assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
+    assert_eq!(upstream.seen("/gen/starved").len(), 1, "the request was served up to the window");
+}
