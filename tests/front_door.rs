@@ -42,7 +42,11 @@ async fn response(stream: &mut TcpStream) -> (String, String) {
 }
 
 async fn exchange(proxy: &TestProxy, request: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    exchange_at(proxy.addr, request).await
+}
+
+async fn exchange_at(addr: std::net::SocketAddr, request: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     response(&mut stream).await
 }
@@ -314,7 +318,7 @@ async fn a_tunnel_keeps_its_connection_slot_and_the_admin_port_speaks_http_1_onl
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", proxy.addr), stream).await.unwrap();
     // The tunnel is the one connection allowed: another waits in the accept queue.
-    let waiting = tokio::spawn(exchange_owned(proxy.addr, "GET /gen/after HTTP/1.1\r\nHost: a.example\r\n\r\n"));
+    let waiting = tokio::spawn(exchange_at(proxy.addr, "GET /gen/after HTTP/1.1\r\nHost: a.example\r\n\r\n"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "a tunnel counts against server.max_connections");
     ws.send(Message::Close(None)).await.unwrap();
@@ -332,12 +336,6 @@ async fn a_tunnel_keeps_its_connection_slot_and_the_admin_port_speaks_http_1_onl
     };
     let answered = tokio::time::timeout(Duration::from_secs(5), h2).await.expect("refused in time");
     assert!(answered.is_none(), "the admin port does not speak h2");
-}
-
-async fn exchange_owned(addr: std::net::SocketAddr, request: &'static str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    response(&mut stream).await
 }
 
 #[tokio::test]

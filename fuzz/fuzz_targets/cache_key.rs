@@ -3,10 +3,11 @@
 //! query.
 #![no_main]
 
-use std::collections::HashMap;
+mod common;
+
 use std::sync::OnceLock;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderValue, Method, Uri};
 use libfuzzer_sys::fuzz_target;
 use sidecache::cache::key::cache_key;
 use sidecache::cache::policy;
@@ -36,24 +37,13 @@ cache = { ttl = "1m", query = ["page", "limit", "q"] }
 
 fn caches() -> &'static [CacheConfig] {
     static CACHES: OnceLock<Vec<CacheConfig>> = OnceLock::new();
-    CACHES.get_or_init(|| {
-        let config = sidecache::Config::from_sources(ROUTES, &HashMap::new()).expect("fuzz configuration");
-        config.routes.into_iter().filter_map(|r| r.cache).collect()
-    })
+    CACHES.get_or_init(|| common::caches(ROUTES))
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some(split) = data.iter().position(|b| *b == b'\n') else { return };
     let Ok(uri) = std::str::from_utf8(&data[..split]).unwrap_or("").parse::<Uri>() else { return };
-    let mut headers = HeaderMap::new();
-    for line in data[split + 1..].split(|b| *b == b'\n') {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(&line[..colon]), HeaderValue::from_bytes(line[colon + 1..].trim_ascii()))
-        {
-            headers.append(name, value);
-        }
-    }
+    let headers = common::fields(&data[split + 1..]);
     let peer = HeaderValue::from_static("192.0.2.1");
     for trusted in [false, true] {
         let hop = Hop { peer: &peer, tls: trusted, trusted };

@@ -4,12 +4,13 @@
 //! conditional request against it never panic, and the route's `ttl` caps any lifetime.
 #![no_main]
 
-use std::collections::HashMap;
+mod common;
+
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use sidecache::cache::entry::Entry;
 use sidecache::cache::policy;
@@ -34,25 +35,7 @@ cache = { ttl = "5m", respect_origin = false }
 
 fn caches() -> &'static [CacheConfig] {
     static CACHES: OnceLock<Vec<CacheConfig>> = OnceLock::new();
-    CACHES.get_or_init(|| {
-        let config = sidecache::Config::from_sources(ROUTES, &HashMap::new()).expect("fuzz configuration");
-        config.routes.into_iter().filter_map(|r| r.cache).collect()
-    })
-}
-
-/// `name: value` lines; lines that are not a valid field are skipped.
-fn fields(text: &[u8]) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for line in text.split(|b| *b == b'\n') {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
-        let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(&line[..colon]), HeaderValue::from_bytes(line[colon + 1..].trim_ascii()))
-        else {
-            continue;
-        };
-        headers.append(name, value);
-    }
-    headers
+    CACHES.get_or_init(|| common::caches(ROUTES))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -62,8 +45,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(status) = StatusCode::from_u16(100 + u16::from_le_bytes([data[0], data[1]]) % 500) else { return };
     let now = UNIX_EPOCH + Duration::from_secs(u64::from_le_bytes(data[2..10].try_into().unwrap()) % (1 << 40));
     let (response, request) = match data[10..].iter().position(|b| *b == 0) {
-        Some(split) => (fields(&data[10..10 + split]), fields(&data[10 + split + 1..])),
-        None => (fields(&data[10..]), HeaderMap::new()),
+        Some(split) => (common::fields(&data[10..10 + split]), common::fields(&data[10 + split + 1..])),
+        None => (common::fields(&data[10..]), HeaderMap::new()),
     };
     for value in response.values() {
         if let Ok(text) = value.to_str() {
