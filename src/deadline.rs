@@ -77,8 +77,9 @@ impl Activity {
         self.asked_at.store(millis, Ordering::Relaxed);
     }
 
-    /// When every request in progress is an h2 response that hyper has not asked for more since
-    /// `idle` ago, the client has taken nothing: when that has lasted `idle`.
+    /// While every request in progress is an h2 response that hyper has not asked for more since
+    /// its last frame, the client has taken nothing since `asked_at`: the moment that has lasted
+    /// `idle`.
     fn starved_until(&self, idle: Duration) -> Option<Instant> {
         let in_flight = self.in_flight.load(Ordering::Acquire);
         (in_flight > 0 && self.unasked.load(Ordering::Acquire) == in_flight)
