@@ -14,14 +14,14 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::body::{Body, Streamed};
-use crate::cache::{Begin, Cache, Exchange};
+use crate::cache::{Begin, Cache, Exchange, RouteCache};
 use crate::config::{Config, ServerConfig};
 use crate::deadline::Activity;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::reload::Active;
 use crate::respond;
-use crate::route::{self, Route};
+use crate::route::Route;
 use crate::telemetry;
 use crate::tls::TlsError;
 use crate::upstream::{self, headers, Hop, Upstream};
@@ -96,7 +96,7 @@ impl Proxy {
         let active = self.active.load_full();
         let server = &active.config.server;
         let trusted = &server.trusted_proxies;
-        let route = active.routes.find(req.method(), req.uri().path());
+        let (route, normal_path) = active.routes.find(req.method(), req.uri().path());
         let route_metrics = route.map_or(&self.unrouted, |r| &r.metrics);
         // Field names are OpenTelemetry's: with traces on, this span is exported as it is.
         // Client-chosen values are clipped: a span holds them until it is exported.
@@ -149,7 +149,11 @@ impl Proxy {
                 Verdict::Unlimited | Verdict::Unchecked => None,
             };
 
-            let mut response = self.serve(req, route, &conn, server).await;
+            // Only a path in normal form uses the cache: another spelling (`/api/x/..%2F..%2Fadmin`)
+            // matched the route the way the most lenient backend reads it, but this backend may
+            // serve another resource there, which must not be stored under the route's rules.
+            let cached_route = route.filter(|_| normal_path).and_then(|r| r.cache.as_ref());
+            let mut response = self.serve(req, route, cached_route, &conn, server).await;
             // Our own version, whatever the backend's (RFC 9110 6.2): an HTTP/1.0 backend's answer
             // must not close the client's keep-alive connection.
             if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
@@ -165,11 +169,13 @@ impl Proxy {
         .await
     }
 
-    /// Steps 3 to 6: prepare, cache begin, forward, cache finish.
+    /// Steps 3 to 6: prepare, cache begin, forward, cache finish; `route_cache` is the route's
+    /// cache when this request may use it.
     async fn serve(
         &self,
         mut req: Request<Incoming>,
         route: Option<&Route>,
+        route_cache: Option<&Arc<RouteCache>>,
         conn: &Conn,
         server: &ServerConfig,
     ) -> Response<Body> {
@@ -192,10 +198,6 @@ impl Proxy {
         hop.sanitize(&mut req, upgrade);
 
         // 4. Cache: answer from it, or forward with an exchange that finishes the phase.
-        // Only a path in normal form uses the cache: another spelling (`/api/x/..%2F..%2Fadmin`)
-        // matched the route the way the most lenient backend reads it, but this backend may
-        // serve another resource there, which must not be stored under the route's rules.
-        let route_cache = route.and_then(|r| r.cache.as_ref()).filter(|_| route::is_normal(req.uri().path()));
         let exchange = match (route_cache, &self.cache) {
             (Some(route_cache), Some(cache)) => match cache.begin(route_cache, &req, &hop, &self.upstream).await {
                 Begin::Answer(response) => return response,

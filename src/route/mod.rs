@@ -58,13 +58,15 @@ impl Routes {
         Routes { routes }
     }
 
-    /// The first route whose methods and pattern match.
-    pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
+    /// The first route whose methods and pattern match, and whether the path was already in
+    /// normal form (see [`is_normal`]).
+    pub fn find(&self, method: &Method, path: &str) -> (Option<&Route>, bool) {
         if self.routes.is_empty() {
-            return None;
+            return (None, true);
         }
-        let path = normalize(path);
-        self.routes.iter().find(|r| r.methods.contains(method) && r.pattern.matches(&path))
+        let normalized = normalize(path);
+        let route = self.routes.iter().find(|r| r.methods.contains(method) && r.pattern.matches(&normalized));
+        (route, normalized == path)
     }
 
     /// The route named `name`.

@@ -140,10 +140,7 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
 /// Whether a path is already in normal form: one that is not could name, on the backend, another
 /// resource than the route it matched ([`normalize`] reads it like the most lenient backend).
 pub fn is_normal(path: &str) -> bool {
-    match normalize(path) {
-        Cow::Borrowed(_) => true,
-        Cow::Owned(normalized) => normalized == path,
-    }
+    normalize(path) == path
 }
 
 /// `%XX` (and IIS's `%u00XX`) of unreserved characters, `/` and `\` decoded, once (a backend
