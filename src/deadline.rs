@@ -86,6 +86,12 @@ impl Activity {
             .then(|| self.born + Duration::from_millis(self.asked_at.load(Ordering::Relaxed)) + idle)
     }
 
+    /// Say the connection speaks h2 (told by its first request: its first bytes can come one at
+    /// a time, and an HTTP/1 method may begin `PRI`).
+    pub fn speaks_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+    }
+
     /// Mark a request in progress until the guard is dropped.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.begun.fetch_add(1, Ordering::Relaxed);
@@ -187,9 +193,6 @@ pub struct Deadlined<I> {
     phase: Phase,
     /// `Activity::begun` when last read.
     begun: usize,
-    /// Whether the connection speaks h2 (told by its first bytes). An h2 client's frames between
-    /// requests (PING, SETTINGS) do not start a request head.
-    h2: Option<bool>,
     deadline: Instant,
     /// The timer, armed at `armed`: never later than `deadline`, re-armed only when it fires
     /// early, so a keep-alive request usually costs no timer update.
@@ -214,7 +217,6 @@ impl<I> Deadlined<I> {
             limits,
             phase: Phase::Head,
             begun: 0,
-            h2: None,
             deadline,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
             armed: deadline,
@@ -253,14 +255,15 @@ impl<I> Deadlined<I> {
     fn observe(&mut self, cx: &mut Context<'_>) -> bool {
         // An h2 stream ends on a task of its own: the connection's must learn of it. Registered
         // before looking, so an end in between still wakes it.
-        if self.h2 == Some(true) {
+        let h2 = self.activity.h2.load(Ordering::Relaxed);
+        if h2 {
             self.activity.waker.register(cx.waker());
         }
         let begun = self.activity.begun.load(Ordering::Relaxed);
         if self.activity.in_flight.load(Ordering::Acquire) > 0 {
             self.phase = Phase::Busy;
             self.begun = begun;
-            let starved = if self.h2 == Some(true) { self.activity.starved_until(self.limits.idle) } else { None };
+            let starved = if h2 { self.activity.starved_until(self.limits.idle) } else { None };
             self.starved = starved.is_some();
             if let Some(until) = starved {
                 self.deadline_at(until);
@@ -295,17 +298,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         match polled {
             Poll::Ready(Ok(())) => {
-                let read = &buf.filled()[before..];
-                if !read.is_empty() {
-                    let h2 = *this.h2.get_or_insert_with(|| {
-                        let h2 = read.starts_with(b"PRI");
-                        this.activity.h2.store(h2, Ordering::Relaxed);
-                        h2
-                    });
-                    if this.phase == Phase::Idle && !h2 {
-                        this.phase = Phase::Head;
-                        this.set_deadline(this.limits.header_read);
-                    }
+                // An h2 client's frames between requests (PING, SETTINGS) do not start a head.
+                if buf.filled().len() > before && this.phase == Phase::Idle && !this.activity.h2.load(Ordering::Relaxed)
+                {
+                    this.phase = Phase::Head;
+                    this.set_deadline(this.limits.header_read);
                 }
                 polled
             }
@@ -435,6 +432,7 @@ mod tests {
         let (mut io, mut client, activity) = pair();
         let mut buf = [0u8; 64];
         deliver(&mut client, &mut io, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        activity.speaks_h2();
         drop(activity.busy());
         // The read that sees the request's end starts the idle deadline.
         let start = Instant::now();
@@ -450,6 +448,7 @@ mod tests {
     async fn the_last_h2_stream_ending_wakes_a_waiting_read() {
         let (mut io, mut client, activity) = pair();
         deliver(&mut client, &mut io, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        activity.speaks_h2();
         let busy = activity.busy();
         let start = Instant::now();
         let ended = tokio::spawn(async move { read_fails_after(&mut io, start).await });

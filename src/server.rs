@@ -343,6 +343,9 @@ async fn serve<I, H>(
     let service = service_fn(move |req| {
         let handler = handler.clone();
         let conn = conn.clone();
+        if req.version() == http::Version::HTTP_2 {
+            conn.activity.speaks_h2();
+        }
         // Held from the request head until the response body is dropped.
         let busy = conn.activity.busy();
         async move { Ok::<_, Infallible>(handler.call(req, conn).await.map(|body| Tracked::new(body, busy))) }

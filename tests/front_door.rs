@@ -368,7 +368,10 @@ async fn an_h2_client_that_grants_no_window_is_cut_off_after_the_idle_timeout() 
     let block = [&[0x82, 0x86, 0x04, 12][..], b"/gen/starved", &[0x01, 0x01, b'a']].concat();
     frames.extend_from_slice(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
     frames.extend_from_slice(&block);
-    stream.write_all(&frames).await.unwrap();
+    // The preface's first byte alone: the connection's first read cannot tell it is h2.
+    stream.write_all(&frames[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(&frames[1..]).await.unwrap();
     let start = Instant::now();
     // Read what the server sends (its SETTINGS, the response head) until it closes.
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
