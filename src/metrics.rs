@@ -49,6 +49,10 @@ pub const CACHE_UNREADABLE_TOTAL: &str = "sidecache_cache_unreadable_total";
 /// sealed again with the current one.
 pub const CACHE_RESEALED_TOTAL: &str = "sidecache_cache_resealed_total";
 
+/// `sidecache_cache_invalidations_total{route}`: targets purged because an unsafe request to a
+/// path the route covers succeeded (RFC 9111 4.4).
+pub const CACHE_INVALIDATIONS_TOTAL: &str = "sidecache_cache_invalidations_total";
+
 /// `sidecache_ratelimit_checks_total{route,result,backend}`: allowed/limited by redis or local,
 /// error by allow_all (the shared limiter failed and the route fails open).
 pub const RATELIMIT_CHECKS_TOTAL: &str = "sidecache_ratelimit_checks_total";
@@ -262,6 +266,11 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(CACHE_RESEALED_TOTAL),
         None,
         text("Entries opened with the previous encryption key and sealed again with the current one, by route."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(CACHE_INVALIDATIONS_TOTAL),
+        None,
+        text("Request targets purged from a route's cache because an unsafe request (POST, PUT, DELETE, ...) to them succeeded, by route."),
     );
     r.describe_counter(
         KeyName::from_const_str(CONFIG_RELOADS_TOTAL),

@@ -2,11 +2,12 @@
 //! cache finish → answer.
 //! Errors become responses here, once, through [`respond`](crate::respond).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -14,14 +15,15 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::body::{Body, Streamed};
-use crate::cache::{Begin, Cache, Exchange, RouteCache};
+use crate::cache::outcome::CACHE_STATUS;
+use crate::cache::{invalidate, Begin, Cache, Exchange, RouteCache};
 use crate::config::{Config, ServerConfig};
 use crate::deadline::Activity;
 use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::reload::Active;
 use crate::respond;
-use crate::route::Route;
+use crate::route::{self, Route, Routes};
 use crate::telemetry;
 use crate::tls::TlsError;
 use crate::upstream::{self, headers, Hop, Upstream};
@@ -94,9 +96,9 @@ impl Proxy {
         // 1. Route: first match in file order; unmatched requests are plain pass-through. The
         // request keeps the configuration it started with to its end, whatever a reload does.
         let active = self.active.load_full();
-        let server = &active.config.server;
+        let (server, routes) = (&active.config.server, &active.routes);
         let trusted = &server.trusted_proxies;
-        let (route, normal_path) = active.routes.find(req.method(), req.uri().path());
+        let (route, normal_path) = routes.find(req.method(), req.uri().path());
         let route_metrics = route.map_or(&self.unrouted, |r| &r.metrics);
         // Field names are OpenTelemetry's: with traces on, this span is exported as it is.
         // Client-chosen values are clipped: a span holds them until it is exported.
@@ -153,7 +155,23 @@ impl Proxy {
             // matched the route the way the most lenient backend reads it, but this backend may
             // serve another resource there, which must not be stored under the route's rules.
             let cached_route = route.filter(|_| normal_path).and_then(|r| r.cache.as_ref());
+            // What an unsafe request may change, kept for step 7.
+            let changes = match &self.cache {
+                Some(_) if invalidate::may_invalidate(req.method()) && routes.any_cache() => {
+                    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+                    let host = host.or(req.uri().authority().map(|a| a.as_str())).map(str::to_string);
+                    Some((req.method().clone(), req.uri().clone(), host))
+                }
+                _ => None,
+            };
             let mut response = self.serve(req, route, cached_route, &conn, server).await;
+            // 7. A successful unsafe request invalidates what it changed (RFC 9111 4.4), before the
+            // client hears of it: its next read is not answered from the cache.
+            if let (Some((method, uri, host)), Some(cache)) = (changes, &self.cache) {
+                if invalidate::invalidates(&method, response.status()) {
+                    invalidated(cache, routes, &uri, host.as_deref(), response.headers_mut()).await;
+                }
+            }
             // Our own version, whatever the backend's (RFC 9110 6.2): an HTTP/1.0 backend's answer
             // must not close the client's keep-alive connection.
             if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
@@ -274,6 +292,26 @@ impl Proxy {
             elapsed_us = elapsed.as_micros() as u64,
         );
         response
+    }
+}
+
+/// Purge every target a successful unsafe request invalidates from every cached route covering
+/// it, and say so in the answer's `Cache-Status`. A target spelled otherwise than in normal form
+/// is purged in normal form: only that form is ever stored.
+async fn invalidated(cache: &Cache, routes: &Routes, uri: &http::Uri, host: Option<&str>, headers: &mut HeaderMap) {
+    let targets = invalidate::targets(uri, host, headers);
+    let purges = targets.iter().flat_map(|target| {
+        let (path, query) = target.split_once('?').map_or((target.as_str(), None), |(p, q)| (p, Some(q)));
+        let normal = match route::normalize(path) {
+            Cow::Borrowed(_) => target.clone(),
+            Cow::Owned(path) => query.map_or_else(|| path.clone(), |q| format!("{path}?{q}")),
+        };
+        routes.caches_covering(path).map(move |route_cache| (route_cache.clone(), normal.clone()))
+    });
+    let purges: Vec<_> = purges.collect();
+    let done = futures_util::future::join_all(purges.iter().map(|(rc, target)| cache.invalidate(rc, target))).await;
+    if done.contains(&true) {
+        headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static("sidecache; fwd=bypass; detail=invalidated"));
     }
 }
 

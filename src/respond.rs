@@ -7,6 +7,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
 use crate::cache::entry::Entry;
+use crate::cache::range::{self, Ranged};
 use crate::cache::{policy, Outcome};
 use crate::ratelimit::Quota;
 use crate::upstream::UpstreamError;
@@ -74,7 +75,8 @@ static NOT_MODIFIED_HEADERS: [HeaderName; 6] =
 
 /// A response from a stored entry: its status, end-to-end headers and body unchanged, plus `Age`
 /// and the cache headers of `outcome`. Given the request's headers, a fresh entry answers a
-/// matching conditional request with 304; HEAD gets the headers without the body.
+/// matching conditional request with 304, and a GET for one byte range with 206 (or 416); HEAD
+/// gets the headers without the body.
 pub fn from_entry(
     entry: &Entry,
     head: bool,
@@ -93,10 +95,27 @@ pub fn from_entry(
         }
         resp
     } else {
-        let body = if head { Bytes::new() } else { entry.body.clone() };
+        let ranged = match conditional {
+            Some(request) if !head => range::select(request, entry),
+            _ => Ranged::Full,
+        };
+        let len = entry.body.len();
+        let (status, body, content_range) = match ranged {
+            Ranged::Full => (entry.status, if head { Bytes::new() } else { entry.body.clone() }, None),
+            Ranged::Part(first, last) => {
+                let part = entry.body.slice(first as usize..=last as usize);
+                (StatusCode::PARTIAL_CONTENT, part, Some(format!("bytes {first}-{last}/{len}")))
+            }
+            Ranged::Unsatisfiable => (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new(), Some(format!("bytes */{len}"))),
+        };
         let mut resp = Response::new(body::full(body));
-        *resp.status_mut() = entry.status;
+        *resp.status_mut() = status;
         *resp.headers_mut() = entry.headers.clone();
+        if let Some(content_range) = content_range {
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_RANGE, HeaderValue::try_from(content_range).expect("digits"));
+            h.remove(header::CONTENT_LENGTH);
+        }
         resp
     };
     let h = resp.headers_mut();

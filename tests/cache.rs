@@ -122,7 +122,7 @@ async fn responses_that_must_not_be_stored_are_fetched_every_time() {
         ("/gen/private", Reply::ok().header("cache-control", "private, max-age=60")),
         ("/gen/cookie", Reply::ok().header("set-cookie", "s=1")),
         ("/gen/vary-star", Reply::ok().header("vary", "*")),
-        ("/gen/vary-other", Reply::ok().header("vary", "User-Agent")),
+        ("/gen/vary-unkeyable", Reply::ok().header("vary", "X-Forwarded-For")),
         ("/gen/status", Reply::ok().status(500)),
         ("/gen/big", Reply::ok().size(5000)),
     ];

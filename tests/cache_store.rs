@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sidecache::metrics::Metrics;
-use sidecache::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role, MAX_VARIANTS};
+use sidecache::store::{CacheStore, MemoryStore, RedisStore, RedisTarget, Role};
+
+const MAX_VARIANTS: usize = 64;
 use support::redis::TestRedis;
 
 async fn redis_store(redis: &TestRedis) -> (CacheStore, Metrics) {
@@ -29,6 +31,11 @@ async fn redis_store(redis: &TestRedis) -> (CacheStore, Metrics) {
     (CacheStore::Redis(store), metrics)
 }
 
+/// Store one variant; whether it was stored.
+async fn put(store: &CacheStore, key: &str, variant: &str, value: Bytes, keep: Duration) -> bool {
+    store.put(key, vec![(variant.to_string(), value)], keep, MAX_VARIANTS).await.unwrap() == 1
+}
+
 fn pttl(redis: &TestRedis, key: &str) -> i64 {
     redis.command(&["PTTL", key]).trim_start_matches(':').parse().unwrap()
 }
@@ -36,9 +43,9 @@ fn pttl(redis: &TestRedis, key: &str) -> i64 {
 /// The behaviour both backends share.
 async fn variants_purge_and_generations(store: &CacheStore) {
     let a = Bytes::from_static(b"variant a");
-    store.put("sc:c:r:0:g:/p", "a", a.clone(), Duration::from_secs(60)).await.unwrap();
-    store.put("sc:c:r:0:g:/p", "b", Bytes::from_static(b"variant b"), Duration::from_secs(60)).await.unwrap();
-    store.put("sc:c:r:0:g:/q", "a", Bytes::from_static(b"other path"), Duration::from_secs(60)).await.unwrap();
+    put(store, "sc:c:r:0:g:/p", "a", a.clone(), Duration::from_secs(60)).await;
+    put(store, "sc:c:r:0:g:/p", "b", Bytes::from_static(b"variant b"), Duration::from_secs(60)).await;
+    put(store, "sc:c:r:0:g:/q", "a", Bytes::from_static(b"other path"), Duration::from_secs(60)).await;
     assert_eq!(store.get("sc:c:r:0:g:/p", "a").await.unwrap(), Some(a));
     assert_eq!(store.get("sc:c:r:0:g:/p", "c").await.unwrap(), None);
     store.remove("sc:c:r:0:g:/p", "a").await.unwrap();
@@ -61,14 +68,41 @@ async fn redis_layout() {
 
     // A new path key lives as long as its entry; a shorter-lived variant does not shorten it, a
     // longer-lived one extends it: the key lives as long as its longest-lived variant.
-    store.put("k", "v1", Bytes::from_static(b"x"), Duration::from_secs(100)).await.unwrap();
+    put(&store, "k", "v1", Bytes::from_static(b"x"), Duration::from_secs(100)).await;
     let first = pttl(&redis, "k");
     assert!((99_000..=100_000).contains(&first), "{first}");
-    store.put("k", "v2", Bytes::from_static(b"y"), Duration::from_secs(10)).await.unwrap();
+    put(&store, "k", "v2", Bytes::from_static(b"y"), Duration::from_secs(10)).await;
     assert!(pttl(&redis, "k") > 90_000, "not shortened");
-    store.put("k", "v3", Bytes::from_static(b"z"), Duration::from_secs(500)).await.unwrap();
+    put(&store, "k", "v3", Bytes::from_static(b"z"), Duration::from_secs(500)).await;
     assert!(pttl(&redis, "k") > 490_000, "extended");
     assert_eq!(redis.command(&["HLEN", "k"]), ":4", "three variants and the index");
+    // A write never moves a variant's expiry earlier: a marker written for a short-lived
+    // variant must not end before a longer-lived one it leads to.
+    put(&store, "k", "v3", Bytes::from_static(b"z2"), Duration::from_secs(5)).await;
+    assert!(pttl(&redis, "k") > 490_000, "not shortened by a rewrite");
+}
+
+#[tokio::test]
+async fn a_marker_and_its_entry_are_written_together_and_read_in_one_round_trip() {
+    let redis = TestRedis::start();
+    let (store, _m) = redis_store(&redis).await;
+    let pair = |first: &str, second: &str| {
+        vec![(first.to_string(), Bytes::from_static(b"marker")), (second.to_string(), Bytes::from_static(b"entry"))]
+    };
+    assert_eq!(store.put("m", pair("p", "v1"), Duration::from_secs(60), 3).await.unwrap(), 2);
+    assert_eq!(
+        store.get_two("m", "p", "v1").await.unwrap(),
+        (Some(Bytes::from_static(b"marker")), Some(Bytes::from_static(b"entry")))
+    );
+    assert_eq!(store.get_two("m", "p", "v9").await.unwrap().1, None);
+    assert_eq!(store.put("m", pair("p", "v2"), Duration::from_secs(60), 3).await.unwrap(), 2);
+    // The cap counts the marker's slot too: the third entry does not fit, the marker is kept.
+    assert_eq!(store.put("m", pair("p", "v3"), Duration::from_secs(60), 3).await.unwrap(), 1);
+    assert_eq!(store.get("m", "v3").await.unwrap(), None);
+    assert_eq!(redis.command(&["HLEN", "m"]), ":4", "marker, two entries and the index");
+    let memory = CacheStore::Memory(MemoryStore::new(1 << 20));
+    assert_eq!(memory.put("m", pair("p", "v1"), Duration::from_secs(60), 3).await.unwrap(), 2);
+    assert_eq!(memory.get_two("m", "p", "v1").await.unwrap().1, Some(Bytes::from_static(b"entry")));
 }
 
 #[tokio::test]
@@ -78,44 +112,44 @@ async fn expired_variants_do_not_accumulate_and_a_full_path_refuses_new_ones() {
     // Short-lived variants of one path (a `vary` header or a Host with many values): once they
     // have expired, the next write removes every one of them.
     for i in 0..40 {
-        store.put("p", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_millis(200)).await.unwrap();
+        put(&store, "p", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    store.put("p", "fresh", Bytes::from_static(b"y"), Duration::from_secs(60)).await.unwrap();
+    put(&store, "p", "fresh", Bytes::from_static(b"y"), Duration::from_secs(60)).await;
     assert_eq!(redis.command(&["HLEN", "p"]), ":2", "every expired variant went with the next write");
     assert!(pttl(&redis, "p") > 59_000, "the key lives as long as its one live variant");
 
     // Past the cap a new variant is refused: it never displaces a live one (anyone could evict
     // a popular entry with invented hosts otherwise); an existing one is always updated.
     for i in 0..MAX_VARIANTS {
-        assert!(store.put("q", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_secs(100)).await.unwrap());
+        assert!(put(&store, "q", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_secs(100)).await);
     }
-    let refused = store.put("q", "new", Bytes::from_static(b"n"), Duration::from_secs(500)).await.unwrap();
+    let refused = put(&store, "q", "new", Bytes::from_static(b"n"), Duration::from_secs(500)).await;
     assert!(!refused, "a new variant of a full path is refused");
     assert_eq!(redis.command(&["HLEN", "q"]), format!(":{}", MAX_VARIANTS + 1));
     assert!(store.get("q", "new").await.unwrap().is_none());
     assert!(store.get("q", "0").await.unwrap().is_some(), "the live variants stay");
-    assert!(store.put("q", "0", Bytes::from_static(b"updated"), Duration::from_secs(100)).await.unwrap());
+    assert!(put(&store, "q", "0", Bytes::from_static(b"updated"), Duration::from_secs(100)).await);
     assert_eq!(store.get("q", "0").await.unwrap(), Some(Bytes::from_static(b"updated")), "an existing one is updated");
     // Once some have expired, new variants fit again.
     for i in 0..4 {
-        store.put("r", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_millis(100)).await.unwrap();
+        put(&store, "r", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_millis(100)).await;
     }
     for i in 4..MAX_VARIANTS {
-        store.put("r", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_secs(100)).await.unwrap();
+        put(&store, "r", &format!("{i:x}"), Bytes::from_static(b"x"), Duration::from_secs(100)).await;
     }
-    assert!(!store.put("r", "new", Bytes::from_static(b"n"), Duration::from_secs(100)).await.unwrap());
+    assert!(!put(&store, "r", "new", Bytes::from_static(b"n"), Duration::from_secs(100)).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(store.put("r", "new", Bytes::from_static(b"n"), Duration::from_secs(100)).await.unwrap());
+    assert!(put(&store, "r", "new", Bytes::from_static(b"n"), Duration::from_secs(100)).await);
 }
 
 #[tokio::test]
 async fn writes_survive_a_flushed_script_cache() {
     let redis = TestRedis::start();
     let (store, _m) = redis_store(&redis).await;
-    store.put("k", "a", Bytes::from_static(b"1"), Duration::from_secs(60)).await.unwrap();
+    put(&store, "k", "a", Bytes::from_static(b"1"), Duration::from_secs(60)).await;
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]), "+OK");
-    store.put("k", "b", Bytes::from_static(b"2"), Duration::from_secs(60)).await.unwrap();
+    put(&store, "k", "b", Bytes::from_static(b"2"), Duration::from_secs(60)).await;
     assert_eq!(store.get("k", "b").await.unwrap(), Some(Bytes::from_static(b"2")));
 }
 

@@ -1,7 +1,9 @@
 //! A backend's response fields as the cache reads them: `Cache-Control`, `Age`, `Expires`,
 //! `Date`, `Vary`, `ETag`, `Last-Modified`, in any spelling and any number, on any status. The
 //! storability and freshness decision, the stored entry's phase, a revalidation merge and a
-//! conditional request against it never panic, and the route's `ttl` caps any lifetime.
+//! conditional request against it never panic, and the route's `ttl` caps any lifetime. So do
+//! the rest read with the request's fields: targeted fields, request directives, the variant the
+//! origin's `Vary` chooses and its marker, and a byte range (always inside the body).
 #![no_main]
 
 mod common;
@@ -13,7 +15,9 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use sidecache::cache::entry::Entry;
-use sidecache::cache::policy;
+use sidecache::cache::policy::{self, RequestDirectives};
+use sidecache::cache::range::{self, Ranged};
+use sidecache::cache::vary::{self, Marker};
 use sidecache::config::CacheConfig;
 
 const ROUTES: &str = r#"
@@ -31,6 +35,12 @@ cache = { }
 name = "fixed"
 path = "/c"
 cache = { ttl = "5m", respect_origin = false }
+[[route]]
+name = "clients"
+path = "/d"
+cache = { heuristic = true, request_directives = true, stale_if_error = "1m" }
+[cache]
+targeted = ["Sidecache-Cache-Control", "CDN-Cache-Control"]
 "#;
 
 fn caches() -> &'static [CacheConfig] {
@@ -71,6 +81,18 @@ fuzz_target!(|data: &[u8]| {
         let _ = policy::conditional_headers(&entry);
         let (merged, _) = policy::revalidated(&entry, &request, cfg, now);
         assert_eq!(merged.body, entry.body);
+        let asks = RequestDirectives::of(&request);
+        let _ = policy::usable(&entry, policy::phase(&entry, now), &asks, now + Duration::from_secs(90));
+        if let Ranged::Part(first, last) = range::select(&request, &entry) {
+            assert!(first <= last && last < entry.body.len() as u64, "{first}-{last} outside the body");
+        }
+        if let Ok(names) = vary::names(&response) {
+            let _ = vary::secondary("primary", &names, &request);
+            if !names.is_empty() {
+                let marker = Marker { names };
+                assert_eq!(Marker::decode(&marker.encode()).as_ref(), Some(&marker));
+            }
+        }
         let _ = Entry::decode(&entry.encode()).expect("an entry made from any response encodes");
     }
 });

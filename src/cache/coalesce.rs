@@ -19,8 +19,8 @@ use super::entry::Entry;
 pub enum Outcome {
     /// The leader is still fetching.
     Pending,
-    /// The leader's response, as the cache stored it.
-    Done(Arc<Entry>),
+    /// The leader's response, as the cache stored it, and the variant id of its slot.
+    Done(Arc<Entry>, Arc<str>),
     /// The leader produced nothing to share: forward on your own.
     Failed,
 }
@@ -74,9 +74,9 @@ pub struct FlightGuard {
 }
 
 impl FlightGuard {
-    /// Hand the leader's entry to every follower.
-    pub fn publish(mut self, entry: Arc<Entry>) {
-        self.finish(Outcome::Done(entry));
+    /// Hand the leader's entry, stored in the slot `variant`, to every follower.
+    pub fn publish(mut self, entry: Arc<Entry>, variant: &str) {
+        self.finish(Outcome::Done(entry, variant.into()));
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -101,10 +101,10 @@ impl Drop for FlightGuard {
 }
 
 /// Wait for a flight's outcome at most `limit`; a leader that takes longer releases us.
-pub async fn follow(mut rx: watch::Receiver<Outcome>, limit: Duration) -> Option<Arc<Entry>> {
+pub async fn follow(mut rx: watch::Receiver<Outcome>, limit: Duration) -> Option<(Arc<Entry>, Arc<str>)> {
     match tokio::time::timeout(limit, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await {
         Ok(Ok(outcome)) => match &*outcome {
-            Outcome::Done(entry) => Some(entry.clone()),
+            Outcome::Done(entry, variant) => Some((entry.clone(), variant.clone())),
             _ => None,
         },
         _ => None,
@@ -148,9 +148,10 @@ mod tests {
             })
             .collect();
         assert!(matches!(flights.join("other".into()), Join::Lead(_)), "keys are independent");
-        guard.publish(entry());
+        guard.publish(entry(), "v1");
         for f in followers {
-            assert_eq!(f.await.unwrap().unwrap().body, "shared");
+            let (entry, variant) = f.await.unwrap().unwrap();
+            assert_eq!((entry.body.as_ref(), &*variant), (&b"shared"[..], "v1"));
         }
         assert!(flights.is_empty());
         assert!(matches!(flights.join("k".into()), Join::Lead(_)), "a finished flight is gone");

@@ -21,8 +21,8 @@ use tracing::Instrument;
 use super::coalesce::{self, FlightGuard, Join};
 use super::entry::Entry;
 use super::key::{self, CacheKey};
-use super::policy::{self, Bypass, Phase};
-use super::{Cache, Found, Outcome, RouteCache, StoreResult};
+use super::policy::{self, Bypass, Phase, RequestDirectives, Use};
+use super::{Cache, Found, Outcome, RouteCache, Slot, StoreResult};
 use crate::body::{self, Body, Streamed};
 use crate::respond;
 use crate::store;
@@ -50,6 +50,9 @@ pub struct Exchange {
 /// A forward the cache takes part in.
 struct Fetch {
     key: CacheKey,
+    /// The request's fields as the backend receives them, but for the proxy's annotations:
+    /// the response's `Vary` chooses its slot by them.
+    request: HeaderMap,
     head: bool,
     /// An expired entry: served if the upstream fails, refreshed by a 304.
     stale: Option<Arc<Entry>>,
@@ -98,48 +101,67 @@ impl Cache {
         };
         lookup.set(Outcome::Miss);
         let head = req.method() == Method::HEAD;
+        // The client's own directives count only where the route lets them (RFC 9111 5.2.1).
+        let asks = match route.config.request_directives {
+            true => RequestDirectives::of(req.headers()),
+            false => RequestDirectives::default(),
+        };
 
-        let stale = match self.find(route, &key).await {
-            Found::Entry(entry, Phase::Fresh(_)) => {
-                lookup.set(Outcome::Hit);
-                let now = self.clock.now();
-                return Begin::Answer(respond::from_entry(&entry, head, Some(req.headers()), Outcome::Hit, now));
-            }
-            Found::Entry(entry, Phase::Stale(by)) if policy::serve_while_revalidating(&entry, by) => {
-                // stale-while-revalidate: answer now, refresh once in the background.
-                if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
-                    self.refresh(route, key, entry.clone(), flight, req, hop, upstream);
+        let (found, slot) = self.find(route, &key, req.headers()).await;
+        let now = self.clock.now();
+        let stale = match found {
+            Found::Entry(entry, phase) => match policy::usable(&entry, phase, &asks, now) {
+                Use::Fresh => {
+                    lookup.set(Outcome::Hit);
+                    return Begin::Answer(respond::from_entry(&entry, head, Some(req.headers()), Outcome::Hit, now));
                 }
-                lookup.set(Outcome::Stale);
-                return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Stale, self.clock.now()));
-            }
-            Found::Entry(entry, Phase::Stale(_)) => Some(entry),
+                Use::Stale => {
+                    // stale-while-revalidate: answer now, refresh once in the background.
+                    if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &slot.variant)) {
+                        self.refresh(route, key, entry.clone(), flight, req, hop, upstream);
+                    }
+                    lookup.set(Outcome::Stale);
+                    return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Stale, now));
+                }
+                Use::Revalidate => Some(entry),
+            },
             Found::Nothing => None,
             Found::Unavailable => {
                 lookup.set(Outcome::Error);
                 None
             }
         };
+        if asks.only_if_cached {
+            // Nothing stored will do, and the client asked not to forward (5.2.1.7).
+            let mut answer = respond::text(StatusCode::GATEWAY_TIMEOUT, "not in the cache (only-if-cached)\n");
+            Outcome::Miss.apply(answer.headers_mut(), 0, false);
+            return Begin::Answer(answer);
+        }
         let own_conditionals = has_conditionals(req.headers());
-        let store = !own_conditionals && !req.headers().contains_key(header::RANGE);
+        let store = !own_conditionals && !req.headers().contains_key(header::RANGE) && !asks.no_store;
         // Our validators only when the client sent none: its own 304 is its to receive.
         let revalidate = !own_conditionals && stale.as_ref().is_some_and(|e| policy::has_validators(&e.headers));
 
         // Coalescing: one upstream fetch per missing key in this process; the others wait for it
-        // (at most `lock_timeout`) and forward on their own if it yields nothing.
+        // (at most `lock_timeout`) and forward on their own if it yields nothing, or a response
+        // the origin varies by fields whose values they do not share.
         let mut flight = None;
-        match self.flights.join(store::entry_id(&key.path_key, &key.variant)) {
+        match self.flights.join(store::entry_id(&key.path_key, &slot.variant)) {
             Join::Lead(guard) if store && !head => flight = Some(guard),
             Join::Lead(_) => {}
             Join::Follow(rx) => {
-                if let Some(entry) = coalesce::follow(rx, self.lock_timeout).await {
-                    lookup.set(Outcome::Collapsed);
-                    let now = self.clock.now();
-                    return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
+                if let Some((entry, variant)) = coalesce::follow(rx, self.lock_timeout).await {
+                    let own = Slot::of_response(&key, &entry.headers, req.headers(), &route.config.vary);
+                    if *own.variant == *variant {
+                        lookup.set(Outcome::Collapsed);
+                        let now = self.clock.now();
+                        return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
+                    }
                 }
             }
         }
-        let fetch = Fetch { key, head, stale, revalidate, flight, store };
+        let request = req.headers().clone();
+        let fetch = Fetch { key, request, head, stale, revalidate, flight, store };
         Begin::Forward(self.exchange(route, lookup.take(), Some(fetch)))
     }
 
@@ -162,16 +184,18 @@ impl Cache {
         upstream: &Upstream,
     ) {
         // The client's request is sanitized already: only the annotation is left to do.
+        let mut request = req.headers().clone();
+        for name in CONDITIONALS.iter().chain([&header::RANGE]) {
+            request.remove(name);
+        }
         let mut refresh = Request::new(body::full(Bytes::new()));
         *refresh.uri_mut() = req.uri().clone();
         *refresh.version_mut() = req.version();
-        *refresh.headers_mut() = req.headers().clone();
+        *refresh.headers_mut() = request.clone();
         hop.annotate(&mut refresh);
-        for name in CONDITIONALS.iter().chain([&header::RANGE]) {
-            refresh.headers_mut().remove(name);
-        }
         let revalidate = policy::has_validators(&stale.headers);
-        let fetch = Fetch { key, head: false, stale: Some(stale), revalidate, flight: Some(flight), store: true };
+        let fetch =
+            Fetch { key, request, head: false, stale: Some(stale), revalidate, flight: Some(flight), store: true };
         let exchange = self.exchange(route, None, Some(fetch));
         exchange.prepare(refresh.headers_mut());
         let upstream = upstream.clone();
@@ -322,9 +346,10 @@ impl Exchange {
             Read::Whole(body) => {
                 let entry =
                     Entry { status, headers: parts.headers.clone(), body: body.clone(), stored_at: now, freshness };
-                let stored = self.cache.write(&self.route, fetch.key, &entry);
+                let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &config.vary);
+                let stored = self.cache.write(&self.route, &fetch.key, &slot, &entry);
                 if let Some(flight) = fetch.flight.take() {
-                    flight.publish(Arc::new(entry));
+                    flight.publish(Arc::new(entry), &slot.variant);
                 }
                 self.forwarded(Response::from_parts(parts, body::full(body)), stored)
             }
@@ -361,9 +386,10 @@ impl Exchange {
         let (entry, storable) = policy::revalidated(stale, not_modified, &self.route.config, now);
         let entry = Arc::new(entry);
         if storable {
-            self.cache.write(&self.route, fetch.key.clone(), &entry);
+            let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &self.route.config.vary);
+            self.cache.write(&self.route, &fetch.key, &slot, &entry);
             if let Some(flight) = fetch.flight.take() {
-                flight.publish(entry.clone());
+                flight.publish(entry.clone(), &slot.variant);
             }
         }
         self.set_outcome(Outcome::Revalidated);

@@ -293,7 +293,7 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use std::time::Duration;
 
-    use http::{HeaderName, HeaderValue, StatusCode};
+    use http::{HeaderName, HeaderValue};
 
     use super::*;
 
@@ -302,11 +302,7 @@ mod tests {
             ttl: Some(Duration::from_secs(60)),
             vary: vary.iter().map(|v| HeaderName::from_static(v)).collect(),
             query,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            statuses: vec![StatusCode::OK],
-            max_body: 1 << 20,
-            respect_origin: true,
+            ..CacheConfig::default()
         }
     }
 

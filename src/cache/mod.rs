@@ -5,17 +5,21 @@
 pub mod coalesce;
 pub mod entry;
 pub mod exchange;
+pub mod invalidate;
 pub mod key;
 pub mod outcome;
 pub mod policy;
+pub mod range;
 pub mod seal;
+pub mod vary;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use http::Uri;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Uri};
 use metrics::Counter;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -23,9 +27,10 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config};
 use crate::metrics::{
-    Registrar, CACHE_LOOKUPS_TOTAL, CACHE_RESEALED_TOTAL, CACHE_STORES_TOTAL, CACHE_UNREADABLE_TOTAL,
+    Registrar, CACHE_INVALIDATIONS_TOTAL, CACHE_LOOKUPS_TOTAL, CACHE_RESEALED_TOTAL, CACHE_STORES_TOTAL,
+    CACHE_UNREADABLE_TOTAL,
 };
-use crate::store::{CacheStore, MemoryStore, StoreError, Weight};
+use crate::store::{self, CacheStore, MemoryStore, StoreError, Weight};
 use coalesce::Flights;
 use entry::Entry;
 pub use exchange::{Begin, Exchange};
@@ -95,6 +100,7 @@ pub struct RouteCache {
     stores: [Counter; StoreResult::ALL.len()],
     unreadable: [Counter; Unreadable::ALL.len()],
     resealed: Counter,
+    invalidations: Counter,
 }
 
 impl RouteCache {
@@ -134,6 +140,8 @@ pub struct Cache {
     generations: Mutex<HashMap<String, Arc<AtomicU64>>>,
     writes: Arc<Semaphore>,
     flights: Arc<Flights>,
+    /// The fields each path the origin varies is varied by, as last seen.
+    selectors: vary::Selectors,
     /// In front of Redis: fresh decoded entries kept in process for at most `hot_ttl`, so a hot
     /// key costs no Redis round trip. An entry is admitted when it is read back from Redis (a
     /// second access), never when it is first stored: one-off keys would churn the tier (measured:
@@ -182,6 +190,7 @@ impl Cache {
             generations: Mutex::default(),
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             flights: Arc::new(Flights::default()),
+            selectors: vary::Selectors::default(),
             hot,
             clock,
             lock_timeout: config.cache_lock_timeout,
@@ -214,6 +223,7 @@ impl Cache {
             unreadable: Unreadable::ALL
                 .map(|u| registrar.counter(CACHE_UNREADABLE_TOTAL, &[("route", name), ("reason", u.as_str())])),
             resealed: registrar.counter(CACHE_RESEALED_TOTAL, &[("route", name)]),
+            invalidations: registrar.counter(CACHE_INVALIDATIONS_TOTAL, &[("route", name)]),
         })
     }
 
@@ -227,67 +237,141 @@ impl Cache {
         &self.store
     }
 
-    /// Look a key up: the hot tier, then the store. Never fails: a store error is
-    /// [`Found::Unavailable`], a stored entry that cannot be opened or decoded is a miss (and is
-    /// deleted); one opened with the previous key is sealed again with the current one.
-    async fn find(&self, route: &Arc<RouteCache>, key: &CacheKey) -> Found {
+    /// Look a key up: the hot tier, then the store; `request` chooses among the responses the
+    /// origin varied by fields beyond the route's `vary` ([`vary`]). Never fails: a store error
+    /// is [`Found::Unavailable`], a stored entry that cannot be opened or decoded is a miss (and
+    /// is deleted); one opened with the previous key is sealed again with the current one. The
+    /// slot is where the entry was found, or where the request's would be.
+    async fn find(&self, route: &Arc<RouteCache>, key: &CacheKey, request: &HeaderMap) -> (Found, Slot) {
         let now = self.clock.now();
+        // Costs nothing until some response has varied beyond its route's `vary`.
+        let remembered = match self.selectors.is_empty() {
+            true => None,
+            false => self.selectors.get(&store::entry_id(&key.path_key, &key.variant)),
+        };
+        let slot = Slot::new(key, remembered.clone().unwrap_or_else(|| Arc::new([])), request);
         if let Some(hot) = &self.hot {
-            if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, &key.variant) {
+            if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, &slot.variant) {
                 let trusted = now.duration_since(admitted).is_ok_and(|held| held < hot.ttl);
                 if let (true, fresh @ Phase::Fresh(_)) = (trusted, policy::phase(&entry, now)) {
-                    return Found::Entry(entry, fresh);
+                    return (Found::Entry(entry, fresh), slot);
                 }
             }
         }
-        let bytes = match self.store.get(&key.path_key, &key.variant).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Found::Nothing,
+        // The first slot, and the second one this process expects the origin to vary by.
+        let read = match slot.names.is_empty() {
+            true => self.store.get(&key.path_key, &key.variant).await.map(|first| (first, None)),
+            false => self.store.get_two(&key.path_key, &key.variant, &slot.variant).await,
+        };
+        let (first, second) = match read {
+            Ok((Some(first), second)) => (first, second),
+            Ok((None, _)) => return (Found::Nothing, slot),
             Err(e) => {
                 tracing::debug!(route = %route.name, error = %e, "cache lookup failed; forwarding");
-                return Found::Unavailable;
+                return (Found::Unavailable, slot);
             }
         };
-        let opened = match &self.seal {
-            Some(seal) => seal.open(&bytes, &key.path_key, &key.variant),
-            None => Ok(Opened { plain: bytes, by_previous: false }),
-        };
-        let decoded = opened.and_then(|opened| match Entry::decode(&opened.plain) {
-            Ok(entry) => Ok((entry, opened.by_previous)),
-            Err(_) => Err(Unreadable::Undecodable),
-        });
-        match decoded {
-            Ok((entry, by_previous)) => {
-                if by_previous {
-                    // Sealed again under the current key: the previous one is needed ever less.
-                    route.resealed.increment(1);
-                    self.write(route, key.clone(), &entry);
+        let primary = Slot::primary(key);
+        match self.open(route, key, &primary, first) {
+            Ok(Stored::Entry(entry, by_previous)) => {
+                if remembered.is_some() {
+                    self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &[]);
                 }
-                let entry = Arc::new(entry);
-                let phase = policy::phase(&entry, now);
-                if let (Some(hot), Phase::Fresh(left)) = (&self.hot, phase) {
-                    hot.entries.put(&key.path_key, &key.variant, Hot(entry.clone(), now), left.min(hot.ttl));
-                }
-                Found::Entry(entry, phase)
+                (self.found(route, key, &primary, entry, by_previous, now), primary)
             }
-            Err(why) => {
-                // Never served, never an error: a miss, counted, and gone for the next request.
-                route.count_unreadable(why);
-                tracing::debug!(route = %route.name, reason = why.as_str(), "stored entry unreadable; deleting it");
-                let (store, doomed) = (self.store.clone(), key.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = store.remove(&doomed.path_key, &doomed.variant).await {
-                        tracing::debug!(error = %e, "could not delete an undecodable entry");
+            Ok(Stored::Marker(marker)) => {
+                let names: Arc<[HeaderName]> = marker.names.into();
+                self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &names);
+                let wanted = Slot::new(key, names, request);
+                let second = match (wanted == slot, second) {
+                    (true, second) => second,
+                    // The first time this process meets the path varied, or the origin now varies it by
+                    // other fields: one more round trip.
+                    (false, _) => match self.store.get(&key.path_key, &wanted.variant).await {
+                        Ok(second) => second,
+                        Err(e) => {
+                            tracing::debug!(route = %route.name, error = %e, "cache lookup failed; forwarding");
+                            return (Found::Unavailable, wanted);
+                        }
+                    },
+                };
+                let found = match second.map(|bytes| self.open(route, key, &wanted, bytes)) {
+                    Some(Ok(Stored::Entry(entry, by_previous))) => {
+                        self.found(route, key, &wanted, entry, by_previous, now)
                     }
-                });
-                Found::Nothing
+                    Some(Ok(Stored::Marker(_))) => Found::Nothing,
+                    Some(Err(why)) => self.unreadable(route, key, &wanted, why),
+                    None => Found::Nothing,
+                };
+                (found, wanted)
             }
+            Err(why) => (self.unreadable(route, key, &primary, why), primary),
         }
     }
 
-    /// Write an entry in the background, at most `MAX_PENDING_WRITES` at once; past that the
-    /// write is dropped and counted, never queued. Whether the write was sent.
-    fn write(&self, route: &Arc<RouteCache>, key: CacheKey, entry: &Entry) -> bool {
+    /// Open (and decode) what a slot holds.
+    fn open(&self, route: &RouteCache, key: &CacheKey, slot: &Slot, bytes: Bytes) -> Result<Stored, Unreadable> {
+        let opened = match &self.seal {
+            Some(seal) => seal.open(&bytes, &key.path_key, &slot.variant)?,
+            None => Opened { plain: bytes, by_previous: false },
+        };
+        if opened.by_previous {
+            route.resealed.increment(1);
+        }
+        if vary::Marker::is_marker(&opened.plain) {
+            // Only the first slot holds markers; a marker is never sealed again (the entry it
+            // leads to is, and rewrites it).
+            return match (slot.names.is_empty(), vary::Marker::decode(&opened.plain)) {
+                (true, Some(marker)) => Ok(Stored::Marker(marker)),
+                _ => Err(Unreadable::Undecodable),
+            };
+        }
+        match Entry::decode(&opened.plain) {
+            Ok(entry) => Ok(Stored::Entry(entry, opened.by_previous)),
+            Err(_) => Err(Unreadable::Undecodable),
+        }
+    }
+
+    /// A stored entry found: sealed again under the current key if it was opened with the
+    /// previous one, admitted to the hot tier when fresh.
+    fn found(
+        &self,
+        route: &Arc<RouteCache>,
+        key: &CacheKey,
+        slot: &Slot,
+        entry: Entry,
+        by_previous: bool,
+        now: SystemTime,
+    ) -> Found {
+        if by_previous {
+            // Sealed again under the current key: the previous one is needed ever less.
+            self.write(route, key, slot, &entry);
+        }
+        let entry = Arc::new(entry);
+        let phase = policy::phase(&entry, now);
+        if let (Some(hot), Phase::Fresh(left)) = (&self.hot, phase) {
+            hot.entries.put(&key.path_key, &slot.variant, Hot(entry.clone(), now), left.min(hot.ttl));
+        }
+        Found::Entry(entry, phase)
+    }
+
+    /// Never served, never an error: a miss, counted, and gone for the next request.
+    fn unreadable(&self, route: &RouteCache, key: &CacheKey, slot: &Slot, why: Unreadable) -> Found {
+        route.count_unreadable(why);
+        tracing::debug!(route = %route.name, reason = why.as_str(), "stored entry unreadable; deleting it");
+        let (store, path_key, variant) = (self.store.clone(), key.path_key.clone(), slot.variant.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.remove(&path_key, &variant).await {
+                tracing::debug!(error = %e, "could not delete an undecodable entry");
+            }
+        });
+        Found::Nothing
+    }
+
+    /// Write an entry to its slot in the background (with the marker that leads to it, for a
+    /// second slot), at most `MAX_PENDING_WRITES` at once; past that the write is dropped and
+    /// counted, never queued. Whether the write was sent.
+    fn write(&self, route: &Arc<RouteCache>, key: &CacheKey, slot: &Slot, entry: &Entry) -> bool {
         if !self.store.accepting() {
             route.count_store(StoreResult::Error);
             return false;
@@ -296,17 +380,24 @@ impl Cache {
             route.count_store(StoreResult::Dropped);
             return false;
         };
-        let (store, route) = (self.store.clone(), route.clone());
-        let (bytes, keep_for) = (entry.encode(), policy::keep_for(entry));
-        let bytes = match &self.seal {
-            Some(seal) => seal.seal(&bytes, &key.path_key, &key.variant),
+        let seal = |bytes: Bytes, variant: &str| match &self.seal {
+            Some(seal) => seal.seal(&bytes, &key.path_key, variant),
             None => bytes,
         };
+        let mut variants = Vec::with_capacity(2);
+        if !slot.names.is_empty() {
+            let marker = vary::Marker { names: slot.names.to_vec() }.encode();
+            variants.push((key.variant.clone(), seal(marker, &key.variant)));
+            self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &slot.names);
+        }
+        variants.push((slot.variant.clone(), seal(entry.encode(), &slot.variant)));
+        let (store, route, path_key) = (self.store.clone(), route.clone(), key.path_key.clone());
+        let (keep_for, max_variants, wanted) = (policy::keep_for(entry), route.config.max_variants, variants.len());
         let write = async move {
-            let result = store.put(&key.path_key, &key.variant, bytes, keep_for).await;
+            let result = store.put(&path_key, variants, keep_for, max_variants).await;
             route.count_store(match result {
-                Ok(true) => StoreResult::Stored,
-                Ok(false) => StoreResult::TooManyVariants,
+                Ok(n) if n == wanted => StoreResult::Stored,
+                Ok(_) => StoreResult::TooManyVariants,
                 Err(_) => StoreResult::Error,
             });
             drop(permit);
@@ -349,6 +440,46 @@ impl Cache {
             }
         }
     }
+}
+
+/// Where an entry lives within its path: the first variant's slot (the authority and the
+/// route's `vary` values), or the second one, chosen also by the fields beyond those that the
+/// origin's `Vary` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// The fields beyond the route's `vary`; empty for the first slot.
+    names: Arc<[HeaderName]>,
+    /// The slot's variant id within the path.
+    variant: String,
+}
+
+impl Slot {
+    fn primary(key: &CacheKey) -> Slot {
+        Slot { names: Arc::new([]), variant: key.variant.clone() }
+    }
+
+    /// The slot of a request that the origin varies by `names` beyond the route's `vary`.
+    fn new(key: &CacheKey, names: Arc<[HeaderName]>, request: &HeaderMap) -> Slot {
+        match names.is_empty() {
+            true => Slot::primary(key),
+            false => Slot { variant: vary::secondary(&key.variant, &names, request), names },
+        }
+    }
+
+    /// The slot a response to `request` is stored in, by its `Vary`.
+    fn of_response(key: &CacheKey, response: &HeaderMap, request: &HeaderMap, keyed: &[HeaderName]) -> Slot {
+        let names = vary::beyond(vary::names(response).unwrap_or_default(), keyed);
+        Slot::new(key, names.into(), request)
+    }
+}
+
+/// What a slot holds.
+#[allow(clippy::large_enum_variant)] // short-lived, never in a collection
+enum Stored {
+    /// An entry, and whether it was opened with the previous encryption key.
+    Entry(Entry, bool),
+    /// A marker: the entries are in second slots.
+    Marker(vary::Marker),
 }
 
 /// What the store holds for a key.

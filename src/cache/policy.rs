@@ -9,6 +9,9 @@ use http::{Method, StatusCode};
 use super::entry::Entry;
 pub use super::entry::Freshness;
 use crate::config::CacheConfig;
+pub use directives::{RequestDirectives, ResponseDirectives};
+
+mod directives;
 
 /// Why a request does not use the cache (logged at debug).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +67,8 @@ pub fn request_bypass(method: &Method, headers: &HeaderMap, has_body: bool, cfg:
 /// Why a response is not stored; also the `cache_stores_total` result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotStorable {
-    /// Status not in the route's `statuses`.
+    /// A status that is never stored, or one that needs the route's `statuses` (freshness from
+    /// the route's `ttl`, or a 400 or 431).
     Status,
     /// The response sets a cookie.
     SetCookie,
@@ -74,8 +78,9 @@ pub enum NotStorable {
     Private,
     /// `Vary: *`.
     VaryStar,
-    /// `Vary` names a header outside the route's `vary` list.
-    VaryOutside,
+    /// `Vary` names a field the proxy itself sets for the backend (`X-Forwarded-For`, `Via`,
+    /// trace context), or is not a list of field names: the key cannot hold what the backend saw.
+    VaryUnkeyable,
     /// No freshness information and no route `ttl`, or already expired without validators.
     NoFreshness,
 }
@@ -89,7 +94,7 @@ impl NotStorable {
             Self::NoStore => "no_store",
             Self::Private => "private",
             Self::VaryStar => "vary_star",
-            Self::VaryOutside => "vary_outside",
+            Self::VaryUnkeyable => "vary_unkeyable",
             Self::NoFreshness => "no_freshness",
         }
     }
@@ -112,73 +117,51 @@ pub fn keep_for(entry: &Entry) -> Duration {
     entry.freshness.keep_for(has_validators(&entry.headers))
 }
 
-/// The `Cache-Control` directives a shared cache acts on.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct CacheControl {
-    no_store: bool,
-    private: bool,
-    no_cache: bool,
-    must_revalidate: bool,
-    max_age: Option<u64>,
-    s_maxage: Option<u64>,
-}
-
-impl CacheControl {
-    fn parse(headers: &HeaderMap) -> CacheControl {
-        let mut cc = CacheControl::default();
-        for value in headers.get_all(header::CACHE_CONTROL) {
-            // A line that cannot be read could say `private` or `no-store`: the safe reading.
-            let Ok(value) = value.to_str() else {
-                cc.no_store = true;
-                continue;
-            };
-            for directive in value.split(',') {
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
-                let seconds = || arg.and_then(delta_seconds);
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => cc.no_store = true,
-                    // `private="field"` and `no-cache="field"` are treated like the bare forms:
-                    // the safe reading for a shared cache.
-                    "private" => cc.private = true,
-                    "no-cache" => cc.no_cache = true,
-                    "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
-                    // Repeated or conflicting ages: the shortest wins.
-                    "max-age" => cc.max_age = min_some(cc.max_age, seconds().or(Some(0))),
-                    "s-maxage" => cc.s_maxage = min_some(cc.s_maxage, seconds().or(Some(0))),
-                    _ => {}
-                }
-            }
-        }
-        cc
-    }
-}
-
-fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
+/// Statuses a response may get heuristic freshness for (RFC 9110 15.1), less 206: a part is
+/// never stored, ranges are answered from a stored full response.
+const HEURISTICALLY_CACHEABLE: [u16; 11] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+/// Answers to a request's header fields (a malformed or oversized one), which the key does not
+/// hold: stored, they would answer everyone's well-formed request with the error (cache-poisoned
+/// denial of service). Only when the route lists them in `statuses`.
+const REQUEST_FIELD_ERRORS: [u16; 2] = [400, 431];
+/// Heuristic freshness never exceeds this (nor the route's `ttl`).
+const MAX_HEURISTIC: Duration = Duration::from_secs(86_400);
 
 fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
-    headers.get(name).and_then(|v| v.to_str().ok()).and_then(|s| httpdate::parse_http_date(s).ok())
+    headers.get(name).and_then(|v| v.to_str().ok()).and_then(|s| httpdate::parse_http_date(s.trim()).ok())
 }
 
 /// The origin's explicit freshness lifetime (RFC 9111 4.2.1): `s-maxage`, else `max-age`, else
-/// `Expires` − `Date`. An `Expires` that is present but unparseable means already expired.
-fn origin_lifetime(cc: &CacheControl, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(s) = cc.s_maxage.or(cc.max_age) {
+/// `Expires` − `Date`. An `Expires` that cannot be parsed (any of RFC 9110 5.6.7's three date
+/// formats), or several that disagree, means already expired.
+fn origin_lifetime(d: &ResponseDirectives, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if let Some(s) = d.s_maxage.or(d.max_age) {
         return Some(Duration::from_secs(s));
     }
-    let expires = headers.get(header::EXPIRES)?;
-    let Some(expires) = expires.to_str().ok().and_then(|s| httpdate::parse_http_date(s).ok()) else {
+    let mut lines = headers.get_all(header::EXPIRES).iter();
+    let first = lines.next()?;
+    if lines.any(|line| line != first) {
+        return Some(Duration::ZERO);
+    }
+    let Some(expires) = first.to_str().ok().and_then(|s| httpdate::parse_http_date(s.trim()).ok()) else {
         return Some(Duration::ZERO);
     };
     let date = http_date(headers, header::DATE).unwrap_or(now);
     Some(expires.duration_since(date).unwrap_or_default())
+}
+
+/// Heuristic freshness (RFC 9111 4.2.2): a tenth of the time since `Last-Modified`.
+fn heuristic_lifetime(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let modified = http_date(headers, header::LAST_MODIFIED)?;
+    let date = http_date(headers, header::DATE).unwrap_or(now);
+    Some((date.duration_since(modified).unwrap_or_default() / 10).min(MAX_HEURISTIC))
+}
+
+/// The response's age on arrival (RFC 9111 5.1): the first member of `Age`, ignored when it is
+/// not delta-seconds.
+fn age_on_arrival(headers: &HeaderMap) -> Duration {
+    let first = headers.get(header::AGE).and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next());
+    first.and_then(|v| delta_seconds(v.trim())).map(Duration::from_secs).unwrap_or_default()
 }
 
 /// Whether the response carries a validator for conditional revalidation.
@@ -186,74 +169,74 @@ pub fn has_validators(headers: &HeaderMap) -> bool {
     headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
-/// Decide whether a response may be stored, and its freshness.
+/// Decide whether a response may be stored, and its freshness (RFC 9111 3 and 4.2).
+///
+/// The lifetime comes from the origin's explicit freshness (any final status, capped by the
+/// route's `ttl`), else from the route's `ttl` (only for the route's `statuses`), else, when the
+/// route opts in, from `Last-Modified`. Stale use: the origin's `stale-while-revalidate` and
+/// `stale-if-error`, with the route's settings as defaults and caps; none at all after
+/// `must-revalidate`, `proxy-revalidate`, `no-cache` or `s-maxage` (RFC 9111 4.2.4, 5.2.2.10).
 pub fn storable(
     status: StatusCode,
     headers: &HeaderMap,
     cfg: &CacheConfig,
     now: SystemTime,
 ) -> Result<Freshness, NotStorable> {
-    if !cfg.statuses.contains(&status) {
+    if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Err(NotStorable::Status);
     }
     if headers.contains_key(header::SET_COOKIE) {
         return Err(NotStorable::SetCookie);
     }
-    let cc = CacheControl::parse(headers);
-    if cc.no_store {
+    let d = ResponseDirectives::of(headers, &cfg.targeted);
+    if d.no_store {
         return Err(NotStorable::NoStore);
     }
-    if cc.private {
+    if d.private {
         return Err(NotStorable::Private);
     }
-    for value in headers.get_all(header::VARY).iter() {
-        for name in value.to_str().unwrap_or("*").split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if name == "*" {
-                return Err(NotStorable::VaryStar);
-            }
-            if !cfg.vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(name)) {
-                return Err(NotStorable::VaryOutside);
-            }
-        }
-    }
+    super::vary::names(headers)?;
 
-    let (lifetime, must_revalidate) = if cfg.respect_origin {
-        let origin = origin_lifetime(&cc, headers, now);
-        let lifetime = match (origin, cfg.ttl) {
-            (Some(o), Some(ttl)) => o.min(ttl),
-            (Some(o), None) => o,
-            (None, Some(ttl)) => ttl,
-            (None, None) => return Err(NotStorable::NoFreshness),
-        };
-        // `no-cache`: store, but revalidate before every use.
-        if cc.no_cache {
-            (Duration::ZERO, true)
-        } else {
-            (lifetime, cc.must_revalidate)
+    let origin = cfg.respect_origin.then(|| origin_lifetime(&d, headers, now)).flatten();
+    let listed = cfg.statuses.contains(&status);
+    let capped = |lifetime: Duration| cfg.ttl.map_or(lifetime, |ttl| lifetime.min(ttl));
+    let lifetime = match (origin, cfg.ttl) {
+        (Some(_), _) if REQUEST_FIELD_ERRORS.contains(&status.as_u16()) && !listed => return Err(NotStorable::Status),
+        (Some(origin), _) => capped(origin),
+        (None, Some(ttl)) if listed => ttl,
+        (None, _)
+            if cfg.heuristic
+                && cfg.respect_origin
+                && (d.public || HEURISTICALLY_CACHEABLE.contains(&status.as_u16())) =>
+        {
+            capped(heuristic_lifetime(headers, now).ok_or(NotStorable::NoFreshness)?)
         }
-    } else {
-        (cfg.ttl.ok_or(NotStorable::NoFreshness)?, false)
+        (None, Some(_)) => return Err(NotStorable::Status),
+        (None, None) => return Err(NotStorable::NoFreshness),
     };
-    let initial_age = if cfg.respect_origin {
-        headers
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| delta_seconds(v.trim()))
-            .map(Duration::from_secs)
-            .unwrap_or_default()
-    } else {
-        Duration::ZERO
+    let respect = cfg.respect_origin;
+    // `no-cache`: store, but revalidate before every use.
+    let lifetime = if respect && d.no_cache { Duration::ZERO } else { lifetime };
+    let must_revalidate = respect && (d.must_revalidate || d.no_cache || d.s_maxage.is_some());
+    let window = |origin: Option<u64>, route: Option<Duration>| {
+        if must_revalidate {
+            return Duration::ZERO;
+        }
+        match (origin.filter(|_| respect).map(Duration::from_secs), route) {
+            (Some(origin), Some(route)) => origin.min(route),
+            (origin, route) => origin.or(route).unwrap_or_default(),
+        }
     };
-    let (swr, sie) = if must_revalidate {
-        (Duration::ZERO, Duration::ZERO)
-    } else {
-        (cfg.stale_while_revalidate, cfg.stale_if_error)
+    let freshness = Freshness {
+        lifetime,
+        initial_age: if respect { age_on_arrival(headers) } else { Duration::ZERO },
+        stale_while_revalidate: window(d.stale_while_revalidate, cfg.stale_while_revalidate),
+        stale_if_error: window(d.stale_if_error, cfg.stale_if_error),
+        must_revalidate,
     };
-    let freshness =
-        Freshness { lifetime, initial_age, stale_while_revalidate: swr, stale_if_error: sie, must_revalidate };
     // Stale on arrival with nothing to revalidate it with: storing it could only ever serve
     // what the origin already called expired.
-    if lifetime <= initial_age && !has_validators(headers) {
+    if freshness.lifetime <= freshness.initial_age && !has_validators(headers) {
         return Err(NotStorable::NoFreshness);
     }
     Ok(freshness)
@@ -276,6 +259,42 @@ pub fn phase(entry: &Entry, now: SystemTime) -> Phase {
         Phase::Fresh(lifetime - age)
     } else {
         Phase::Stale(age - lifetime)
+    }
+}
+
+/// What a request may do with a stored entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Answer with it.
+    Fresh,
+    /// Answer with it although it is stale, and refresh it in the background.
+    Stale,
+    /// Forward, with its validators when it has any.
+    Revalidate,
+}
+
+/// What `asks` (the client's directives, default when the route ignores them) lets a request
+/// do with `entry`: fresh entries answer unless the client wants them younger (`max-age`),
+/// fresher (`min-fresh`) or validated (`no-cache`); stale ones answer inside the entry's
+/// `stale-while-revalidate`, or the client's `max-stale` unless the origin forbade stale use.
+pub fn usable(entry: &Entry, phase: Phase, asks: &RequestDirectives, now: SystemTime) -> Use {
+    let too_old = asks.max_age.is_some_and(|max| entry.age(now) > Duration::from_secs(max));
+    if asks.no_cache || too_old {
+        return Use::Revalidate;
+    }
+    let min_fresh = Duration::from_secs(asks.min_fresh.unwrap_or(0));
+    match phase {
+        Phase::Fresh(left) if left >= min_fresh => Use::Fresh,
+        Phase::Fresh(_) => Use::Revalidate,
+        Phase::Stale(_) if asks.min_fresh.is_some() => Use::Revalidate,
+        Phase::Stale(by) if serve_while_revalidating(entry, by) => Use::Stale,
+        Phase::Stale(by) => {
+            let allowed = asks.max_stale.is_some_and(|max| max.is_none_or(|max| by <= Duration::from_secs(max)));
+            match allowed && !entry.freshness.must_revalidate {
+                true => Use::Stale,
+                false => Use::Revalidate,
+            }
+        }
     }
 }
 

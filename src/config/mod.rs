@@ -227,17 +227,55 @@ pub struct CacheConfig {
     pub vary: Vec<HeaderName>,
     /// How the query string enters the key.
     pub query: QueryMode,
-    /// Serve stale this long after expiry while refreshing in the background.
-    pub stale_while_revalidate: Duration,
-    /// Serve stale this long after expiry when the upstream fails.
-    pub stale_if_error: Duration,
+    /// Serve stale this long after expiry while refreshing in the background: the default
+    /// and the cap of the origin's `stale-while-revalidate`; `None`: the origin's alone.
+    pub stale_while_revalidate: Option<Duration>,
+    /// Serve stale this long after expiry when the upstream fails: the default and the cap of
+    /// the origin's `stale-if-error`; `None`: the origin's alone.
+    pub stale_if_error: Option<Duration>,
     /// Cacheable statuses.
     pub statuses: Vec<StatusCode>,
     /// Largest body stored; larger bodies stream through uncached.
     pub max_body: usize,
     /// Whether origin freshness headers count (`no-store`/`private` always do).
     pub respect_origin: bool,
+    /// Whether a response without explicit freshness gets a tenth of its time since
+    /// `Last-Modified` (RFC 9111 4.2.2).
+    pub heuristic: bool,
+    /// Whether clients' `Cache-Control` request directives count (RFC 9111 5.2.1).
+    pub request_directives: bool,
+    /// Variants (hosts, `vary` values, the values of fields the origin's `Vary` names) one path
+    /// keeps at most.
+    pub max_variants: usize,
+    /// Targeted cache-control fields (RFC 9213) that replace `Cache-Control`, first valid one
+    /// wins: `[cache] targeted`, the same for every route.
+    pub targeted: Vec<HeaderName>,
 }
+
+impl Default for CacheConfig {
+    /// A `cache = {}` table's settings (with the default `[cache] targeted`).
+    fn default() -> CacheConfig {
+        CacheConfig {
+            ttl: None,
+            vary: Vec::new(),
+            query: QueryMode::Sorted,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            statuses: vec![StatusCode::OK],
+            max_body: DEFAULT_MAX_BODY,
+            respect_origin: true,
+            heuristic: false,
+            request_directives: false,
+            max_variants: DEFAULT_MAX_VARIANTS,
+            targeted: vec![SIDECACHE_CACHE_CONTROL],
+        }
+    }
+}
+
+/// The targeted cache-control field (RFC 9213) this cache reads by default.
+pub const SIDECACHE_CACHE_CONTROL: HeaderName = HeaderName::from_static("sidecache-cache-control");
+/// Variants one path keeps at most, by default.
+pub const DEFAULT_MAX_VARIANTS: usize = 64;
 
 /// How a route's cache key treats the query string.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -92,6 +92,7 @@ pub struct RawCacheSettings {
     pub encryption_key_env: Option<String>,
     pub encryption_key_file: Option<String>,
     pub previous_encryption_key_file: Option<String>,
+    pub targeted: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +125,9 @@ pub struct RawCache {
     pub statuses: Option<Vec<i64>>,
     pub max_body: Option<i64>,
     pub respect_origin: Option<bool>,
+    pub heuristic: Option<bool>,
+    pub request_directives: Option<bool>,
+    pub max_variants: Option<i64>,
 }
 
 /// `query = "sorted"` or `query = ["page", "limit"]`.

@@ -67,7 +67,7 @@ impl Validator {
         }
     }
 
-    pub(super) fn config(&mut self, raw: RawConfig, env: &HashMap<String, String>) -> Option<Config> {
+    pub(super) fn config(&mut self, mut raw: RawConfig, env: &HashMap<String, String>) -> Option<Config> {
         let s = raw.server;
         let listen = self.field("server.listen", s.listen.as_deref(), units::addr(DEFAULT_LISTEN), units::parse_addr);
         let trusted_proxies = self.list("server.trusted_proxies", s.trusted_proxies, units::parse_net);
@@ -157,8 +157,19 @@ impl Validator {
             Duration::from_secs(5),
             units::parse_duration_or_zero,
         );
+        // RFC 9213: fields that replace Cache-Control for this cache, read as Structured Fields.
+        let targeted = match raw.cache.targeted.take() {
+            None => vec![SIDECACHE_CACHE_CONTROL],
+            Some(names) => self.list("cache.targeted", Some(names), |h| match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) if name == http::header::CACHE_CONTROL => {
+                    Err("is the field targeted ones replace, not a targeted one".to_string())
+                }
+                Ok(name) => Ok(name),
+                Err(_) => Err("is not a header name".to_string()),
+            }),
+        };
         let rate_limit_enabled = self.env_bool(env, "SIDECACHE_RATE_LIMIT_ENABLED");
-        let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled);
+        let routes = self.routes(raw.routes, cache_enabled, rate_limit_enabled, &targeted);
         let telemetry = self.telemetry(raw.telemetry, env);
 
         Some(Config {
@@ -325,7 +336,13 @@ impl Validator {
         })
     }
 
-    fn routes(&mut self, raw: Vec<RawRoute>, cache_enabled: bool, rate_limit_enabled: bool) -> Vec<RouteConfig> {
+    fn routes(
+        &mut self,
+        raw: Vec<RawRoute>,
+        cache_enabled: bool,
+        rate_limit_enabled: bool,
+        targeted: &[HeaderName],
+    ) -> Vec<RouteConfig> {
         let mut names = HashSet::new();
         let mut routes = Vec::with_capacity(raw.len());
         for (i, r) in raw.into_iter().enumerate() {
@@ -353,7 +370,7 @@ impl Validator {
                 .ok()
                 .map(|p| p.matching(trailing_slash_same, r.case_insensitive.unwrap_or(false)));
             let methods = self.methods(&at, r.methods);
-            let cache = r.cache.map(|c| self.cache(&at, c));
+            let cache = r.cache.map(|c| self.cache(&at, c, targeted));
             if cache.is_some() && !methods.contains(&Method::GET) {
                 self.err(format!("{at}.cache"), "caching applies to GET and HEAD only, but methods has no GET");
             }
@@ -387,7 +404,7 @@ impl Validator {
         out
     }
 
-    fn cache(&mut self, at: &str, c: RawCache) -> CacheConfig {
+    fn cache(&mut self, at: &str, c: RawCache, targeted: &[HeaderName]) -> CacheConfig {
         let f = |name: &str| format!("{at}.cache.{name}");
         let ttl = c
             .ttl
@@ -419,18 +436,12 @@ impl Validator {
                 QueryMode::Only(names)
             }
         };
-        let swr = self.field(
-            &f("stale_while_revalidate"),
-            c.stale_while_revalidate.as_deref(),
-            Duration::ZERO,
-            units::parse_duration_or_zero,
-        );
-        let sie = self.field(
-            &f("stale_if_error"),
-            c.stale_if_error.as_deref(),
-            Duration::ZERO,
-            units::parse_duration_or_zero,
-        );
+        let mut window = |name: &str, value: Option<String>| {
+            let value = value?;
+            units::parse_duration_or_zero(&value).map_err(|m| self.err(f(name), format!("{value:?} {m}"))).ok()
+        };
+        let swr = window("stale_while_revalidate", c.stale_while_revalidate);
+        let sie = window("stale_if_error", c.stale_if_error);
         let statuses = match c.statuses {
             None => vec![StatusCode::OK],
             Some(list) => list
@@ -470,6 +481,10 @@ impl Validator {
             statuses,
             max_body,
             respect_origin,
+            heuristic: c.heuristic.unwrap_or(false),
+            request_directives: c.request_directives.unwrap_or(false),
+            max_variants: self.int(&f("max_variants"), c.max_variants, DEFAULT_MAX_VARIANTS as u64, 1, 1024) as usize,
+            targeted: targeted.to_vec(),
         }
     }
 

@@ -69,6 +69,18 @@ impl Routes {
         (route, normalized == path)
     }
 
+    /// The caches of every route whose pattern matches `path`, whatever methods it takes: those
+    /// an unsafe request to `path` invalidates (RFC 9111 4.4).
+    pub fn caches_covering<'a>(&'a self, path: &str) -> impl Iterator<Item = &'a Arc<RouteCache>> + 'a {
+        let normalized = normalize(path).into_owned();
+        self.routes.iter().filter(move |r| r.pattern.matches(&normalized)).filter_map(|r| r.cache.as_ref())
+    }
+
+    /// Whether any route caches.
+    pub fn any_cache(&self) -> bool {
+        self.routes.iter().any(|r| r.cache.is_some())
+    }
+
     /// The route named `name`.
     pub fn get(&self, name: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.name == name)

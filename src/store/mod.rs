@@ -30,9 +30,6 @@ pub fn path_prefix(path_key: &str) -> String {
     entry_id(path_key, "")
 }
 
-/// Variants (hosts × `vary` values) one path keeps in Redis at most.
-pub const MAX_VARIANTS: usize = 64;
-
 /// Where cache entries live. In Redis, one hash per path key holds that path's variants as
 /// fields, so a one-path purge is one DEL and every operation touches a single key (cluster-safe);
 /// a route's generation is a counter key of its own.
@@ -61,20 +58,37 @@ impl CacheStore {
         }
     }
 
-    /// Store one variant for `keep_for`; `false` when Redis refused a new variant of a path that
-    /// holds [`MAX_VARIANTS`] live ones already (in process, each variant is an entry of its own).
+    /// Two variants of a path, in one round trip.
+    pub async fn get_two(
+        &self,
+        path_key: &str,
+        a: &str,
+        b: &str,
+    ) -> Result<(Option<Bytes>, Option<Bytes>), StoreError> {
+        match self {
+            Self::Redis(r) => Box::pin(r.hmget2(path_key, a, b)).await,
+            Self::Memory(m) => Ok((m.get(path_key, a), m.get(path_key, b))),
+        }
+    }
+
+    /// Store variants of a path for `keep_for`, in one operation; how many were stored: Redis
+    /// refuses a new variant of a path that holds `max_variants` live ones already (in process,
+    /// each variant is an entry of its own, and the memory bound is the only one).
     pub async fn put(
         &self,
         path_key: &str,
-        variant: &str,
-        value: Bytes,
+        variants: Vec<(String, Bytes)>,
         keep_for: Duration,
-    ) -> Result<bool, StoreError> {
+        max_variants: usize,
+    ) -> Result<usize, StoreError> {
         match self {
-            Self::Redis(r) => Box::pin(r.hset_variant(path_key, variant, value, keep_for, MAX_VARIANTS)).await,
+            Self::Redis(r) => Box::pin(r.hset_variants(path_key, variants, keep_for, max_variants)).await,
             Self::Memory(m) => {
-                m.put(path_key, variant, value, keep_for);
-                Ok(true)
+                let n = variants.len();
+                for (variant, value) in variants {
+                    m.put(path_key, &variant, value, keep_for);
+                }
+                Ok(n)
             }
         }
     }

@@ -41,41 +41,52 @@ use crate::telemetry;
 /// Operations sent at most concurrently per store; more are skipped, never queued.
 const MAX_IN_FLIGHT: usize = 1024;
 
-/// [`RedisStore::hset_variant`]: KEYS[1] the path's hash; ARGV field, value, keep-for ms, cap.
-/// Returns 1 when written, 0 when refused (the path holds `cap` live variants and this one is
-/// new). Variant ids are hex, so the index field `~` can never be one.
-const HSET_VARIANT_LUA: &str = r#"
-local key, field, keep, cap = KEYS[1], ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+/// [`RedisStore::hset_variants`]: KEYS[1] the path's hash; ARGV keep-for ms, cap, then field and
+/// value pairs. Returns how many fields were written: a new one is refused while the path holds
+/// `cap` live variants. Variant ids are hex or `v` and hex, so the index field `~` is never one.
+/// A field's expiry only ever moves later: a marker written for a short-lived variant must not
+/// end before a longer-lived one it leads to.
+const HSET_VARIANTS_LUA: &str = r#"
+local key, keep, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local known, others = false, {}
+local expiries, order = {}, {}
 local index = redis.call('HGET', key, '~')
 if index then
   for variant, expiry in string.gmatch(index, '(%S+) (%d+)') do
     expiry = tonumber(expiry)
-    if variant == field then
-      known = true
-    elseif expiry > now then
-      others[#others + 1] = {variant, expiry}
+    if expiry > now then
+      expiries[variant] = expiry
+      order[#order + 1] = variant
     else
       redis.call('HDEL', key, variant)
     end
   end
 end
-local parts, longest, stored = {}, 0, 0
-if known or #others < cap then
-  local expiry = now + keep
-  redis.call('HSET', key, field, ARGV[2])
-  parts[1] = field .. ' ' .. string.format('%d', expiry)
-  longest, stored = expiry, 1
+local stored = 0
+for i = 3, #ARGV - 1, 2 do
+  local field, expiry = ARGV[i], now + keep
+  local known = expiries[field]
+  if known or #order < cap then
+    redis.call('HSET', key, field, ARGV[i + 1])
+    if not known then
+      order[#order + 1] = field
+      expiries[field] = expiry
+    elseif known < expiry then
+      expiries[field] = expiry
+    end
+    stored = stored + 1
+  end
 end
-for _, other in ipairs(others) do
-  parts[#parts + 1] = other[1] .. ' ' .. string.format('%d', other[2])
-  if other[2] > longest then longest = other[2] end
-end
-if #parts == 0 then
+if #order == 0 then
   redis.call('DEL', key)
   return stored
+end
+local parts, longest = {}, 0
+for _, variant in ipairs(order) do
+  local expiry = expiries[variant]
+  parts[#parts + 1] = variant .. ' ' .. string.format('%d', expiry)
+  if expiry > longest then longest = expiry end
 end
 redis.call('HSET', key, '~', table.concat(parts, ' '))
 redis.call('PEXPIRE', key, longest - now)
@@ -112,6 +123,8 @@ pub enum Op {
     Ping,
     /// HGET
     Hget,
+    /// HMGET (a path's first and second variant slot)
+    Hmget,
     /// HSET + extend expiry (one script)
     Hset,
     /// HDEL
@@ -121,7 +134,8 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 9] = [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping, Op::Hget, Op::Hset, Op::Hdel, Op::TokenBucket];
+    const ALL: [Op; 10] =
+        [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping, Op::Hget, Op::Hmget, Op::Hset, Op::Hdel, Op::TokenBucket];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -132,6 +146,7 @@ impl Op {
             Op::Incr => "incr",
             Op::Ping => "ping",
             Op::Hget => "hget",
+            Op::Hmget => "hmget",
             Op::Hset => "hset",
             Op::Hdel => "hdel",
             Op::TokenBucket => "token_bucket",
@@ -325,8 +340,14 @@ impl RedisStore {
         self.call(Op::Hget, |c| c.hget::<Option<Bytes>, _, _>(key, field)).await
     }
 
-    /// HSET one variant of a path, which lives `keep_for`; `false` when it was refused because
-    /// the path already holds `max_variants` live ones. One script on one key (cluster-safe).
+    /// HMGET of two fields.
+    pub async fn hmget2(&self, key: &str, a: &str, b: &str) -> Result<(Option<Bytes>, Option<Bytes>), StoreError> {
+        self.call(Op::Hmget, |c| c.hmget::<(Option<Bytes>, Option<Bytes>), _, _>(key, vec![a, b])).await
+    }
+
+    /// HSET variants of a path, which live `keep_for`; how many were written: a new one is
+    /// refused while the path already holds `max_variants` live ones. One script on one key
+    /// (cluster-safe).
     ///
     /// Redis expires keys, not hash fields (HPEXPIRE needs 7.4), so the hash keeps an index
     /// field `~` of `variant expiry-ms` pairs (Redis `TIME`, so replicas agree): each write
@@ -335,20 +356,23 @@ impl RedisStore {
     /// never accumulate. A new variant never displaces a live one (an existing one is always
     /// updated): otherwise anyone could evict a popular entry by asking for the same path under
     /// `max_variants` invented hosts.
-    pub async fn hset_variant(
+    pub async fn hset_variants(
         &self,
         key: &str,
-        field: &str,
-        value: Bytes,
+        fields: Vec<(String, Bytes)>,
         keep_for: Duration,
         max_variants: usize,
-    ) -> Result<bool, StoreError> {
-        static HSET_VARIANT: std::sync::LazyLock<Script> =
-            std::sync::LazyLock::new(|| Script::from_lua(HSET_VARIANT_LUA));
+    ) -> Result<usize, StoreError> {
+        static HSET_VARIANTS: std::sync::LazyLock<Script> =
+            std::sync::LazyLock::new(|| Script::from_lua(HSET_VARIANTS_LUA));
         let ms = keep_for.as_millis().clamp(1, 1 << 50) as i64;
         let cap = max_variants.clamp(1, 1 << 20) as i64;
-        let args = vec![field.into(), value.into(), ms.into(), cap.into()];
-        self.script::<i64>(Op::Hset, &HSET_VARIANT, key, args).await.map(|stored| stored == 1)
+        let mut args: Vec<Value> = Vec::with_capacity(2 + 2 * fields.len());
+        args.extend([ms.into(), cap.into()]);
+        for (field, value) in fields {
+            args.extend([field.into(), value.into()]);
+        }
+        self.script::<i64>(Op::Hset, &HSET_VARIANTS, key, args).await.map(|n| n.max(0) as usize)
     }
 
     /// Run a one-key script by EVALSHA, loading it again after NOSCRIPT (a restarted or

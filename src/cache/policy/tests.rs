@@ -11,11 +11,10 @@ fn cfg(ttl: Option<u64>) -> CacheConfig {
         ttl: ttl.map(Duration::from_secs),
         vary: vec![HeaderName::from_static("accept-encoding")],
         query: QueryMode::Sorted,
-        stale_while_revalidate: Duration::from_secs(30),
-        stale_if_error: Duration::from_secs(600),
+        stale_while_revalidate: Some(Duration::from_secs(30)),
+        stale_if_error: Some(Duration::from_secs(600)),
         statuses: vec![StatusCode::OK, StatusCode::NOT_FOUND],
-        max_body: 1 << 20,
-        respect_origin: true,
+        ..CacheConfig::default()
     }
 }
 
@@ -58,15 +57,22 @@ fn requests_with_credentials_a_body_or_an_upgrade_bypass() {
 fn responses_that_must_not_be_stored() {
     let c = cfg(Some(60));
     let check = |status: StatusCode, pairs: &[(&str, &str)]| storable(status, &headers(pairs), &c, now()).err();
-    assert_eq!(check(StatusCode::INTERNAL_SERVER_ERROR, &[]), Some(NotStorable::Status));
+    assert_eq!(check(StatusCode::INTERNAL_SERVER_ERROR, &[]), Some(NotStorable::Status), "the ttl is for 200 and 404");
     assert_eq!(check(StatusCode::NOT_FOUND, &[]), None, "404 is listed for this route");
+    for status in [206, 304, 101, 103] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert_eq!(check(status, &[("cache-control", "max-age=60")]), Some(NotStorable::Status), "{status}");
+    }
     assert_eq!(check(StatusCode::OK, &[("set-cookie", "s=1")]), Some(NotStorable::SetCookie));
     assert_eq!(check(StatusCode::OK, &[("cache-control", "max-age=60, no-store")]), Some(NotStorable::NoStore));
     assert_eq!(check(StatusCode::OK, &[("cache-control", "Private")]), Some(NotStorable::Private));
     assert_eq!(check(StatusCode::OK, &[("cache-control", "private=\"x-user\"")]), Some(NotStorable::Private));
     assert_eq!(check(StatusCode::OK, &[("vary", "*")]), Some(NotStorable::VaryStar));
-    assert_eq!(check(StatusCode::OK, &[("vary", "Accept-Encoding, User-Agent")]), Some(NotStorable::VaryOutside));
-    assert_eq!(check(StatusCode::OK, &[("vary", "accept-encoding")]), None);
+    assert_eq!(check(StatusCode::OK, &[("vary", "Accept-Encoding, User-Agent")]), None, "the origin varies further");
+    assert_eq!(
+        check(StatusCode::OK, &[("vary", "accept-encoding, x-forwarded-for")]),
+        Some(NotStorable::VaryUnkeyable)
+    );
     let mut unreadable = headers(&[]);
     unreadable.insert("cache-control", HeaderValue::from_bytes(b"private, max-age=60, x=\"caf\xe9\"").unwrap());
     assert_eq!(
@@ -233,4 +239,145 @@ fn numbers_from_the_origin_cannot_overflow() {
         must_revalidate: false,
     };
     assert_eq!(f.keep_for(true), Duration::MAX, "saturates");
+}
+
+#[test]
+fn explicit_freshness_makes_any_final_status_storable() {
+    let c = cfg(Some(300));
+    let check = |status: u16, pairs: &[(&str, &str)]| {
+        storable(StatusCode::from_u16(status).unwrap(), &headers(pairs), &c, now()).map(|f| f.lifetime)
+    };
+    for status in [203, 204, 300, 301, 302, 303, 307, 308, 405, 410, 414, 418, 500, 502, 503, 599] {
+        assert_eq!(check(status, &[("cache-control", "max-age=30")]), Ok(Duration::from_secs(30)), "{status}");
+        assert_eq!(check(status, &[("cache-control", "s-maxage=900")]), Ok(Duration::from_secs(300)), "ttl caps");
+        assert_eq!(check(status, &[]), Err(NotStorable::Status), "{status}: the route's ttl is for its statuses");
+    }
+    let expires = httpdate::fmt_http_date(now() + Duration::from_secs(60));
+    assert_eq!(check(302, &[("expires", &expires)]), Ok(Duration::from_secs(60)));
+    // Errors about the request's own fields would answer everyone else's with the error.
+    assert_eq!(check(400, &[("cache-control", "max-age=30")]), Err(NotStorable::Status));
+    assert_eq!(check(431, &[("cache-control", "max-age=30")]), Err(NotStorable::Status));
+    let mut listed = cfg(Some(300));
+    listed.statuses.push(StatusCode::BAD_REQUEST);
+    let f = storable(StatusCode::BAD_REQUEST, &headers(&[("cache-control", "max-age=30")]), &listed, now());
+    assert_eq!(f.map(|f| f.lifetime), Ok(Duration::from_secs(30)), "unless the route lists it");
+    let mut fixed = cfg(Some(300));
+    fixed.respect_origin = false;
+    let f = storable(StatusCode::MOVED_PERMANENTLY, &headers(&[("cache-control", "max-age=30")]), &fixed, now());
+    assert_eq!(f.err(), Some(NotStorable::Status), "respect_origin = false: only the route's statuses");
+}
+
+#[test]
+fn heuristic_freshness_only_when_the_route_opts_in() {
+    let lm = httpdate::fmt_http_date(now() - Duration::from_secs(10_000));
+    let date = httpdate::fmt_http_date(now());
+    let pairs = [("last-modified", lm.as_str()), ("date", date.as_str())];
+    let mut c = cfg(None);
+    let check = |c: &CacheConfig, status: u16, pairs: &[(&str, &str)]| {
+        storable(StatusCode::from_u16(status).unwrap(), &headers(pairs), c, now()).map(|f| f.lifetime)
+    };
+    assert_eq!(check(&c, 200, &pairs), Err(NotStorable::NoFreshness), "off by default");
+    c.heuristic = true;
+    assert_eq!(check(&c, 200, &pairs), Ok(Duration::from_secs(1000)), "a tenth of the time since Last-Modified");
+    assert_eq!(check(&c, 410, &pairs), Ok(Duration::from_secs(1000)));
+    assert_eq!(check(&c, 302, &pairs), Err(NotStorable::NoFreshness), "302 is not heuristically cacheable");
+    let public = [pairs[0], pairs[1], ("cache-control", "public")];
+    assert_eq!(check(&c, 302, &public), Ok(Duration::from_secs(1000)), "unless public");
+    assert_eq!(check(&c, 200, &[]), Err(NotStorable::NoFreshness), "no Last-Modified");
+    c.ttl = Some(Duration::from_secs(60));
+    c.statuses = vec![StatusCode::NOT_FOUND];
+    assert_eq!(check(&c, 200, &pairs), Ok(Duration::from_secs(60)), "capped by the ttl");
+    let old = httpdate::fmt_http_date(now() - Duration::from_secs(86_400 * 3650));
+    c.ttl = None;
+    assert_eq!(check(&c, 200, &[("last-modified", &old)]), Ok(Duration::from_secs(86_400)), "at most a day");
+}
+
+#[test]
+fn the_origins_stale_directives_with_the_route_as_default_and_cap() {
+    let f = |pairs: &[(&str, &str)], c: &CacheConfig| storable(StatusCode::OK, &headers(pairs), c, now()).unwrap();
+    let windows = |fr: Freshness| (fr.stale_while_revalidate.as_secs(), fr.stale_if_error.as_secs());
+    let route = cfg(Some(300)); // 30 s and 600 s
+    assert_eq!(windows(f(&[("cache-control", "max-age=60")], &route)), (30, 600), "the route's by default");
+    let origin = [("cache-control", "max-age=60, stale-while-revalidate=10, stale-if-error=6000")];
+    assert_eq!(windows(f(&origin, &route)), (10, 600), "the origin's, capped by the route's");
+    let mut unset = cfg(Some(300));
+    (unset.stale_while_revalidate, unset.stale_if_error) = (None, None);
+    assert_eq!(windows(f(&origin, &unset)), (10, 6000), "the origin's alone");
+    assert_eq!(windows(f(&[("cache-control", "max-age=60")], &unset)), (0, 0));
+    for forbids in ["must-revalidate", "proxy-revalidate", "no-cache"] {
+        let cc = format!("max-age=60, stale-while-revalidate=10, stale-if-error=60, {forbids}");
+        let fr = f(&[("cache-control", &cc), ("etag", "\"e\"")], &route);
+        assert_eq!((windows(fr), fr.must_revalidate), ((0, 0), true), "{forbids}");
+    }
+    let fr = f(&[("cache-control", "s-maxage=60, stale-if-error=60")], &route);
+    assert_eq!((windows(fr), fr.must_revalidate), ((0, 0), true), "s-maxage implies proxy-revalidate");
+    let mut fixed = cfg(Some(300));
+    fixed.respect_origin = false;
+    let fr = f(&[("cache-control", "must-revalidate, stale-if-error=1")], &fixed);
+    assert_eq!((windows(fr), fr.must_revalidate), ((30, 600), false), "respect_origin = false: the route's");
+}
+
+#[test]
+fn fields_are_read_as_the_rfcs_say() {
+    let age = |value: &str| {
+        storable(StatusCode::OK, &headers(&[("cache-control", "max-age=100"), ("age", value)]), &cfg(None), now())
+            .map(|f| f.initial_age.as_secs())
+    };
+    assert_eq!(age("10, 20"), Ok(10), "the first member of a list");
+    assert_eq!(age(" 7 "), Ok(7));
+    assert_eq!(age("abc"), Ok(0), "invalid: ignored");
+    assert_eq!(age("-5, 3"), Ok(0), "the first member is invalid: ignored");
+    assert_eq!(age("1.5"), Ok(0));
+    let expires = |values: &[&str]| {
+        let mut h = headers(&[("date", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+        for v in values {
+            h.append("expires", HeaderValue::from_str(v).unwrap());
+        }
+        storable(StatusCode::OK, &h, &cfg(None), now()).map(|f| f.lifetime.as_secs())
+    };
+    assert_eq!(expires(&["Sun, 06 Nov 1994 08:50:37 GMT"]), Ok(60), "IMF-fixdate");
+    assert_eq!(expires(&["Sunday, 06-Nov-94 08:50:37 GMT"]), Ok(60), "RFC 850");
+    assert_eq!(expires(&["Sun Nov  6 08:50:37 1994"]), Ok(60), "asctime");
+    assert_eq!(expires(&["soon"]), Err(NotStorable::NoFreshness), "invalid: already expired");
+    assert_eq!(expires(&["Sun, 06 Nov 1994 08:50:37 GMT", "Sun, 06 Nov 1994 08:50:37 GMT"]), Ok(60));
+    assert_eq!(
+        expires(&["Sun, 06 Nov 1994 08:50:37 GMT", "Sun, 06 Nov 1994 09:50:37 GMT"]),
+        Err(NotStorable::NoFreshness),
+        "lines that disagree: expired"
+    );
+    let lifetime = |cc: &[&str]| {
+        let pairs: Vec<(&str, &str)> = cc.iter().map(|v| ("cache-control", *v)).collect();
+        storable(StatusCode::OK, &headers(&pairs), &cfg(Some(300)), now()).map(|f| f.lifetime.as_secs())
+    };
+    assert_eq!(lifetime(&["max-age=60", "max-age=60"]), Ok(60));
+    assert_eq!(lifetime(&["max-age=60", "max-age=120"]), Err(NotStorable::NoFreshness), "conflicting: stale");
+    assert_eq!(lifetime(&["max-age=60, public"]), Ok(60));
+}
+
+#[test]
+fn a_targeted_field_decides_for_this_cache() {
+    let c = cfg(None);
+    let f = |pairs: &[(&str, &str)]| storable(StatusCode::OK, &headers(pairs), &c, now()).map(|f| f.lifetime.as_secs());
+    assert_eq!(f(&[("cache-control", "no-store"), ("sidecache-cache-control", "max-age=90")]), Ok(90));
+    assert_eq!(
+        f(&[("cache-control", "max-age=90"), ("sidecache-cache-control", "no-store")]),
+        Err(NotStorable::NoStore)
+    );
+    assert_eq!(f(&[("cache-control", "max-age=90"), ("sidecache-cache-control", "max-age=,")]), Ok(90), "invalid");
+    let wrong_type = [("cache-control", "max-age=90"), ("sidecache-cache-control", "max-age=(1)")];
+    assert_eq!(
+        f(&wrong_type),
+        Err(NotStorable::NoFreshness),
+        "valid, so used: its max-age of the wrong type is ignored"
+    );
+    assert_eq!(f(&[("cache-control", "max-age=90"), ("cdn-cache-control", "max-age=5")]), Ok(90), "not listed");
+    let mut cdn = cfg(None);
+    cdn.targeted.push(HeaderName::from_static("cdn-cache-control"));
+    let f = storable(
+        StatusCode::OK,
+        &headers(&[("cache-control", "max-age=90"), ("cdn-cache-control", "max-age=5")]),
+        &cdn,
+        now(),
+    );
+    assert_eq!(f.map(|f| f.lifetime.as_secs()), Ok(5));
 }

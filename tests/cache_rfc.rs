@@ -1,0 +1,508 @@
+//! The cache as an RFC 9111 shared cache, through the real request path on the embedded store and
+//! on a redis-server of the test's own: variants the origin's `Vary` chooses, any final status
+//! with explicit freshness, the origin's stale directives, targeted cache control (RFC 9213),
+//! byte ranges from stored responses, clients' request directives where a route allows them,
+//! invalidation by unsafe requests (on one replica and across two), and fields read as the RFCs
+//! say. Freshness runs on a manual clock.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::redis::TestRedis;
+use support::*;
+
+const ROUTES: &str = r#"
+[[route]]
+name = "origin"
+path = "/gen/*"
+cache = { }
+[[route]]
+name = "ttl"
+path = "/genttl/*"
+cache = { ttl = "60s" }
+[[route]]
+name = "few"
+path = "/genfew/*"
+cache = { max_variants = 3 }
+[[route]]
+name = "clients"
+path = "/genclients/*"
+cache = { ttl = "60s", request_directives = true }
+[[route]]
+name = "capped"
+path = "/gencapped/*"
+cache = { stale_if_error = "30s" }
+[[route]]
+name = "heuristic"
+path = "/genheur/*"
+cache = { heuristic = true }
+"#;
+
+const TARGETED: &str = r#"targeted = ["Sidecache-Cache-Control", "CDN-Cache-Control"]"#;
+
+/// Each scenario on both stores.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(Store::Embedded).await
+            }
+            #[tokio::test]
+            async fn redis() {
+                super::$name(Store::Redis).await
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    origin_vary_chooses_the_variant,
+    followers_with_other_values_fetch_their_own,
+    explicit_freshness_stores_any_final_status,
+    the_origins_stale_directives_count,
+    a_targeted_field_decides,
+    ranges_are_answered_from_stored_responses,
+    request_directives_only_where_the_route_allows,
+    unsafe_requests_invalidate,
+    fields_are_read_as_the_rfcs_say,
+);
+
+async fn setup(store: Store, upstream: TestUpstreamBuilder) -> CacheSetup {
+    CacheSetup::start(ROUTES, upstream, store, TARGETED).await
+}
+
+async fn req(s: &CacheSetup, path: &str, headers: &[(&str, &str)]) -> Answer {
+    send(Method::GET, &s.proxy.url(path), headers, Bytes::new()).await
+}
+
+fn x_cache(a: &Answer) -> &str {
+    a.headers["x-cache"].to_str().unwrap()
+}
+
+fn counter(text: &str, family: &str, route: &str, result: &str) -> f64 {
+    metric(text, &format!(r#"sidecache_{family}_total{{route="{route}",result="{result}"}}"#)).unwrap_or(0.0)
+}
+
+async fn metrics(proxy: &TestProxy) -> String {
+    get(&proxy.admin_url("/metrics")).await.text()
+}
+
+const FRESH: &str = "max-age=60";
+
+async fn origin_vary_chooses_the_variant(store: Store) {
+    let varied = Reply::ok().header("cache-control", FRESH).header("vary", "Accept-Language");
+    let s = setup(store, TestUpstream::new().route("/gen/lang", varied)).await;
+    let en = req(&s, "/gen/lang", &[("accept-language", "en")]).await;
+    assert_eq!(en.headers["cache-status"], "sidecache; fwd=miss; stored");
+    stored(&s.proxy, "origin", 1.0).await;
+    let en_again = req(&s, "/gen/lang", &[("accept-language", "en")]).await;
+    assert_eq!((x_cache(&en_again), &en_again.body), ("HIT", &en.body));
+    let fr = req(&s, "/gen/lang", &[("accept-language", "fr")]).await;
+    assert_eq!(x_cache(&fr), "MISS", "another value of a field the origin varies by");
+    assert_ne!(fr.body, en.body);
+    stored(&s.proxy, "origin", 2.0).await;
+    let fr_again = req(&s, "/gen/lang", &[("accept-language", "fr")]).await;
+    assert_eq!((x_cache(&fr_again), &fr_again.body), ("HIT", &fr.body));
+    assert_eq!(x_cache(&req(&s, "/gen/lang", &[("accept-language", "en")]).await), "HIT", "en is still there");
+
+    // Values are normalised: combined lines and whitespace around members.
+    let both = req(&s, "/gen/lang", &[("accept-language", "en, fr")]).await;
+    stored(&s.proxy, "origin", 3.0).await;
+    let lines = req(&s, "/gen/lang", &[("accept-language", "en"), ("accept-language", "fr")]).await;
+    assert_eq!((x_cache(&lines), &lines.body), ("HIT", &both.body), "two lines are one list");
+    let tight = req(&s, "/gen/lang", &[("accept-language", "en,fr")]).await;
+    assert_eq!((x_cache(&tight), &tight.body), ("HIT", &both.body));
+    assert_eq!(x_cache(&req(&s, "/gen/lang", &[("accept-language", "fr, en")]).await), "MISS", "order counts");
+    assert_eq!(x_cache(&req(&s, "/gen/lang", &[]).await), "MISS", "absent is a value of its own");
+    assert_eq!(s.upstream.requests(), 5);
+}
+
+async fn followers_with_other_values_fetch_their_own(store: Store) {
+    let slow =
+        Reply::ok().header("cache-control", FRESH).header("vary", "Accept-Language").delay(Duration::from_millis(300));
+    let s = setup(store, TestUpstream::new().route("/gen/slow", slow)).await;
+    let url = s.proxy.url("/gen/slow");
+    let ask = |lang: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move { send(Method::GET, &url, &[("accept-language", lang)], Bytes::new()).await })
+    };
+    let leader = ask("en");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let (same, other) = (ask("en"), ask("fr"));
+    let (leader, same, other) = (leader.await.unwrap(), same.await.unwrap(), other.await.unwrap());
+    assert_eq!(same.headers["cache-status"], "sidecache; fwd=miss; collapsed");
+    assert_eq!(same.body, leader.body, "a follower with the leader's values gets its response");
+    assert_ne!(other.body, leader.body, "one with other values must not get the leader's");
+    let seen: Vec<_> = s.upstream.seen("/gen/slow").iter().map(|h| h["accept-language"].clone()).collect();
+    assert_eq!(seen, ["en", "fr"]);
+}
+
+async fn explicit_freshness_stores_any_final_status(store: Store) {
+    let lm = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(100_000));
+    let upstream = TestUpstream::new()
+        .route("/genttl/moved", Reply::ok().status(301).header("location", "/x").header("cache-control", FRESH))
+        .route("/genttl/unavailable", Reply::ok().status(503).header("cache-control", FRESH))
+        .route(
+            "/genttl/gone",
+            Reply::ok()
+                .status(410)
+                .header("expires", &httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60))),
+        )
+        .route("/genttl/bad", Reply::ok().status(400).header("cache-control", FRESH))
+        .route("/genttl/missing", Reply::ok().status(404))
+        .route("/genheur/", Reply::ok().header("last-modified", &lm))
+        .route("/gen/heur", Reply::ok().header("last-modified", &lm));
+    let s = setup(store, upstream).await;
+    for (path, status) in [("/genttl/moved", 301), ("/genttl/unavailable", 503), ("/genttl/gone", 410)] {
+        let first = req(&s, path, &[]).await;
+        assert_eq!(first.status.as_u16(), status);
+        assert_eq!(first.headers["cache-status"], "sidecache; fwd=miss; stored", "{path}");
+    }
+    stored(&s.proxy, "ttl", 3.0).await;
+    for (path, status) in [("/genttl/moved", 301), ("/genttl/unavailable", 503), ("/genttl/gone", 410)] {
+        let again = req(&s, path, &[]).await;
+        assert_eq!((again.status.as_u16(), x_cache(&again)), (status, "HIT"), "{path}");
+    }
+    // A 400 answers the request's own fields, which the key does not hold; a 404 without
+    // freshness of its own is not among the route's statuses for its ttl.
+    for path in ["/genttl/bad", "/genttl/missing"] {
+        let (a, b) = (req(&s, path, &[]).await, req(&s, path, &[]).await);
+        assert_eq!((x_cache(&b), a.body != b.body), ("MISS", true), "{path}");
+    }
+    // Heuristic freshness from Last-Modified only where the route opts in.
+    req(&s, "/genheur/x", &[]).await;
+    stored(&s.proxy, "heuristic", 1.0).await;
+    assert_eq!(x_cache(&req(&s, "/genheur/x", &[]).await), "HIT");
+    let hit = req(&s, "/genheur/x", &[]).await;
+    let ttl: i64 = hit.headers["cache-status"].to_str().unwrap().rsplit("ttl=").next().unwrap().parse().unwrap();
+    assert!((9_900..=10_000).contains(&ttl), "a tenth of the 100000 s since Last-Modified: {ttl}");
+    req(&s, "/gen/heur", &[]).await;
+    assert_eq!(x_cache(&req(&s, "/gen/heur", &[]).await), "MISS", "not on a route without heuristic");
+}
+
+async fn the_origins_stale_directives_count(store: Store) {
+    let upstream = TestUpstream::new()
+        .route("/gen/swr", Reply::ok().header("cache-control", "max-age=1, stale-while-revalidate=60"))
+        .route("/gen/sie", Reply::ok().header("cache-control", "max-age=1, stale-if-error=60"))
+        .route("/gen/must", Reply::ok().header("cache-control", "max-age=1, stale-if-error=60, must-revalidate"))
+        .route("/gen/shared", Reply::ok().header("cache-control", "s-maxage=1, stale-if-error=60"))
+        .route("/gencapped/x", Reply::ok().header("cache-control", "max-age=1, stale-if-error=600"));
+    let s = setup(store, upstream).await;
+    let paths = ["/gen/swr", "/gen/sie", "/gen/must", "/gen/shared", "/gencapped/x"];
+    let mut first = HashMap::new();
+    for path in paths {
+        first.insert(path, req(&s, path, &[]).await.body);
+    }
+    stored(&s.proxy, "origin", 4.0).await;
+    stored(&s.proxy, "capped", 1.0).await;
+    s.clock.advance(Duration::from_secs(20));
+
+    let swr = req(&s, "/gen/swr", &[]).await;
+    assert_eq!((x_cache(&swr), &swr.body), ("STALE", &first["/gen/swr"]), "the origin's stale-while-revalidate");
+    for _ in 0..200 {
+        if s.upstream.seen("/gen/swr").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.upstream.seen("/gen/swr").len(), 2, "refreshed in the background");
+
+    for path in paths[1..].iter() {
+        s.upstream.set(path, Reply::ok().status(500));
+    }
+    let sie = req(&s, "/gen/sie", &[]).await;
+    assert_eq!((sie.status, x_cache(&sie)), (StatusCode::OK, "STALE"), "the origin's stale-if-error");
+    assert!(sie.headers["cache-status"].to_str().unwrap().ends_with("detail=stale-if-error"));
+    let capped = req(&s, "/gencapped/x", &[]).await;
+    assert_eq!(x_cache(&capped), "STALE", "inside the route's cap of 30 s");
+    for path in ["/gen/must", "/gen/shared"] {
+        assert_eq!(req(&s, path, &[]).await.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}: no stale use");
+    }
+    s.clock.advance(Duration::from_secs(20));
+    let capped = req(&s, "/gencapped/x", &[]).await;
+    assert_eq!(capped.status, StatusCode::INTERNAL_SERVER_ERROR, "40 s stale: past the route's cap");
+    assert_eq!(x_cache(&req(&s, "/gen/sie", &[]).await), "STALE", "the origin's 60 s where the route sets none");
+}
+
+async fn a_targeted_field_decides(store: Store) {
+    let upstream = TestUpstream::new()
+        .route("/gen/cdn", Reply::ok().header("cache-control", "no-store").header("cdn-cache-control", FRESH))
+        .route("/gen/ours", Reply::ok().header("cache-control", FRESH).header("sidecache-cache-control", "no-store"))
+        .route("/gen/invalid", Reply::ok().header("cache-control", FRESH).header("cdn-cache-control", "max-age=,,"));
+    let s = setup(store, upstream).await;
+    req(&s, "/gen/cdn", &[]).await;
+    req(&s, "/gen/invalid", &[]).await;
+    stored(&s.proxy, "origin", 2.0).await;
+    let hit = req(&s, "/gen/cdn", &[]).await;
+    assert_eq!(x_cache(&hit), "HIT", "CDN-Cache-Control replaces Cache-Control for this cache");
+    assert_eq!(
+        (hit.headers["cache-control"].to_str().unwrap(), hit.headers["cdn-cache-control"].to_str().unwrap()),
+        ("no-store", "max-age=60"),
+        "forwarded unchanged"
+    );
+    assert_eq!(x_cache(&req(&s, "/gen/invalid", &[]).await), "HIT", "an invalid targeted field is ignored");
+    let (a, b) = (req(&s, "/gen/ours", &[]).await, req(&s, "/gen/ours", &[]).await);
+    assert_eq!((x_cache(&b), a.body != b.body), ("MISS", true), "the first listed field wins");
+}
+
+async fn ranges_are_answered_from_stored_responses(store: Store) {
+    let reply = Reply::ok().header("cache-control", FRESH).header("etag", "\"r1\"").binary();
+    let s = setup(store, TestUpstream::new().route("/gen/r", reply)).await;
+    // A range miss goes upstream as sent and stores nothing.
+    let miss = req(&s, "/gen/r", &[("range", "bytes=0-3")]).await;
+    assert_eq!(x_cache(&miss), "MISS");
+    assert_eq!(s.upstream.seen("/gen/r")[0]["range"], "bytes=0-3");
+    let full = req(&s, "/gen/r", &[]).await;
+    assert_eq!(full.headers["cache-status"], "sidecache; fwd=miss; stored", "the range miss stored nothing");
+    stored(&s.proxy, "origin", 1.0).await;
+    let len = full.body.len();
+
+    let part = req(&s, "/gen/r", &[("range", "bytes=2-9")]).await;
+    assert_eq!((part.status, x_cache(&part)), (StatusCode::PARTIAL_CONTENT, "HIT"));
+    assert_eq!(part.headers["content-range"], format!("bytes 2-9/{len}").as_str());
+    assert_eq!(part.headers["content-length"], "8");
+    assert_eq!(part.body, full.body.slice(2..10));
+    let suffix = req(&s, "/gen/r", &[("range", "bytes=-5")]).await;
+    assert_eq!(suffix.body, full.body.slice(len - 5..));
+    let past = req(&s, "/gen/r", &[("range", &format!("bytes={len}-"))]).await;
+    assert_eq!(past.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(past.headers["content-range"], format!("bytes */{len}").as_str());
+    let several = req(&s, "/gen/r", &[("range", "bytes=0-1,4-5")]).await;
+    assert_eq!((several.status, &several.body), (StatusCode::OK, &full.body), "several ranges: the whole");
+    let matching = req(&s, "/gen/r", &[("range", "bytes=0-1"), ("if-range", "\"r1\"")]).await;
+    assert_eq!(matching.status, StatusCode::PARTIAL_CONTENT);
+    let changed = req(&s, "/gen/r", &[("range", "bytes=0-1"), ("if-range", "\"r0\"")]).await;
+    assert_eq!((changed.status, &changed.body), (StatusCode::OK, &full.body), "If-Range does not match: the whole");
+    let head = send(Method::HEAD, &s.proxy.url("/gen/r"), &[("range", "bytes=0-1")], Bytes::new()).await;
+    assert_eq!(head.status, StatusCode::OK, "Range is for GET");
+    assert_eq!(s.upstream.requests(), 2);
+}
+
+async fn request_directives_only_where_the_route_allows(store: Store) {
+    let s = setup(store, TestUpstream::new()).await;
+    for path in ["/genclients/a", "/genclients/no-cache", "/genclients/max-age", "/genclients/min-fresh"] {
+        req(&s, path, &[]).await;
+    }
+    req(&s, "/genttl/a", &[]).await;
+    stored(&s.proxy, "clients", 4.0).await;
+    stored(&s.proxy, "ttl", 1.0).await;
+    s.clock.advance(Duration::from_secs(10));
+    let hit = |a: &Answer| x_cache(a) == "HIT";
+
+    // A route that ignores them (the default): no client can make the cache skip an entry.
+    for cc in ["no-cache", "max-age=0", "min-fresh=3600"] {
+        assert!(hit(&req(&s, "/genttl/a", &[("cache-control", cc)]).await), "{cc} is ignored");
+    }
+    assert!(hit(&req(&s, "/genttl/a", &[("pragma", "no-cache")]).await));
+    assert_eq!(x_cache(&req(&s, "/genttl/cold", &[("cache-control", "only-if-cached")]).await), "MISS");
+
+    // A route that lets them count.
+    assert!(hit(&req(&s, "/genclients/a", &[("cache-control", "max-age=20, min-fresh=40")]).await));
+    let before = s.upstream.requests();
+    for (path, cc) in [("no-cache", "no-cache"), ("max-age", "max-age=5"), ("min-fresh", "min-fresh=55")] {
+        let forwarded = req(&s, &format!("/genclients/{path}"), &[("cache-control", cc)]).await;
+        assert_eq!(x_cache(&forwarded), "MISS", "{cc} goes to the backend");
+    }
+    assert_eq!(s.upstream.requests(), before + 3);
+    let cold = req(&s, "/genclients/cold", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(cold.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(s.upstream.requests(), before + 3, "only-if-cached never forwards");
+    assert!(hit(&req(&s, "/genclients/a", &[("cache-control", "only-if-cached")]).await));
+
+    req(&s, "/genclients/kept-out", &[("cache-control", "no-store")]).await;
+    assert_eq!(x_cache(&req(&s, "/genclients/kept-out", &[]).await), "MISS", "no-store: nothing stored");
+
+    stored(&s.proxy, "clients", 7.0).await;
+    s.clock.advance(Duration::from_secs(70));
+    let stale = req(&s, "/genclients/a", &[("cache-control", "max-stale=30")]).await;
+    assert_eq!(x_cache(&stale), "STALE", "max-stale accepts an entry stale for less");
+    assert_eq!(x_cache(&req(&s, "/genclients/b", &[("cache-control", "max-stale")]).await), "MISS");
+}
+
+async fn unsafe_requests_invalidate(store: Store) {
+    let fresh = Reply::ok().header("cache-control", FRESH);
+    let upstream = TestUpstream::new()
+        .route(
+            "/gen/create",
+            Reply::ok()
+                .status(201)
+                .header("location", "/gen/listed")
+                .header("content-location", "http://elsewhere/gen/other"),
+        )
+        .route("/gen/", fresh);
+    let s = setup(store, upstream).await;
+    let warm = ["/gen/item", "/gen/fails", "/gen/listed", "/gen/other", "/gen/q?a=1&b=2", "/gen/dot"];
+    for path in warm {
+        req(&s, path, &[]).await;
+    }
+    stored(&s.proxy, "origin", warm.len() as f64).await;
+    let post = |path: &str| {
+        let url = s.proxy.url(path);
+        async move { send(Method::POST, &url, &[], Bytes::from_static(b"x")).await }
+    };
+
+    let changed = post("/gen/item").await;
+    assert_eq!(changed.headers["cache-status"], "sidecache; fwd=bypass; detail=invalidated");
+    assert_eq!(x_cache(&req(&s, "/gen/item", &[]).await), "MISS", "a POST the route does not list invalidates");
+
+    s.upstream.set("/gen/fails", Reply::ok().status(500));
+    let failed = post("/gen/fails").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(failed.headers.get("cache-status").is_none());
+    s.upstream.set("/gen/fails", Reply::ok());
+    assert_eq!(x_cache(&req(&s, "/gen/fails", &[]).await), "HIT", "an error changed nothing");
+
+    post("/gen/create").await;
+    assert_eq!(x_cache(&req(&s, "/gen/listed", &[]).await), "MISS", "a same-origin Location");
+    assert_eq!(x_cache(&req(&s, "/gen/other", &[]).await), "HIT", "another origin's Content-Location");
+
+    send(Method::DELETE, &s.proxy.url("/gen/q?b=2&a=1"), &[], Bytes::new()).await;
+    assert_eq!(x_cache(&req(&s, "/gen/q?a=1&b=2", &[]).await), "MISS", "the target as the route keys it");
+    post("/gen/x/../dot").await;
+    assert_eq!(x_cache(&req(&s, "/gen/dot", &[]).await), "MISS", "another spelling of the target");
+
+    let m = metrics(&s.proxy).await;
+    let invalidations = metric(&m, r#"sidecache_cache_invalidations_total{route="origin"}"#);
+    assert_eq!(invalidations, Some(5.0), "item, create and its Location, q, dot: {m}");
+}
+
+/// RFC 850 form of a date, as legacy backends still send.
+fn rfc850(t: SystemTime) -> String {
+    let imf = httpdate::fmt_http_date(t); // "Sun, 06 Nov 1994 08:49:37 GMT"
+    let day = match &imf[..3] {
+        "Mon" => "Monday",
+        "Tue" => "Tuesday",
+        "Wed" => "Wednesday",
+        "Thu" => "Thursday",
+        "Fri" => "Friday",
+        "Sat" => "Saturday",
+        _ => "Sunday",
+    };
+    format!("{day}, {}-{}-{} {}", &imf[5..7], &imf[8..11], &imf[14..16], &imf[17..])
+}
+
+async fn fields_are_read_as_the_rfcs_say(store: Store) {
+    let in_two_minutes = SystemTime::now() + Duration::from_secs(120);
+    let upstream = TestUpstream::new()
+        .route("/gen/aged", Reply::ok().header("cache-control", "max-age=60").header("age", "30, 10"))
+        .route("/gen/rfc850", Reply::ok().header("expires", &rfc850(in_two_minutes)))
+        .route("/gen/invalid-expires", Reply::ok().header("expires", "next week"))
+        .route(
+            "/gen/conflict",
+            Reply::ok().header("cache-control", "max-age=60").header("cache-control", "max-age=600"),
+        );
+    let s = setup(store, upstream).await;
+    req(&s, "/gen/aged", &[]).await;
+    req(&s, "/gen/rfc850", &[]).await;
+    stored(&s.proxy, "origin", 2.0).await;
+    let aged = req(&s, "/gen/aged", &[]).await;
+    assert_eq!(aged.headers["age"], "30", "the first member of a list-valued Age");
+    assert!(aged.headers["cache-status"].to_str().unwrap().ends_with("ttl=30"));
+    assert_eq!(x_cache(&req(&s, "/gen/rfc850", &[]).await), "HIT", "Expires in RFC 850 form");
+    for path in ["/gen/invalid-expires", "/gen/conflict"] {
+        let (a, b) = (req(&s, path, &[]).await, req(&s, path, &[]).await);
+        assert_eq!((x_cache(&b), a.body != b.body), ("MISS", true), "{path}: already expired");
+    }
+}
+
+/// Two proxies on one Redis.
+async fn two_replicas(upstream: &TestUpstream, redis: &TestRedis) -> (TestProxy, TestProxy, sidecache::Clock) {
+    let clock = sidecache::Clock::manual();
+    let extra = format!(
+        "{ROUTES}\n[cache]\nhot_ttl = \"0s\"\n{TARGETED}\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n",
+        redis.url()
+    );
+    let toml = config_text(upstream.addr, &extra);
+    let a = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
+    let b = TestProxy::start_with(&toml, &HashMap::new(), clock.clone()).await;
+    wait_for_redis(&a).await;
+    wait_for_redis(&b).await;
+    (a, b, clock)
+}
+
+fn redis_reads(text: &str, op: &str) -> f64 {
+    metric(text, &format!(r#"sidecache_redis_op_duration_seconds_count{{client="cache",op="{op}"}}"#)).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_varied_path_costs_one_more_round_trip_the_first_time_a_process_meets_it() {
+    let redis = TestRedis::start();
+    let varied = Reply::ok().header("cache-control", FRESH).header("vary", "Accept-Language");
+    let upstream = TestUpstream::new().route("/gen/lang", varied).spawn().await;
+    let (a, b, _clock) = two_replicas(&upstream, &redis).await;
+    // Replicas serve one Host (their Service's name), whatever port each test proxy has.
+    let get_on = |proxy: &TestProxy, lang: &'static str| {
+        let url = proxy.url("/gen/lang");
+        async move { send(Method::GET, &url, &[("accept-language", lang), ("host", "shop")], Bytes::new()).await }
+    };
+    let stored_by_a = get_on(&a, "en").await;
+    stored(&a, "origin", 1.0).await;
+
+    // The other replica has never seen the path: the first slot holds a marker, so one more read.
+    let first = get_on(&b, "en").await;
+    assert_eq!((x_cache(&first), &first.body), ("HIT", &stored_by_a.body), "stored by the other replica");
+    let m = metrics(&b).await;
+    assert_eq!((redis_reads(&m, "hget"), redis_reads(&m, "hmget")), (2.0, 0.0), "{m}");
+    // From then on, both slots in one round trip.
+    for lang in ["en", "en", "fr"] {
+        get_on(&b, lang).await;
+    }
+    let m = metrics(&b).await;
+    assert_eq!((redis_reads(&m, "hget"), redis_reads(&m, "hmget")), (2.0, 3.0), "{m}");
+    assert_eq!(upstream.requests(), 2, "en once, fr once");
+}
+
+#[tokio::test]
+async fn a_path_keeps_at_most_max_variants() {
+    let redis = TestRedis::start();
+    let varied = Reply::ok().header("cache-control", FRESH).header("vary", "Accept-Language");
+    let s = CacheSetup::with(
+        ROUTES,
+        &format!("[cache]\nhot_ttl = \"0s\"\n[redis]\nurl = \"{}\"\nop_timeout = \"200ms\"\n", redis.url()),
+        TestUpstream::new().route("/genfew/x", varied),
+        Some(redis),
+    )
+    .await;
+    // max_variants = 3: the marker's slot and two entries.
+    for lang in ["a", "b", "c", "d"] {
+        req(&s, "/genfew/x", &[("accept-language", lang)]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut m = metrics(&s.proxy).await;
+    for _ in 0..100 {
+        if counter(&m, "cache_stores", "few", "stored") + counter(&m, "cache_stores", "few", "too_many_variants") >= 4.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = metrics(&s.proxy).await;
+    }
+    assert_eq!(counter(&m, "cache_stores", "few", "stored"), 2.0, "{m}");
+    assert_eq!(counter(&m, "cache_stores", "few", "too_many_variants"), 2.0, "{m}");
+    assert_eq!(x_cache(&req(&s, "/genfew/x", &[("accept-language", "a")]).await), "HIT");
+    assert_eq!(x_cache(&req(&s, "/genfew/x", &[("accept-language", "d")]).await), "MISS");
+}
+
+#[tokio::test]
+async fn an_unsafe_request_on_one_replica_invalidates_on_the_other() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::new().route("/gen/", Reply::ok().header("cache-control", FRESH)).spawn().await;
+    let (a, b, _clock) = two_replicas(&upstream, &redis).await;
+    // Replicas serve one Host (their Service's name), whatever port each test proxy has.
+    let host = [("host", "shop")];
+    send(Method::GET, &a.url("/gen/shared"), &host, Bytes::new()).await;
+    stored(&a, "origin", 1.0).await;
+    let hit = send(Method::GET, &b.url("/gen/shared"), &host, Bytes::new()).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    let put = send(Method::PUT, &a.url("/gen/shared"), &host, Bytes::from_static(b"new")).await;
+    assert_eq!(put.headers["cache-status"], "sidecache; fwd=bypass; detail=invalidated");
+    let after = send(Method::GET, &b.url("/gen/shared"), &host, Bytes::new()).await;
+    assert_eq!(x_cache(&after), "MISS", "the other replica no longer serves the old entry");
+    assert_ne!(after.body, hit.body);
+}
