@@ -71,6 +71,7 @@ on_both_stores!(
     request_directives_only_where_the_route_allows,
     unsafe_requests_invalidate,
     fields_are_read_as_the_rfcs_say,
+    no_value_reads_as_an_absent_field,
 );
 
 async fn setup(store: Store, upstream: TestUpstreamBuilder) -> CacheSetup {
@@ -505,4 +506,149 @@ async fn an_unsafe_request_on_one_replica_invalidates_on_the_other() {
     let after = send(Method::GET, &b.url("/gen/shared"), &host, Bytes::new()).await;
     assert_eq!(x_cache(&after), "MISS", "the other replica no longer serves the old entry");
     assert_ne!(after.body, hit.body);
+}
+
+/// A backend on a raw socket that reads a request head and writes `answer(n)` for the n-th
+/// connection (from 1), then closes it.
+async fn raw_backend(answer: fn(usize) -> String) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        for n in 1.. {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            stream.write_all(answer(n).as_bytes()).await.unwrap();
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn interim_responses_are_never_stored() {
+    // A backend that sends 103 Early Hints before every final response.
+    let (addr, backend) = raw_backend(|n| {
+        let body = format!("final #{n}");
+        format!(
+            "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    })
+    .await;
+    let proxy = TestProxy::start(&config_text(addr, ROUTES)).await;
+    let first = send(Method::GET, &proxy.url("/gen/hints"), &[], Bytes::new()).await;
+    assert_eq!((first.status, first.text().as_str()), (StatusCode::OK, "final #1"));
+    assert_eq!(first.headers["cache-status"], "sidecache; fwd=miss; stored");
+    stored(&proxy, "origin", 1.0).await;
+    let hit = send(Method::GET, &proxy.url("/gen/hints"), &[], Bytes::new()).await;
+    assert_eq!((hit.status, x_cache(&hit), hit.text().as_str()), (StatusCode::OK, "HIT", "final #1"));
+    assert!(hit.headers.get("link").is_none(), "nothing of the 103 is in the stored response");
+    backend.abort();
+}
+
+async fn no_value_reads_as_an_absent_field(store: Store) {
+    let varied = Reply::ok().header("cache-control", FRESH).header("vary", "X-Api-Version");
+    let s = setup(store, TestUpstream::new().route("/gen/v", varied)).await;
+    let crafted = req(&s, "/gen/v", &[("x-api-version", "absent")]).await;
+    assert_eq!(crafted.headers["cache-status"], "sidecache; fwd=miss; stored");
+    stored(&s.proxy, "origin", 1.0).await;
+    let other = req(&s, "/gen/v", &[]).await;
+    assert_eq!(x_cache(&other), "MISS", "a request without the field must not get the crafted value's answer");
+    assert_ne!(other.body, crafted.body);
+}
+
+#[tokio::test]
+async fn only_list_fields_are_normalised() {
+    let varied = Reply::ok().header("cache-control", FRESH).header("vary", "User-Agent");
+    let s = setup(Store::Embedded, TestUpstream::new().route("/gen/ua", varied)).await;
+    let real = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0";
+    let tight = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML,like Gecko) Chrome/126.0";
+    req(&s, "/gen/ua", &[("user-agent", tight)]).await;
+    req(&s, "/gen/ua", &[("user-agent", "Mozilla/5.0 (KHTML"), ("user-agent", "like Gecko) Chrome/126.0")]).await;
+    stored(&s.proxy, "origin", 2.0).await;
+    let browser = req(&s, "/gen/ua", &[("user-agent", real)]).await;
+    assert_eq!(x_cache(&browser), "MISS", "another User-Agent value, however alike");
+    assert_eq!(
+        x_cache(&req(&s, "/gen/ua", &[("user-agent", "Mozilla/5.0 (KHTML, like Gecko) Chrome/126.0")]).await),
+        "MISS"
+    );
+    assert_eq!(x_cache(&req(&s, "/gen/ua", &[("user-agent", tight)]).await), "HIT");
+}
+
+#[tokio::test]
+async fn the_route_vary_cannot_forge_an_absent_field() {
+    let routes = "[[route]]\nname = \"tenant\"\npath = \"/gen/*\"\ncache = { vary = [\"x-tenant\"] }\n";
+    let upstream = TestUpstream::new().route("/gen/t", Reply::ok().header("cache-control", FRESH));
+    let s = CacheSetup::start(routes, upstream, Store::Embedded, "").await;
+    let crafted = req(&s, "/gen/t", &[("x-tenant", "absent"), ("x-tenant", "")]).await;
+    stored(&s.proxy, "tenant", 1.0).await;
+    let other = req(&s, "/gen/t", &[]).await;
+    assert_eq!(x_cache(&other), "MISS");
+    assert_ne!(other.body, crafted.body);
+}
+
+#[tokio::test]
+async fn one_clients_429_is_not_stored_for_everyone() {
+    // A backend whose middleware stamps every answer cacheable, and whose limiter answers one
+    // noisy client 429 (a WAF's 403 likewise).
+    let limited = Reply::ok().status(429).header("cache-control", "public, max-age=60");
+    let s = setup(Store::Embedded, TestUpstream::new().route("/gen/feed", limited)).await;
+    assert_eq!(req(&s, "/gen/feed", &[]).await.status, StatusCode::TOO_MANY_REQUESTS);
+    s.upstream.set("/gen/feed", Reply::ok().header("cache-control", "public, max-age=60"));
+    assert_eq!(req(&s, "/gen/feed", &[]).await.status, StatusCode::OK);
+    let lm = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(100_000));
+    let bad = Reply::ok().status(400).header("cache-control", "public").header("last-modified", &lm);
+    s.upstream.set("/genheur/bad", bad);
+    req(&s, "/genheur/bad", &[]).await;
+    assert_eq!(x_cache(&req(&s, "/genheur/bad", &[]).await), "MISS", "nor by heuristic freshness");
+}
+
+#[tokio::test]
+async fn an_embedded_marker_lives_as_long_as_its_longest_variant() {
+    let long = Reply::ok().header("cache-control", "max-age=600").header("vary", "Accept-Language");
+    let s = setup(Store::Embedded, TestUpstream::new().route("/gen/m", long)).await;
+    req(&s, "/gen/m", &[("accept-language", "en")]).await;
+    stored(&s.proxy, "origin", 1.0).await;
+    s.upstream.set("/gen/m", Reply::ok().header("cache-control", "max-age=1").header("vary", "Accept-Language"));
+    req(&s, "/gen/m", &[("accept-language", "fr")]).await;
+    stored(&s.proxy, "origin", 2.0).await;
+    // The embedded store expires entries on real time (its keep-for), not on the test's clock.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(x_cache(&req(&s, "/gen/m", &[("accept-language", "en")]).await), "HIT");
+}
+
+#[tokio::test]
+async fn a_clients_no_store_stores_nothing_even_on_revalidation() {
+    let reply = Reply::ok().header("cache-control", FRESH).header("etag", "\"e1\"").not_modified_if("\"e1\"", &[]);
+    let s = setup(Store::Embedded, TestUpstream::new().route("/genclients/n", reply)).await;
+    req(&s, "/genclients/n", &[]).await;
+    stored(&s.proxy, "clients", 1.0).await;
+    let revalidated = req(&s, "/genclients/n", &[("cache-control", "no-cache, no-store")]).await;
+    assert_eq!(x_cache(&revalidated), "REVALIDATED");
+    assert_eq!(s.upstream.seen("/genclients/n")[1]["if-none-match"], "\"e1\"");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = metrics(&s.proxy).await;
+    assert_eq!(counter(&m, "cache_stores", "clients", "stored"), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn an_authority_form_request_with_a_relative_location_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let created =
+        |_| "HTTP/1.1 201 Created\r\nLocation: item/7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into();
+    let (backend, task) = raw_backend(created).await;
+    let proxy = TestProxy::start(&config_text(backend, ROUTES)).await;
+    let addr = proxy.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let raw = b"POST shop.example:80 HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    conn.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 201"), "{:?}", String::from_utf8_lossy(&answer));
+    task.abort();
 }

@@ -62,6 +62,8 @@ struct Fetch {
     flight: Option<FlightGuard>,
     /// The answer may become an entry (no body, `Range` or conditionals of the request's own).
     store: bool,
+    /// The client asked that nothing of the exchange be stored (`no-store`, where it counts).
+    no_store: bool,
 }
 
 /// Conditional header fields (RFC 9110 13.1) a client may send.
@@ -116,8 +118,11 @@ impl Cache {
                     return Begin::Answer(respond::from_entry(&entry, head, Some(req.headers()), Outcome::Hit, now));
                 }
                 Use::Stale => {
-                    // stale-while-revalidate: answer now, refresh once in the background.
-                    if let Join::Lead(flight) = self.flights.join(store::entry_id(&key.path_key, &slot.variant)) {
+                    // stale-while-revalidate: answer now, refresh once in the background (not
+                    // for a client that asked that nothing of its exchange be stored).
+                    let flight =
+                        (!asks.no_store).then(|| self.flights.join(store::entry_id(&key.path_key, &slot.variant)));
+                    if let Some(Join::Lead(flight)) = flight {
                         self.refresh(route, key, entry.clone(), flight, req, hop, upstream);
                     }
                     lookup.set(Outcome::Stale);
@@ -161,7 +166,7 @@ impl Cache {
             }
         }
         let request = req.headers().clone();
-        let fetch = Fetch { key, request, head, stale, revalidate, flight, store };
+        let fetch = Fetch { key, request, head, stale, revalidate, flight, store, no_store: asks.no_store };
         Begin::Forward(self.exchange(route, lookup.take(), Some(fetch)))
     }
 
@@ -194,8 +199,16 @@ impl Cache {
         *refresh.headers_mut() = request.clone();
         hop.annotate(&mut refresh);
         let revalidate = policy::has_validators(&stale.headers);
-        let fetch =
-            Fetch { key, request, head: false, stale: Some(stale), revalidate, flight: Some(flight), store: true };
+        let fetch = Fetch {
+            key,
+            request,
+            head: false,
+            stale: Some(stale),
+            revalidate,
+            flight: Some(flight),
+            store: true,
+            no_store: false,
+        };
         let exchange = self.exchange(route, None, Some(fetch));
         exchange.prepare(refresh.headers_mut());
         let upstream = upstream.clone();
@@ -384,6 +397,8 @@ impl Exchange {
         now: SystemTime,
     ) -> Response<Body> {
         let (entry, storable) = policy::revalidated(stale, not_modified, &self.route.config, now);
+        // A client's `no-store` (where its directives count): nothing of this exchange is stored.
+        let storable = storable && !fetch.no_store;
         let entry = Arc::new(entry);
         if storable {
             let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &self.route.config.vary);

@@ -64,7 +64,7 @@ fn same_origin(reference: &str, base_path: &str, host: Option<&str>) -> Option<S
     }
     let target = match reference.strip_prefix('?') {
         Some(query) => format!("{base_path}?{query}"),
-        None => format!("{}{reference}", &base_path[..=base_path.rfind('/').unwrap_or(0)]),
+        None => format!("{}{reference}", base_path.rfind('/').map_or("/", |end| &base_path[..=end])),
     };
     target.parse::<Uri>().ok().map(|_| target)
 }
@@ -122,6 +122,11 @@ mod tests {
         assert_eq!(targets_of("/a/b", "shop", &[("location", "c?d=1")]), ["/a/b", "/a/c?d=1"], "relative");
         assert_eq!(targets_of("/a/b", "shop", &[("location", "?page=2")]), ["/a/b", "/a/b?page=2"]);
         assert_eq!(targets_of("/a", "shop", &[("location", "https://shop:443/x#frag")]), ["/a", "/x"]);
+        let authority_form: Uri = "shop:80".parse().unwrap();
+        assert_eq!(authority_form.path(), "");
+        let mut created = HeaderMap::new();
+        created.insert(header::LOCATION, HeaderValue::from_static("item/7"));
+        assert_eq!(targets(&authority_form, Some("shop"), &created), ["/", "/item/7"], "no path to resolve against");
         for other in ["http://evil/x", "//shop/x", "https://shop:8443/x", "ftp://shop/x", "javascript:alert(1)"] {
             assert_eq!(targets_of("/a", "shop", &[("location", other)]), ["/a"], "{other}");
         }

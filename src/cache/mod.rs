@@ -272,7 +272,7 @@ impl Cache {
             }
         };
         let primary = Slot::primary(key);
-        match self.open(route, key, &primary, first) {
+        match self.open(key, &primary, first) {
             Ok(Stored::Entry(entry, by_previous)) => {
                 if remembered.is_some() {
                     self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &[]);
@@ -295,7 +295,7 @@ impl Cache {
                         }
                     },
                 };
-                let found = match second.map(|bytes| self.open(route, key, &wanted, bytes)) {
+                let found = match second.map(|bytes| self.open(key, &wanted, bytes)) {
                     Some(Ok(Stored::Entry(entry, by_previous))) => {
                         self.found(route, key, &wanted, entry, by_previous, now)
                     }
@@ -310,14 +310,11 @@ impl Cache {
     }
 
     /// Open (and decode) what a slot holds.
-    fn open(&self, route: &RouteCache, key: &CacheKey, slot: &Slot, bytes: Bytes) -> Result<Stored, Unreadable> {
+    fn open(&self, key: &CacheKey, slot: &Slot, bytes: Bytes) -> Result<Stored, Unreadable> {
         let opened = match &self.seal {
             Some(seal) => seal.open(&bytes, &key.path_key, &slot.variant)?,
             None => Opened { plain: bytes, by_previous: false },
         };
-        if opened.by_previous {
-            route.resealed.increment(1);
-        }
         if vary::Marker::is_marker(&opened.plain) {
             // Only the first slot holds markers; a marker is never sealed again (the entry it
             // leads to is, and rewrites it).
@@ -345,6 +342,7 @@ impl Cache {
     ) -> Found {
         if by_previous {
             // Sealed again under the current key: the previous one is needed ever less.
+            route.resealed.increment(1);
             self.write(route, key, slot, &entry);
         }
         let entry = Arc::new(entry);

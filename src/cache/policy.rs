@@ -68,7 +68,7 @@ pub fn request_bypass(method: &Method, headers: &HeaderMap, has_body: bool, cfg:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotStorable {
     /// A status that is never stored, or one that needs the route's `statuses` (freshness from
-    /// the route's `ttl`, or a 400 or 431).
+    /// the route's `ttl`, or an answer about the request rather than the resource, such as 429).
     Status,
     /// The response sets a cookie.
     SetCookie,
@@ -120,10 +120,11 @@ pub fn keep_for(entry: &Entry) -> Duration {
 /// Statuses a response may get heuristic freshness for (RFC 9110 15.1), less 206: a part is
 /// never stored, ranges are answered from a stored full response.
 const HEURISTICALLY_CACHEABLE: [u16; 11] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
-/// Answers to a request's header fields (a malformed or oversized one), which the key does not
-/// hold: stored, they would answer everyone's well-formed request with the error (cache-poisoned
-/// denial of service). Only when the route lists them in `statuses`.
-const REQUEST_FIELD_ERRORS: [u16; 2] = [400, 431];
+/// Answers about the request rather than the resource: its header fields (malformed, oversized,
+/// an unmet `Expect`), its credentials, its client's address or rate (a WAF's 403, a limiter's
+/// 429), its body. The key holds none of these, so stored they would answer everyone with one
+/// client's error (cache-poisoned denial of service). Stored only when the route lists them.
+const ABOUT_THE_REQUEST: [u16; 14] = [400, 401, 403, 407, 408, 411, 412, 413, 416, 417, 421, 428, 429, 431];
 /// Heuristic freshness never exceeds this (nor the route's `ttl`).
 const MAX_HEURISTIC: Duration = Duration::from_secs(86_400);
 
@@ -197,11 +198,13 @@ pub fn storable(
     }
     super::vary::names(headers)?;
 
-    let origin = cfg.respect_origin.then(|| origin_lifetime(&d, headers, now)).flatten();
     let listed = cfg.statuses.contains(&status);
+    if ABOUT_THE_REQUEST.contains(&status.as_u16()) && !listed {
+        return Err(NotStorable::Status);
+    }
+    let origin = cfg.respect_origin.then(|| origin_lifetime(&d, headers, now)).flatten();
     let capped = |lifetime: Duration| cfg.ttl.map_or(lifetime, |ttl| lifetime.min(ttl));
     let lifetime = match (origin, cfg.ttl) {
-        (Some(_), _) if REQUEST_FIELD_ERRORS.contains(&status.as_u16()) && !listed => return Err(NotStorable::Status),
         (Some(origin), _) => capped(origin),
         (None, Some(ttl)) if listed => ttl,
         (None, _)

@@ -54,9 +54,16 @@ pub fn beyond(names: Vec<HeaderName>, keyed: &[HeaderName]) -> Vec<HeaderName> {
     names.into_iter().filter(|n| !keyed.contains(n)).collect()
 }
 
-/// The second variant id: the first, and the values `request` has for `names` (sorted), each
-/// normalised as RFC 9111 4.1 allows: its lines combined, the whitespace around list members
-/// dropped. An absent field is not the same as an empty one.
+/// Fields whose value is a comma-separated list (RFC 9110 12.5): their lines may be combined and
+/// the whitespace around members dropped without changing what they say. Any other field is
+/// keyed exactly as sent, line by line: `(KHTML, like Gecko)` in a `User-Agent` is not a list.
+static LISTS: [HeaderName; 4] =
+    [header::ACCEPT, header::ACCEPT_CHARSET, header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE];
+
+/// The second variant id: the first, and the values `request` has for `names` (sorted), list
+/// fields normalised as RFC 9111 4.1 allows (lines combined, whitespace around members dropped),
+/// any other field exactly, line by line. Field values never hold bytes below 0x09, so the tags
+/// that separate the parts cannot be forged by a value; an absent field is not an empty one.
 pub fn secondary(primary: &str, names: &[HeaderName], request: &HeaderMap) -> String {
     let mut hash = Sha256::new();
     hash.update(primary.as_bytes());
@@ -65,17 +72,22 @@ pub fn secondary(primary: &str, names: &[HeaderName], request: &HeaderMap) -> St
         hash.update(name.as_str().as_bytes());
         let mut lines = request.get_all(name).iter().peekable();
         if lines.peek().is_none() {
-            hash.update(b"\x00absent");
-            continue;
-        }
-        hash.update(b"\x00");
-        let mut first = true;
-        for member in lines.flat_map(|line| line.as_bytes().split(|b| *b == b',')) {
-            if !first {
-                hash.update(b",");
+            hash.update(b"\x02");
+        } else if LISTS.contains(name) {
+            hash.update(b"\x03");
+            let mut first = true;
+            for member in lines.flat_map(|line| line.as_bytes().split(|b| *b == b',')) {
+                if !first {
+                    hash.update(b",");
+                }
+                first = false;
+                hash.update(member.trim_ascii());
             }
-            first = false;
-            hash.update(member.trim_ascii());
+        } else {
+            for line in lines {
+                hash.update(b"\x04");
+                hash.update(line.as_bytes());
+            }
         }
     }
     // A prefix no first variant has (those are plain hex), so the two can never meet.
@@ -217,6 +229,9 @@ mod tests {
         assert_ne!(base, id(&[("accept-language", "fr, en"), ("x-b", "1")]), "order counts");
         assert_ne!(base, id(&[("accept-language", "en, fr")]), "absent");
         assert_ne!(id(&[("x-b", "")]), id(&[]), "empty is not absent");
+        assert_ne!(id(&[("x-b", "absent")]), id(&[]), "no value reads as absent");
+        assert_ne!(id(&[("x-b", "a, b")]), id(&[("x-b", "a,b")]), "only list fields are normalised");
+        assert_ne!(id(&[("x-b", "a"), ("x-b", "b")]), id(&[("x-b", "a, b")]), "nor are the lines of others combined");
         assert_ne!(base, secondary("q", &names, &fields(&[("accept-language", "en, fr"), ("x-b", "1")])));
         assert!(base.starts_with('v') && base.len() == 33);
     }

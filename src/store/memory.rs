@@ -38,14 +38,16 @@ impl<V> Expiry<String, Item<V>> for KeepFor {
         Some(item.keep_for)
     }
 
+    /// Never earlier than before: a variant marker rewritten for a short-lived variant must not
+    /// end before a longer-lived one it leads to (an entry's own freshness decides its use).
     fn expire_after_update(
         &self,
         _key: &String,
         item: &Item<V>,
         _now: std::time::Instant,
-        _left: Option<Duration>,
+        left: Option<Duration>,
     ) -> Option<Duration> {
-        Some(item.keep_for)
+        Some(left.map_or(item.keep_for, |left| left.max(item.keep_for)))
     }
 }
 

@@ -254,9 +254,15 @@ fn explicit_freshness_makes_any_final_status_storable() {
     }
     let expires = httpdate::fmt_http_date(now() + Duration::from_secs(60));
     assert_eq!(check(302, &[("expires", &expires)]), Ok(Duration::from_secs(60)));
-    // Errors about the request's own fields would answer everyone else's with the error.
-    assert_eq!(check(400, &[("cache-control", "max-age=30")]), Err(NotStorable::Status));
-    assert_eq!(check(431, &[("cache-control", "max-age=30")]), Err(NotStorable::Status));
+    // Answers about one request rather than the resource would answer everyone with them.
+    for status in [400, 401, 403, 408, 413, 417, 429, 431] {
+        assert_eq!(check(status, &[("cache-control", "max-age=30")]), Err(NotStorable::Status), "{status}");
+    }
+    let mut heuristic = cfg(None);
+    heuristic.heuristic = true;
+    let lm = httpdate::fmt_http_date(now() - Duration::from_secs(1000));
+    let public_400 = headers(&[("cache-control", "public"), ("last-modified", &lm)]);
+    assert_eq!(storable(StatusCode::BAD_REQUEST, &public_400, &heuristic, now()).err(), Some(NotStorable::Status));
     let mut listed = cfg(Some(300));
     listed.statuses.push(StatusCode::BAD_REQUEST);
     let f = storable(StatusCode::BAD_REQUEST, &headers(&[("cache-control", "max-age=30")]), &listed, now());
