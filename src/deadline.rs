@@ -14,11 +14,12 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
+use http::{HeaderMap, StatusCode};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
@@ -55,6 +56,15 @@ pub struct Activity {
     /// When an h2 response body was last created or asked, in milliseconds since `born`.
     asked_at: AtomicU64,
     born: Instant,
+    /// HTTP/1.1: interim responses from the backend (`103 Early Hints`), encoded, waiting for the
+    /// connection's task to write them (hyper's server cannot send one itself).
+    interim: Mutex<Vec<u8>>,
+    has_interim: AtomicBool,
+    /// Whether everything hyper has written was flushed. hyper flushes its IO only once its own
+    /// buffer is empty, so an interim response written then cannot split one of its messages.
+    flushed: AtomicBool,
+    /// The connection's task, woken to write an interim response.
+    writer: AtomicWaker,
 }
 
 impl Activity {
@@ -69,7 +79,42 @@ impl Activity {
             unasked: AtomicUsize::new(0),
             asked_at: AtomicU64::new(0),
             born: Instant::now(),
+            interim: Mutex::new(Vec::new()),
+            has_interim: AtomicBool::new(false),
+            flushed: AtomicBool::new(true),
+            writer: AtomicWaker::new(),
         }
+    }
+
+    /// Pass an interim response from the backend on to an HTTP/1.1 client, before the final
+    /// response (RFC 9110 15.2). Sent at once, unless the connection is still writing an earlier
+    /// response (then it is dropped, as it is on h2, where hyper offers no way to send one).
+    pub fn interim(&self, status: StatusCode, headers: &HeaderMap) {
+        if self.h2.load(Ordering::Relaxed) || !self.flushed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut queued = self.interim.lock().unwrap_or_else(PoisonError::into_inner);
+        if queued.len() > MAX_INTERIM {
+            return;
+        }
+        queued.extend_from_slice(b"HTTP/1.1 ");
+        queued.extend_from_slice(status.as_str().as_bytes());
+        queued.push(b' ');
+        queued.extend_from_slice(status.canonical_reason().unwrap_or("Informational").as_bytes());
+        queued.extend_from_slice(b"\r\n");
+        let mut headers = headers.clone();
+        crate::upstream::headers::remove_hop_by_hop(&mut headers);
+        headers.remove(http::header::CONTENT_LENGTH);
+        for (name, value) in &headers {
+            queued.extend_from_slice(name.as_str().as_bytes());
+            queued.extend_from_slice(b": ");
+            queued.extend_from_slice(value.as_bytes());
+            queued.extend_from_slice(b"\r\n");
+        }
+        queued.extend_from_slice(b"\r\n");
+        self.has_interim.store(true, Ordering::Release);
+        drop(queued);
+        self.writer.wake();
     }
 
     fn mark_asked(&self) {
@@ -99,6 +144,9 @@ impl Activity {
         Busy(self.clone())
     }
 }
+
+/// Bytes of interim responses one connection holds at most; a backend sending more is not heard.
+const MAX_INTERIM: usize = 16 * 1024;
 
 /// A request (or tunnel) in progress; see [`Activity::busy`].
 #[derive(Debug)]
@@ -204,6 +252,9 @@ pub struct Deadlined<I> {
     /// Set while a write waits for the client to read: a client that stops reading (a response
     /// it never takes, pipelined requests it never collects) gets `idle` to read again.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Interim response bytes taken from `Activity::interim`, and how many are written.
+    interim: Vec<u8>,
+    interim_at: usize,
 }
 
 impl<I> Deadlined<I> {
@@ -222,6 +273,8 @@ impl<I> Deadlined<I> {
             armed: deadline,
             starved: false,
             stalled: None,
+            interim: Vec::new(),
+            interim_at: 0,
         }
     }
 
@@ -319,9 +372,36 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
     }
 }
 
+impl<I: AsyncWrite + Unpin> Deadlined<I> {
+    /// Write the interim responses queued for this connection, before anything hyper writes.
+    fn poll_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.interim.is_empty() {
+            if !self.activity.has_interim.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(Ok(()));
+            }
+            let mut queued = self.activity.interim.lock().unwrap_or_else(PoisonError::into_inner);
+            std::mem::swap(&mut self.interim, &mut queued);
+        }
+        while self.interim_at < self.interim.len() {
+            let polled = Pin::new(&mut self.io).poll_write(cx, &self.interim[self.interim_at..]);
+            match self.write_progress(cx, polled) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.interim_at += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.interim.clear();
+        self.interim_at = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_interim(cx))?;
+        this.activity.flushed.store(false, Ordering::Release);
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         this.write_progress(cx, polled)
     }
@@ -332,6 +412,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_interim(cx))?;
+        this.activity.flushed.store(false, Ordering::Release);
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         this.write_progress(cx, polled)
     }
@@ -348,7 +430,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
         if this.observe(cx) {
             this.expired(cx);
         }
+        // hyper flushes whenever its task runs, with its own buffer empty: the moment to send
+        // an interim response, and to be woken for the next.
+        this.activity.writer.register(cx.waker());
+        std::task::ready!(this.poll_interim(cx))?;
         let polled = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.activity.flushed.store(true, Ordering::Release);
+        }
         this.write_progress(cx, polled)
     }
 
@@ -363,6 +452,38 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const LIMITS: Limits = Limits { header_read: Duration::from_secs(10), idle: Duration::from_secs(60) };
+
+    #[tokio::test]
+    async fn interim_responses_go_out_between_messages_only() {
+        let (mut io, mut client, activity) = pair();
+        let mut hints = HeaderMap::new();
+        hints.insert("link", http::HeaderValue::from_static("</a.css>; rel=preload"));
+        hints.insert("connection", http::HeaderValue::from_static("close"));
+        let early = StatusCode::from_u16(103).unwrap();
+        // Part of a response written, not yet flushed: an interim response now would split it.
+        io.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        activity.interim(early, &hints);
+        io.write_all(b"content-length: 0\r\n\r\n").await.unwrap();
+        io.flush().await.unwrap();
+        // Flushed: a message boundary. It goes out with the next flush, before anything else.
+        activity.interim(early, &hints);
+        io.flush().await.unwrap();
+        io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+        io.flush().await.unwrap();
+        drop(io);
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n\
+             HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 204 No Content\r\n\r\n"
+        );
+        // h2 has no way to carry one from here.
+        activity.speaks_h2();
+        activity.interim(early, &hints);
+        assert!(!activity.has_interim.load(Ordering::Relaxed));
+    }
 
     fn pair() -> (Deadlined<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<Activity>) {
         let (server, client) = tokio::io::duplex(1024);

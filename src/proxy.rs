@@ -232,6 +232,17 @@ impl Proxy {
         // 5. Forward, and 6. the cache finishes its phase: 304 refresh, stale on error, storing,
         // coalescing. A fetch other requests wait for runs as a task of its own, so a client
         // that leaves cannot cancel it for them.
+        // Interim responses (`103 Early Hints`) from the backend go on to an HTTP/1.1 client as
+        // they arrive (hyper's client hands them over, its server cannot send them: the
+        // connection's IO does). Never 100, which hyper's server sends itself, nor 101.
+        if req.version() == Version::HTTP_11 && !upgrade {
+            let activity = conn.activity.clone();
+            hyper::ext::on_informational(&mut req, move |interim| {
+                if !matches!(interim.status().as_u16(), 100 | 101) {
+                    activity.interim(interim.status(), interim.headers());
+                }
+            });
+        }
         let req = req.map(Streamed::body);
         match exchange {
             Some(exchange) if exchange.leads() => {

@@ -509,8 +509,8 @@ async fn an_unsafe_request_on_one_replica_invalidates_on_the_other() {
 }
 
 /// A backend on a raw socket that reads a request head and writes `answer(n)` for the n-th
-/// connection (from 1), then closes it.
-async fn raw_backend(answer: fn(usize) -> String) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// connection (from 1), its parts 300 ms apart, then closes it.
+async fn raw_backend(answer: fn(usize) -> Vec<String>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -522,32 +522,72 @@ async fn raw_backend(answer: fn(usize) -> String) -> (std::net::SocketAddr, toki
             while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
                 head.push(byte[0]);
             }
-            stream.write_all(answer(n).as_bytes()).await.unwrap();
+            for (i, part) in answer(n).into_iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                stream.write_all(part.as_bytes()).await.unwrap();
+            }
         }
     });
     (addr, task)
 }
 
+/// Read from `conn` until `end` has been read, at most `limit`.
+async fn read_until(conn: &mut tokio::net::TcpStream, end: &[u8], limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(limit, async {
+        while !got.windows(end.len()).any(|w| w == end) {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    got
+}
+
 #[tokio::test]
-async fn interim_responses_are_never_stored() {
-    // A backend that sends 103 Early Hints before every final response.
+async fn interim_responses_reach_http1_clients_at_once_and_are_never_stored() {
+    use tokio::io::AsyncWriteExt;
+    // A backend that sends 103 Early Hints, then the final response 300 ms later.
     let (addr, backend) = raw_backend(|n| {
         let body = format!("final #{n}");
-        format!(
-            "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
-             HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
+        vec![
+            "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n".into(),
+            format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        ]
     })
     .await;
     let proxy = TestProxy::start(&config_text(addr, ROUTES)).await;
-    let first = send(Method::GET, &proxy.url("/gen/hints"), &[], Bytes::new()).await;
-    assert_eq!((first.status, first.text().as_str()), (StatusCode::OK, "final #1"));
-    assert_eq!(first.headers["cache-status"], "sidecache; fwd=miss; stored");
+    let at = proxy.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut conn = tokio::net::TcpStream::connect(&at).await.unwrap();
+    conn.write_all(b"GET /gen/hints HTTP/1.1\r\nHost: shop\r\n\r\n").await.unwrap();
+    let hints = String::from_utf8(read_until(&mut conn, b"\r\n\r\n", Duration::from_millis(250)).await).unwrap();
+    assert_eq!(
+        hints.to_ascii_lowercase(),
+        "http/1.1 103 early hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+        "passed on before the final response, without its hop-by-hop fields"
+    );
+    let rest = String::from_utf8(read_until(&mut conn, b"final #1", Duration::from_secs(5)).await).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+    assert!(rest.contains("cache-status: sidecache; fwd=miss; stored"), "{rest}");
     stored(&proxy, "origin", 1.0).await;
-    let hit = send(Method::GET, &proxy.url("/gen/hints"), &[], Bytes::new()).await;
-    assert_eq!((hit.status, x_cache(&hit), hit.text().as_str()), (StatusCode::OK, "HIT", "final #1"));
-    assert!(hit.headers.get("link").is_none(), "nothing of the 103 is in the stored response");
+    conn.write_all(b"GET /gen/hints HTTP/1.1\r\nHost: shop\r\n\r\n").await.unwrap();
+    let hit = String::from_utf8(read_until(&mut conn, b"final #1", Duration::from_secs(5)).await).unwrap();
+    assert!(hit.starts_with("HTTP/1.1 200 OK\r\n"), "a hit has no interim response: {hit}");
+    assert!(hit.contains("x-cache: HIT") && !hit.to_ascii_lowercase().contains("link:"), "{hit}");
+    // HTTP/1.0 clients never get an interim response (RFC 9110 15.2).
+    let mut old = tokio::net::TcpStream::connect(&at).await.unwrap();
+    old.write_all(b"GET /gen/other HTTP/1.0\r\nHost: shop\r\n\r\n").await.unwrap();
+    let answer = String::from_utf8(read_until(&mut old, b"final #2", Duration::from_secs(5)).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
     backend.abort();
 }
 
@@ -640,7 +680,7 @@ async fn a_clients_no_store_stores_nothing_even_on_revalidation() {
 async fn an_authority_form_request_with_a_relative_location_is_answered() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let created =
-        |_| "HTTP/1.1 201 Created\r\nLocation: item/7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into();
+        |_| vec!["HTTP/1.1 201 Created\r\nLocation: item/7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()];
     let (backend, task) = raw_backend(created).await;
     let proxy = TestProxy::start(&config_text(backend, ROUTES)).await;
     let addr = proxy.url("").trim_start_matches("http://").trim_end_matches('/').to_string();

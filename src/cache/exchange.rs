@@ -121,7 +121,7 @@ impl Cache {
                     // stale-while-revalidate: answer now, refresh once in the background (not
                     // for a client that asked that nothing of its exchange be stored).
                     let flight =
-                        (!asks.no_store).then(|| self.flights.join(store::entry_id(&key.path_key, &slot.variant)));
+                        (!asks.no_store).then(|| self.flights.join(store::entry_id(&key.path_key, slot.variant(&key))));
                     if let Some(Join::Lead(flight)) = flight {
                         self.refresh(route, key, entry.clone(), flight, req, hop, upstream);
                     }
@@ -151,13 +151,13 @@ impl Cache {
         // (at most `lock_timeout`) and forward on their own if it yields nothing, or a response
         // the origin varies by fields whose values they do not share.
         let mut flight = None;
-        match self.flights.join(store::entry_id(&key.path_key, &slot.variant)) {
+        match self.flights.join(store::entry_id(&key.path_key, slot.variant(&key))) {
             Join::Lead(guard) if store && !head => flight = Some(guard),
             Join::Lead(_) => {}
             Join::Follow(rx) => {
                 if let Some((entry, variant)) = coalesce::follow(rx, self.lock_timeout).await {
                     let own = Slot::of_response(&key, &entry.headers, req.headers(), &route.config.vary);
-                    if *own.variant == *variant {
+                    if own.variant(&key) == &*variant {
                         lookup.set(Outcome::Collapsed);
                         let now = self.clock.now();
                         return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
@@ -362,7 +362,7 @@ impl Exchange {
                 let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &config.vary);
                 let stored = self.cache.write(&self.route, &fetch.key, &slot, &entry);
                 if let Some(flight) = fetch.flight.take() {
-                    flight.publish(Arc::new(entry), &slot.variant);
+                    flight.publish(Arc::new(entry), slot.variant(&fetch.key));
                 }
                 self.forwarded(Response::from_parts(parts, body::full(body)), stored)
             }
@@ -404,7 +404,7 @@ impl Exchange {
             let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &self.route.config.vary);
             self.cache.write(&self.route, &fetch.key, &slot, &entry);
             if let Some(flight) = fetch.flight.take() {
-                flight.publish(entry.clone(), &slot.variant);
+                flight.publish(entry.clone(), slot.variant(&fetch.key));
             }
         }
         self.set_outcome(Outcome::Revalidated);

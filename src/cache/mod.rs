@@ -249,9 +249,9 @@ impl Cache {
             true => None,
             false => self.selectors.get(&store::entry_id(&key.path_key, &key.variant)),
         };
-        let slot = Slot::new(key, remembered.clone().unwrap_or_else(|| Arc::new([])), request);
+        let slot = remembered.clone().map_or(Slot::Primary, |names| Slot::new(key, names, request));
         if let Some(hot) = &self.hot {
-            if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, &slot.variant) {
+            if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, slot.variant(key)) {
                 let trusted = now.duration_since(admitted).is_ok_and(|held| held < hot.ttl);
                 if let (true, fresh @ Phase::Fresh(_)) = (trusted, policy::phase(&entry, now)) {
                     return (Found::Entry(entry, fresh), slot);
@@ -259,9 +259,9 @@ impl Cache {
             }
         }
         // The first slot, and the second one this process expects the origin to vary by.
-        let read = match slot.names.is_empty() {
-            true => self.store.get(&key.path_key, &key.variant).await.map(|first| (first, None)),
-            false => self.store.get_two(&key.path_key, &key.variant, &slot.variant).await,
+        let read = match &slot {
+            Slot::Primary => self.store.get(&key.path_key, &key.variant).await.map(|first| (first, None)),
+            Slot::Secondary(_, second) => self.store.get_two(&key.path_key, &key.variant, second).await,
         };
         let (first, second) = match read {
             Ok((Some(first), second)) => (first, second),
@@ -271,13 +271,12 @@ impl Cache {
                 return (Found::Unavailable, slot);
             }
         };
-        let primary = Slot::primary(key);
-        match self.open(key, &primary, first) {
+        match self.open(key, &Slot::Primary, first) {
             Ok(Stored::Entry(entry, by_previous)) => {
                 if remembered.is_some() {
                     self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &[]);
                 }
-                (self.found(route, key, &primary, entry, by_previous, now), primary)
+                (self.found(route, key, &Slot::Primary, entry, by_previous, now), Slot::Primary)
             }
             Ok(Stored::Marker(marker)) => {
                 let names: Arc<[HeaderName]> = marker.names.into();
@@ -287,7 +286,7 @@ impl Cache {
                     (true, second) => second,
                     // The first time this process meets the path varied, or the origin now varies it by
                     // other fields: one more round trip.
-                    (false, _) => match self.store.get(&key.path_key, &wanted.variant).await {
+                    (false, _) => match self.store.get(&key.path_key, wanted.variant(key)).await {
                         Ok(second) => second,
                         Err(e) => {
                             tracing::debug!(route = %route.name, error = %e, "cache lookup failed; forwarding");
@@ -305,21 +304,21 @@ impl Cache {
                 };
                 (found, wanted)
             }
-            Err(why) => (self.unreadable(route, key, &primary, why), primary),
+            Err(why) => (self.unreadable(route, key, &Slot::Primary, why), Slot::Primary),
         }
     }
 
     /// Open (and decode) what a slot holds.
     fn open(&self, key: &CacheKey, slot: &Slot, bytes: Bytes) -> Result<Stored, Unreadable> {
         let opened = match &self.seal {
-            Some(seal) => seal.open(&bytes, &key.path_key, &slot.variant)?,
+            Some(seal) => seal.open(&bytes, &key.path_key, slot.variant(key))?,
             None => Opened { plain: bytes, by_previous: false },
         };
         if vary::Marker::is_marker(&opened.plain) {
             // Only the first slot holds markers; a marker is never sealed again (the entry it
             // leads to is, and rewrites it).
-            return match (slot.names.is_empty(), vary::Marker::decode(&opened.plain)) {
-                (true, Some(marker)) => Ok(Stored::Marker(marker)),
+            return match (slot, vary::Marker::decode(&opened.plain)) {
+                (Slot::Primary, Some(marker)) => Ok(Stored::Marker(marker)),
                 _ => Err(Unreadable::Undecodable),
             };
         }
@@ -348,7 +347,7 @@ impl Cache {
         let entry = Arc::new(entry);
         let phase = policy::phase(&entry, now);
         if let (Some(hot), Phase::Fresh(left)) = (&self.hot, phase) {
-            hot.entries.put(&key.path_key, &slot.variant, Hot(entry.clone(), now), left.min(hot.ttl));
+            hot.entries.put(&key.path_key, slot.variant(key), Hot(entry.clone(), now), left.min(hot.ttl));
         }
         Found::Entry(entry, phase)
     }
@@ -357,7 +356,7 @@ impl Cache {
     fn unreadable(&self, route: &RouteCache, key: &CacheKey, slot: &Slot, why: Unreadable) -> Found {
         route.count_unreadable(why);
         tracing::debug!(route = %route.name, reason = why.as_str(), "stored entry unreadable; deleting it");
-        let (store, path_key, variant) = (self.store.clone(), key.path_key.clone(), slot.variant.clone());
+        let (store, path_key, variant) = (self.store.clone(), key.path_key.clone(), slot.variant(key).to_string());
         tokio::spawn(async move {
             if let Err(e) = store.remove(&path_key, &variant).await {
                 tracing::debug!(error = %e, "could not delete an undecodable entry");
@@ -383,12 +382,13 @@ impl Cache {
             None => bytes,
         };
         let mut variants = Vec::with_capacity(2);
-        if !slot.names.is_empty() {
-            let marker = vary::Marker { names: slot.names.to_vec() }.encode();
+        if let Slot::Secondary(names, _) = slot {
+            let marker = vary::Marker { names: names.to_vec() }.encode();
             variants.push((key.variant.clone(), seal(marker, &key.variant)));
-            self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &slot.names);
+            self.selectors.set(&store::entry_id(&key.path_key, &key.variant), names);
         }
-        variants.push((slot.variant.clone(), seal(entry.encode(), &slot.variant)));
+        let variant = slot.variant(key);
+        variants.push((variant.to_string(), seal(entry.encode(), variant)));
         let (store, route, path_key) = (self.store.clone(), route.clone(), key.path_key.clone());
         let (keep_for, max_variants, wanted) = (policy::keep_for(entry), route.config.max_variants, variants.len());
         let write = async move {
@@ -441,26 +441,22 @@ impl Cache {
 }
 
 /// Where an entry lives within its path: the first variant's slot (the authority and the
-/// route's `vary` values), or the second one, chosen also by the fields beyond those that the
+/// route's `vary` values), or a second one, chosen also by the fields beyond those that the
 /// origin's `Vary` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slot {
-    /// The fields beyond the route's `vary`; empty for the first slot.
-    names: Arc<[HeaderName]>,
-    /// The slot's variant id within the path.
-    variant: String,
+pub enum Slot {
+    /// The key's own variant.
+    Primary,
+    /// A second variant: the fields beyond the route's `vary`, and the id their values make.
+    Secondary(Arc<[HeaderName]>, String),
 }
 
 impl Slot {
-    fn primary(key: &CacheKey) -> Slot {
-        Slot { names: Arc::new([]), variant: key.variant.clone() }
-    }
-
     /// The slot of a request that the origin varies by `names` beyond the route's `vary`.
     fn new(key: &CacheKey, names: Arc<[HeaderName]>, request: &HeaderMap) -> Slot {
         match names.is_empty() {
-            true => Slot::primary(key),
-            false => Slot { variant: vary::secondary(&key.variant, &names, request), names },
+            true => Slot::Primary,
+            false => Slot::Secondary(names.clone(), vary::secondary(&key.variant, &names, request)),
         }
     }
 
@@ -468,6 +464,14 @@ impl Slot {
     fn of_response(key: &CacheKey, response: &HeaderMap, request: &HeaderMap, keyed: &[HeaderName]) -> Slot {
         let names = vary::beyond(vary::names(response).unwrap_or_default(), keyed);
         Slot::new(key, names.into(), request)
+    }
+
+    /// The slot's variant id within the path.
+    fn variant<'a>(&'a self, key: &'a CacheKey) -> &'a str {
+        match self {
+            Slot::Primary => &key.variant,
+            Slot::Secondary(_, variant) => variant,
+        }
     }
 }
 
