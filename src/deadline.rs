@@ -9,6 +9,9 @@
 //! [`Deadlined`], which sees every read, and the request path holds a [`Busy`] guard from the
 //! moment hyper hands it a request until the response body is dropped (or, for an upgraded
 //! connection, until the tunnel ends). Only while no guard is held does a deadline run.
+//!
+//! The same wrapper writes what hyper's server cannot: interim responses from the backend
+//! (`103 Early Hints`) to an HTTP/1.1 client, between hyper's messages ([`Activity::interim`]).
 
 use std::future::Future;
 use std::io;
@@ -60,8 +63,14 @@ pub struct Activity {
     /// connection's task to write them (hyper's server cannot send one itself).
     interim: Mutex<Vec<u8>>,
     has_interim: AtomicBool,
-    /// Whether everything hyper has written was flushed. hyper flushes its IO only once its own
-    /// buffer is empty, so an interim response written then cannot split one of its messages.
+    /// Whether a request's forward awaits its final response ([`InterimGate`]): only then may an
+    /// interim response be queued.
+    awaiting: AtomicBool,
+    /// Whether everything hyper has written was flushed: set when the IO's flush completes
+    /// (hyper flushes it only with its own buffer empty), cleared, under the `interim` lock,
+    /// before hyper's next bytes. While a request awaits its final response, hyper has no other
+    /// response to write (HTTP/1 answers one request at a time), so once flushed nothing of a
+    /// response is pending and an interim response cannot split one.
     flushed: AtomicBool,
     /// The connection's task, woken to write an interim response.
     writer: AtomicWaker,
@@ -81,40 +90,52 @@ impl Activity {
             born: Instant::now(),
             interim: Mutex::new(Vec::new()),
             has_interim: AtomicBool::new(false),
+            awaiting: AtomicBool::new(false),
             flushed: AtomicBool::new(true),
             writer: AtomicWaker::new(),
         }
     }
 
     /// Pass an interim response from the backend on to an HTTP/1.1 client, before the final
-    /// response (RFC 9110 15.2). Sent at once, unless the connection is still writing an earlier
-    /// response (then it is dropped, as it is on h2, where hyper offers no way to send one).
+    /// response (RFC 9110 15.2). Sent at once, while a request awaits its final response and
+    /// nothing else is being written (otherwise dropped, as it is on h2, where hyper offers no
+    /// way to send one, and past [`MAX_INTERIM`] bytes).
     pub fn interim(&self, status: StatusCode, headers: &HeaderMap) {
-        if self.h2.load(Ordering::Relaxed) || !self.flushed.load(Ordering::Acquire) {
+        if self.h2.load(Ordering::Relaxed) || !self.awaiting.load(Ordering::Acquire) {
             return;
         }
-        let mut queued = self.interim.lock().unwrap_or_else(PoisonError::into_inner);
-        if queued.len() > MAX_INTERIM {
-            return;
-        }
-        queued.extend_from_slice(b"HTTP/1.1 ");
-        queued.extend_from_slice(status.as_str().as_bytes());
-        queued.push(b' ');
-        queued.extend_from_slice(status.canonical_reason().unwrap_or("Informational").as_bytes());
-        queued.extend_from_slice(b"\r\n");
         let mut headers = headers.clone();
         crate::upstream::headers::remove_hop_by_hop(&mut headers);
         headers.remove(http::header::CONTENT_LENGTH);
+        let mut encoded = Vec::with_capacity(64);
+        encoded.extend_from_slice(b"HTTP/1.1 ");
+        encoded.extend_from_slice(status.as_str().as_bytes());
+        encoded.push(b' ');
+        encoded.extend_from_slice(status.canonical_reason().unwrap_or("Informational").as_bytes());
+        encoded.extend_from_slice(b"\r\n");
         for (name, value) in &headers {
-            queued.extend_from_slice(name.as_str().as_bytes());
-            queued.extend_from_slice(b": ");
-            queued.extend_from_slice(value.as_bytes());
-            queued.extend_from_slice(b"\r\n");
+            encoded.extend_from_slice(name.as_str().as_bytes());
+            encoded.extend_from_slice(b": ");
+            encoded.extend_from_slice(value.as_bytes());
+            encoded.extend_from_slice(b"\r\n");
         }
-        queued.extend_from_slice(b"\r\n");
+        encoded.extend_from_slice(b"\r\n");
+        // Under the lock: the connection clears `flushed` under it before hyper's next bytes.
+        let mut queued = self.interim.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.flushed.load(Ordering::Acquire) || queued.len() + encoded.len() > MAX_INTERIM {
+            return;
+        }
+        queued.extend_from_slice(&encoded);
         self.has_interim.store(true, Ordering::Release);
         drop(queued);
         self.writer.wake();
+    }
+
+    /// A request's forward begins: interim responses may reach its client until the gate drops
+    /// (when its final response is in hand).
+    pub fn await_interim(self: &Arc<Self>) -> InterimGate {
+        self.awaiting.store(true, Ordering::Release);
+        InterimGate(self.clone())
     }
 
     fn mark_asked(&self) {
@@ -146,7 +167,17 @@ impl Activity {
 }
 
 /// Bytes of interim responses one connection holds at most; a backend sending more is not heard.
-const MAX_INTERIM: usize = 16 * 1024;
+pub const MAX_INTERIM: usize = 16 * 1024;
+
+/// While held, a request awaits its final response; see [`Activity::await_interim`].
+#[derive(Debug)]
+pub struct InterimGate(Arc<Activity>);
+
+impl Drop for InterimGate {
+    fn drop(&mut self) {
+        self.0.awaiting.store(false, Ordering::Release);
+    }
+}
 
 /// A request (or tunnel) in progress; see [`Activity::busy`].
 #[derive(Debug)]
@@ -373,35 +404,53 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlined<I> {
 }
 
 impl<I: AsyncWrite + Unpin> Deadlined<I> {
-    /// Write the interim responses queued for this connection, before anything hyper writes.
+    /// Write the interim responses queued for this connection, every one: one may be queued
+    /// while another is half written.
     fn poll_interim(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.interim.is_empty() {
-            if !self.activity.has_interim.swap(false, Ordering::AcqRel) {
+        loop {
+            while self.interim_at < self.interim.len() {
+                let polled = Pin::new(&mut self.io).poll_write(cx, &self.interim[self.interim_at..]);
+                match self.write_progress(cx, polled) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => self.interim_at += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            self.interim.clear();
+            self.interim.shrink_to(MAX_INTERIM);
+            self.interim_at = 0;
+            if !self.activity.has_interim.load(Ordering::Acquire)
+                || !self.activity.has_interim.swap(false, Ordering::AcqRel)
+            {
                 return Poll::Ready(Ok(()));
             }
             let mut queued = self.activity.interim.lock().unwrap_or_else(PoisonError::into_inner);
             std::mem::swap(&mut self.interim, &mut queued);
         }
-        while self.interim_at < self.interim.len() {
-            let polled = Pin::new(&mut self.io).poll_write(cx, &self.interim[self.interim_at..]);
-            match self.write_progress(cx, polled) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.interim_at += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+    }
+
+    /// Before hyper's bytes: write every queued interim response, and on the first write after
+    /// a flush close the gate under the queue's lock, so none can be queued in between.
+    fn poll_begin_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.poll_interim(cx))?;
+            if !self.activity.flushed.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            let queued = self.activity.interim.lock().unwrap_or_else(PoisonError::into_inner);
+            if queued.is_empty() {
+                self.activity.flushed.store(false, Ordering::Release);
+                return Poll::Ready(Ok(()));
             }
         }
-        self.interim.clear();
-        self.interim_at = 0;
-        Poll::Ready(Ok(()))
     }
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        std::task::ready!(this.poll_interim(cx))?;
-        this.activity.flushed.store(false, Ordering::Release);
+        std::task::ready!(this.poll_begin_write(cx))?;
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
         this.write_progress(cx, polled)
     }
@@ -412,8 +461,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        std::task::ready!(this.poll_interim(cx))?;
-        this.activity.flushed.store(false, Ordering::Release);
+        std::task::ready!(this.poll_begin_write(cx))?;
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         this.write_progress(cx, polled)
     }
@@ -432,7 +480,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlined<I> {
         }
         // hyper flushes whenever its task runs, with its own buffer empty: the moment to send
         // an interim response, and to be woken for the next.
-        this.activity.writer.register(cx.waker());
+        if !this.activity.h2.load(Ordering::Relaxed) {
+            this.activity.writer.register(cx.waker());
+        }
         std::task::ready!(this.poll_interim(cx))?;
         let polled = Pin::new(&mut this.io).poll_flush(cx);
         if let Poll::Ready(Ok(())) = polled {
@@ -460,7 +510,11 @@ mod tests {
         hints.insert("link", http::HeaderValue::from_static("</a.css>; rel=preload"));
         hints.insert("connection", http::HeaderValue::from_static("close"));
         let early = StatusCode::from_u16(103).unwrap();
+        // No request awaiting its final response: nothing to pass on.
+        activity.interim(early, &hints);
+        io.flush().await.unwrap();
         // Part of a response written, not yet flushed: an interim response now would split it.
+        let gate = activity.await_interim();
         io.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         activity.interim(early, &hints);
         io.write_all(b"content-length: 0\r\n\r\n").await.unwrap();
@@ -468,6 +522,8 @@ mod tests {
         // Flushed: a message boundary. It goes out with the next flush, before anything else.
         activity.interim(early, &hints);
         io.flush().await.unwrap();
+        drop(gate);
+        activity.interim(early, &hints);
         io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
         io.flush().await.unwrap();
         drop(io);
@@ -480,9 +536,49 @@ mod tests {
              HTTP/1.1 204 No Content\r\n\r\n"
         );
         // h2 has no way to carry one from here.
+        let _gate = activity.await_interim();
         activity.speaks_h2();
         activity.interim(early, &hints);
         assert!(!activity.has_interim.load(Ordering::Relaxed));
+    }
+
+    /// One half written (the client reads slowly), another queued meanwhile: both go out before
+    /// hyper's next bytes, never inside them.
+    #[tokio::test]
+    async fn an_interim_response_queued_behind_a_half_written_one_never_splits_a_message() {
+        let (mut io, mut client, activity) = pair();
+        let _gate = activity.await_interim();
+        let mut big = HeaderMap::new();
+        big.insert("link", http::HeaderValue::from_str(&format!("</{}>", "a".repeat(2000))).unwrap());
+        let mut small = HeaderMap::new();
+        small.insert("link", http::HeaderValue::from_static("</b.css>"));
+        let early = StatusCode::from_u16(103).unwrap();
+        activity.interim(early, &big);
+        // The duplex holds 1 KiB: the first is half written and the flush waits.
+        assert!(tokio::time::timeout(Duration::from_millis(50), io.flush()).await.is_err());
+        activity.interim(early, &small);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+        io.flush().await.unwrap();
+        drop(io);
+        let got = reader.await.unwrap();
+        assert!(got.ends_with("link: </b.css>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"), "{got:?}");
+        assert_eq!(got.matches("HTTP/1.1 103 Early Hints").count(), 2);
+    }
+
+    #[test]
+    fn interim_responses_are_bounded() {
+        let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
+        let activity = Arc::new(Activity::new(permit));
+        let _gate = activity.await_interim();
+        let mut huge = HeaderMap::new();
+        huge.insert("link", http::HeaderValue::from_str(&"a".repeat(MAX_INTERIM)).unwrap());
+        activity.interim(StatusCode::from_u16(103).unwrap(), &huge);
+        assert!(activity.interim.lock().unwrap().is_empty(), "one over the bound is not queued");
     }
 
     fn pair() -> (Deadlined<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<Activity>) {

@@ -235,14 +235,17 @@ impl Proxy {
         // Interim responses (`103 Early Hints`) from the backend go on to an HTTP/1.1 client as
         // they arrive (hyper's client hands them over, its server cannot send them: the
         // connection's IO does). Never 100, which hyper's server sends itself, nor 101.
-        if req.version() == Version::HTTP_11 && !upgrade {
-            let activity = conn.activity.clone();
+        // Only until the final response is in hand (the gate), and the callback does not keep the
+        // connection's slot taken once its client is gone (a fetch it led may go on).
+        let _awaiting_interim = (req.version() == Version::HTTP_11 && !upgrade).then(|| {
+            let activity = Arc::downgrade(&conn.activity);
             hyper::ext::on_informational(&mut req, move |interim| {
-                if !matches!(interim.status().as_u16(), 100 | 101) {
+                if let Some(activity) = activity.upgrade().filter(|_| !matches!(interim.status().as_u16(), 100 | 101)) {
                     activity.interim(interim.status(), interim.headers());
                 }
             });
-        }
+            conn.activity.await_interim()
+        });
         let req = req.map(Streamed::body);
         match exchange {
             Some(exchange) if exchange.leads() => {

@@ -508,26 +508,30 @@ async fn an_unsafe_request_on_one_replica_invalidates_on_the_other() {
     assert_ne!(after.body, hit.body);
 }
 
-/// A backend on a raw socket that reads a request head and writes `answer(n)` for the n-th
-/// connection (from 1), its parts 300 ms apart, then closes it.
-async fn raw_backend(answer: fn(usize) -> Vec<String>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// A backend on a raw socket that reads a request head and writes `answer(n, head)` for the n-th
+/// connection (from 1), its parts 300 ms apart, then closes it; connections are served at once.
+async fn raw_backend(answer: fn(usize, &str) -> Vec<String>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         for n in 1.. {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            for (i, part) in answer(n).into_iter().enumerate() {
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
                 }
-                stream.write_all(part.as_bytes()).await.unwrap();
-            }
+                for (i, part) in answer(n, &String::from_utf8_lossy(&head)).into_iter().enumerate() {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    if stream.write_all(part.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
     });
     (addr, task)
@@ -554,7 +558,7 @@ async fn read_until(conn: &mut tokio::net::TcpStream, end: &[u8], limit: Duratio
 async fn interim_responses_reach_http1_clients_at_once_and_are_never_stored() {
     use tokio::io::AsyncWriteExt;
     // A backend that sends 103 Early Hints, then the final response 300 ms later.
-    let (addr, backend) = raw_backend(|n| {
+    let (addr, backend) = raw_backend(|n, _| {
         let body = format!("final #{n}");
         vec![
             "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n".into(),
@@ -679,8 +683,9 @@ async fn a_clients_no_store_stores_nothing_even_on_revalidation() {
 #[tokio::test]
 async fn an_authority_form_request_with_a_relative_location_is_answered() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let created =
-        |_| vec!["HTTP/1.1 201 Created\r\nLocation: item/7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()];
+    let created = |_, _: &str| {
+        vec!["HTTP/1.1 201 Created\r\nLocation: item/7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()]
+    };
     let (backend, task) = raw_backend(created).await;
     let proxy = TestProxy::start(&config_text(backend, ROUTES)).await;
     let addr = proxy.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
@@ -691,4 +696,33 @@ async fn an_authority_form_request_with_a_relative_location_is_answered() {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
     assert!(answer.starts_with(b"HTTP/1.1 201"), "{:?}", String::from_utf8_lossy(&answer));
     task.abort();
+}
+
+/// A client that leads the cache's fetch of a slow resource and leaves: its connection is gone,
+/// and so is its place in `max_connections`, while the fetch goes on for others.
+#[tokio::test]
+async fn a_client_gone_frees_its_connection_slot_while_its_fetch_goes_on() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, backend) = raw_backend(|_, head| {
+        let ok = "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        // The slow fetch answers 3 s later, the others at once.
+        let wait = if head.starts_with("GET /gen/slow") { 10 } else { 0 };
+        std::iter::repeat_n(String::new(), wait).chain([ok.to_string()]).collect()
+    })
+    .await;
+    let proxy = TestProxy::start(&config_text(addr, &format!("max_connections = 1\n{ROUTES}"))).await;
+    let at = proxy.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut first = tokio::net::TcpStream::connect(&at).await.unwrap();
+    first.write_all(b"GET /gen/slow HTTP/1.1\r\nHost: shop\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = tokio::time::Instant::now();
+    let mut second = tokio::net::TcpStream::connect(&at).await.unwrap();
+    second.write_all(b"GET /other HTTP/1.1\r\nHost: shop\r\n\r\n").await.unwrap();
+    let got = read_until(&mut second, b"ok", Duration::from_secs(10)).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got));
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(1), "the second client waited {waited:?} for a slot no connection held");
+    backend.abort();
 }
