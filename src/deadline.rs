@@ -435,7 +435,8 @@ impl<I: AsyncWrite + Unpin> Deadlined<I> {
     fn poll_begin_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             std::task::ready!(self.poll_interim(cx))?;
-            if !self.activity.flushed.load(Ordering::Acquire) {
+            // Nothing is ever queued on h2: no lock for its many writes.
+            if self.activity.h2.load(Ordering::Relaxed) || !self.activity.flushed.load(Ordering::Acquire) {
                 return Poll::Ready(Ok(()));
             }
             let queued = self.activity.interim.lock().unwrap_or_else(PoisonError::into_inner);

@@ -313,16 +313,17 @@ impl Proxy {
 /// it, and say so in the answer's `Cache-Status`. A target spelled otherwise than in normal form
 /// is purged in normal form: only that form is ever stored.
 async fn invalidated(cache: &Cache, routes: &Routes, uri: &http::Uri, host: Option<&str>, headers: &mut HeaderMap) {
-    let targets = invalidate::targets(uri, host, headers);
-    let purges = targets.iter().flat_map(|target| {
+    let mut purges = Vec::new();
+    for target in invalidate::targets(uri, host, headers) {
         let (path, query) = target.split_once('?').map_or((target.as_str(), None), |(p, q)| (p, Some(q)));
-        let normal = match route::normalize(path) {
-            Cow::Borrowed(_) => target.clone(),
-            Cow::Owned(path) => query.map_or_else(|| path.clone(), |q| format!("{path}?{q}")),
+        let path = route::normalize(path);
+        let normal = match (&path, query) {
+            (Cow::Borrowed(_), _) => target.clone(),
+            (Cow::Owned(path), None) => path.clone(),
+            (Cow::Owned(path), Some(query)) => format!("{path}?{query}"),
         };
-        routes.caches_covering(path).map(move |route_cache| (route_cache.clone(), normal.clone()))
-    });
-    let purges: Vec<_> = purges.collect();
+        purges.extend(routes.caches_covering(&path).map(|route_cache| (route_cache.clone(), normal.clone())));
+    }
     let done = futures_util::future::join_all(purges.iter().map(|(rc, target)| cache.invalidate(rc, target))).await;
     if done.contains(&true) {
         headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static("sidecache; fwd=bypass; detail=invalidated"));

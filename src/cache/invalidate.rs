@@ -89,14 +89,11 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::fields;
     use http::HeaderValue;
 
     fn targets_of(uri: &str, host: &str, pairs: &[(&str, &str)]) -> Vec<String> {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        targets(&uri.parse().unwrap(), Some(host), &h)
+        targets(&uri.parse().unwrap(), Some(host), &fields(pairs))
     }
 
     #[test]

@@ -280,7 +280,8 @@ fn variant(headers: &HeaderMap, hop: &Hop<'_>, cfg: &CacheConfig) -> String {
     hex(&hash.finalize()[..16])
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex digits of `bytes`.
+pub(super) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -456,7 +456,10 @@ impl Slot {
     fn new(key: &CacheKey, names: Arc<[HeaderName]>, request: &HeaderMap) -> Slot {
         match names.is_empty() {
             true => Slot::Primary,
-            false => Slot::Secondary(names.clone(), vary::secondary(&key.variant, &names, request)),
+            false => {
+                let variant = vary::secondary(&key.variant, &names, request);
+                Slot::Secondary(names, variant)
+            }
         }
     }
 
@@ -482,6 +485,16 @@ enum Stored {
     Entry(Entry, bool),
     /// A marker: the entries are in second slots.
     Marker(vary::Marker),
+}
+
+/// Header fields from name-value pairs, in order (the tests of the cache's rules).
+#[cfg(test)]
+pub(crate) fn fields(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_str(v).unwrap());
+    }
+    h
 }
 
 /// What the store holds for a key.

@@ -78,16 +78,14 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use bytes::Bytes;
-    use http::{HeaderName, HeaderValue, StatusCode};
+    use http::StatusCode;
 
     use super::*;
     use crate::cache::entry::Freshness;
+    use crate::cache::fields;
 
     fn entry(body: &'static [u8], pairs: &[(&str, &str)]) -> Entry {
-        let mut headers = HeaderMap::new();
-        for (k, v) in pairs {
-            headers.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
+        let headers = fields(pairs);
         let freshness = Freshness {
             lifetime: Duration::from_secs(60),
             initial_age: Duration::ZERO,
@@ -99,11 +97,7 @@ mod tests {
     }
 
     fn ask(e: &Entry, pairs: &[(&str, &str)]) -> Ranged {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        select(&h, e)
+        select(&fields(pairs), e)
     }
 
     #[test]

@@ -91,14 +91,7 @@ pub fn secondary(primary: &str, names: &[HeaderName], request: &HeaderMap) -> St
         }
     }
     // A prefix no first variant has (those are plain hex), so the two can never meet.
-    let digest = hash.finalize();
-    let mut id = String::with_capacity(33);
-    id.push('v');
-    for b in &digest[..16] {
-        id.push(char::from_digit(u32::from(b >> 4), 16).expect("hex"));
-        id.push(char::from_digit(u32::from(b & 15), 16).expect("hex"));
-    }
-    id
+    format!("v{}", super::key::hex(&hash.finalize()[..16]))
 }
 
 const MAGIC: &[u8; 2] = b"SV";
@@ -196,15 +189,7 @@ impl Selectors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn fields(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
+    use crate::cache::fields;
 
     #[test]
     fn vary_names() {

@@ -183,15 +183,7 @@ fn shortest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn fields(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
+    use crate::cache::fields;
 
     fn targeted() -> Vec<HeaderName> {
         vec![HeaderName::from_static("sidecache-cache-control"), HeaderName::from_static("cdn-cache-control")]

@@ -1,7 +1,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 
 use super::*;
 use crate::config::{CacheConfig, QueryMode};
@@ -18,13 +18,7 @@ fn cfg(ttl: Option<u64>) -> CacheConfig {
     }
 }
 
-fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for (k, v) in pairs {
-        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-    }
-    h
-}
+use crate::cache::fields as headers;
 
 fn now() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_790_000_000)
