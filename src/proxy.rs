@@ -2,7 +2,6 @@
 //! cache finish → answer.
 //! Errors become responses here, once, through [`respond`](crate::respond).
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -310,19 +309,17 @@ impl Proxy {
 }
 
 /// Purge every target a successful unsafe request invalidates from every cached route covering
-/// it, and say so in the answer's `Cache-Status`. A target spelled otherwise than in normal form
-/// is purged in normal form: only that form is ever stored.
+/// it, and say so in the answer's `Cache-Status`. Only targets in normal form: no other spelling
+/// is ever stored, and the normal form of one may name another resource than the one this
+/// backend changed (`/upload/..%2F..%2Fhome` is `/upload/%2F..` to a backend that does not decode
+/// `%2F`), so purging it would let any 2xx endpoint purge any cached path.
 async fn invalidated(cache: &Cache, routes: &Routes, uri: &http::Uri, host: Option<&str>, headers: &mut HeaderMap) {
     let mut purges = Vec::new();
     for target in invalidate::targets(uri, host, headers) {
-        let (path, query) = target.split_once('?').map_or((target.as_str(), None), |(p, q)| (p, Some(q)));
-        let path = route::normalize(path);
-        let normal = match (&path, query) {
-            (Cow::Borrowed(_), _) => target.clone(),
-            (Cow::Owned(path), None) => path.clone(),
-            (Cow::Owned(path), Some(query)) => format!("{path}?{query}"),
-        };
-        purges.extend(routes.caches_covering(&path).map(|route_cache| (route_cache.clone(), normal.clone())));
+        let path = target.split('?').next().unwrap_or_default();
+        if route::is_normal(path) {
+            purges.extend(routes.caches_covering(path).map(|route_cache| (route_cache.clone(), target.clone())));
+        }
     }
     let done = futures_util::future::join_all(purges.iter().map(|(rc, target)| cache.invalidate(rc, target))).await;
     if done.contains(&true) {

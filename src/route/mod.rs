@@ -69,7 +69,7 @@ impl Routes {
         (route, normalized == path)
     }
 
-    /// The caches of every route whose pattern matches `normal_path` (already [`normalize`]d),
+    /// The caches of every route whose pattern matches `normal_path` (in normal form, [`is_normal`]),
     /// whatever methods it takes: those an unsafe request to it invalidates (RFC 9111 4.4).
     pub fn caches_covering<'a>(&'a self, normal_path: &'a str) -> impl Iterator<Item = &'a Arc<RouteCache>> + 'a {
         self.routes.iter().filter(move |r| r.pattern.matches(normal_path)).filter_map(|r| r.cache.as_ref())
