@@ -45,7 +45,7 @@ fn build_cache(
     config: &Config,
     redis: Option<&RedisTarget>,
     clock: Clock,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> Result<Option<Arc<Cache>>, StartError> {
     if !config.cache_enabled {
         return Ok(None);
@@ -63,7 +63,7 @@ fn build_cache(
             CacheStore::Memory(MemoryStore::new(config.cache_memory_max))
         }
     };
-    let cache = Cache::new(config, store, clock);
+    let cache = Cache::new(config, store, clock, metrics);
     match (&config.cache_encryption, cache.seal_key_id()) {
         (Some(keys), Some(id)) => tracing::info!(
             key_id = id,

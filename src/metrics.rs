@@ -36,6 +36,18 @@ pub const REDIS_OP_DURATION: &str = "sidecache_redis_op_duration_seconds";
 /// `sidecache_redis_errors_total{client,op,kind}`: operations that produced no value, by why.
 pub const REDIS_ERRORS_TOTAL: &str = "sidecache_redis_errors_total";
 
+/// `sidecache_redis_tracking_up{client,node}`: 1 while the invalidation link to this primary tracks.
+pub const REDIS_TRACKING_UP: &str = "sidecache_redis_tracking_up";
+/// `sidecache_hot_tier_invalidations_total`: key invalidations received from Redis.
+pub const HOT_TIER_INVALIDATIONS_TOTAL: &str = "sidecache_hot_tier_invalidations_total";
+/// `sidecache_hot_tier_flushes_total{reason}`: times the whole hot tier was dropped (link_lost,
+/// flushall, topology).
+pub const HOT_TIER_FLUSHES_TOTAL: &str = "sidecache_hot_tier_flushes_total";
+/// `sidecache_hot_tier_entries`: entries the hot tier holds.
+pub const HOT_TIER_ENTRIES: &str = "sidecache_hot_tier_entries";
+/// `sidecache_hot_tier_bytes`: bytes the hot tier holds (bounded by `cache.memory_max`).
+pub const HOT_TIER_BYTES: &str = "sidecache_hot_tier_bytes";
+
 /// `sidecache_cache_lookups_total{route,result}`: hit, miss, stale, bypass, error.
 pub const CACHE_LOOKUPS_TOTAL: &str = "sidecache_cache_lookups_total";
 /// `sidecache_cache_stores_total{route,result}`: stored, not_storable, too_large, dropped, error.
@@ -271,6 +283,27 @@ fn describe(r: &PrometheusRecorder) {
         KeyName::from_const_str(CACHE_INVALIDATIONS_TOTAL),
         None,
         text("Request targets purged from a route's cache because an unsafe request (POST, PUT, DELETE, ...) to them succeeded, by route."),
+    );
+    r.describe_gauge(
+        KeyName::from_const_str(REDIS_TRACKING_UP),
+        None,
+        text("1 while the invalidation link (CLIENT TRACKING) to this Redis primary tracks the cache's keys."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(HOT_TIER_INVALIDATIONS_TOTAL),
+        None,
+        text("Key invalidations received from Redis by the in-process hot tier."),
+    );
+    r.describe_counter(
+        KeyName::from_const_str(HOT_TIER_FLUSHES_TOTAL),
+        None,
+        text("Times the whole in-process hot tier was dropped, by reason (link_lost, flushall, topology)."),
+    );
+    r.describe_gauge(KeyName::from_const_str(HOT_TIER_ENTRIES), None, text("Entries held by the in-process hot tier."));
+    r.describe_gauge(
+        KeyName::from_const_str(HOT_TIER_BYTES),
+        Some(Unit::Bytes),
+        text("Bytes held by the in-process hot tier (bounded by cache.memory_max)."),
     );
     r.describe_counter(
         KeyName::from_const_str(CONFIG_RELOADS_TOTAL),

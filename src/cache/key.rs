@@ -103,6 +103,11 @@ fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[at..]).expect("ASCII digits")
 }
 
+/// The prefix of every path key (what the hot tier's invalidation links track).
+pub fn entry_prefix(prefix: &str) -> String {
+    format!("{prefix}c:")
+}
+
 /// The key holding a route's generation; a route purge increments it.
 pub fn generation_key(prefix: &str, route: &str) -> String {
     format!("{prefix}g:{route}")

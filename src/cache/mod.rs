@@ -5,6 +5,7 @@
 pub mod coalesce;
 pub mod entry;
 pub mod exchange;
+mod hot;
 pub mod invalidate;
 pub mod key;
 pub mod outcome;
@@ -27,13 +28,15 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Config};
 use crate::metrics::{
-    Registrar, CACHE_INVALIDATIONS_TOTAL, CACHE_LOOKUPS_TOTAL, CACHE_RESEALED_TOTAL, CACHE_STORES_TOTAL,
+    Metrics, Registrar, CACHE_INVALIDATIONS_TOTAL, CACHE_LOOKUPS_TOTAL, CACHE_RESEALED_TOTAL, CACHE_STORES_TOTAL,
     CACHE_UNREADABLE_TOTAL,
 };
-use crate::store::{self, CacheStore, MemoryStore, StoreError, Weight};
+use crate::store::tracking::{Event, Mark, Tracking};
+use crate::store::{self, CacheStore, MemoryStore, StoreError};
 use coalesce::Flights;
 use entry::Entry;
 pub use exchange::{Begin, Exchange};
+use hot::HotTier;
 use key::CacheKey;
 pub use outcome::Outcome;
 use policy::Phase;
@@ -137,17 +140,13 @@ pub struct Cache {
     store: Arc<CacheStore>,
     prefix: String,
     /// Every route name's generation, kept across reloads.
-    generations: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    generations: Arc<Generations>,
     writes: Arc<Semaphore>,
     flights: Arc<Flights>,
     /// The fields each path the origin varies is varied by, as last seen.
     selectors: vary::Selectors,
-    /// In front of Redis: fresh decoded entries kept in process for at most `hot_ttl`, so a hot
-    /// key costs no Redis round trip. An entry is admitted when it is read back from Redis (a
-    /// second access), never when it is first stored: one-off keys would churn the tier (measured:
-    /// admitting every miss put 200 ms stalls into the p99 of a stream of unique paths). A purge
-    /// made on another replica reaches this one within `hot_ttl`. `None` for the embedded store
-    /// (already in process) or `hot_ttl = "0s"`.
+    /// In front of Redis: fresh decoded entries kept in process ([`hot`]). `None` for the
+    /// embedded store (already in process) or `hot_ttl = "0s"`.
     hot: Option<HotTier>,
     clock: Clock,
     /// How long a request waits for another's fetch of the same key before forwarding itself.
@@ -158,36 +157,38 @@ pub struct Cache {
     seal: Option<Seal>,
 }
 
-/// Fresh decoded entries, each trusted for at most `ttl` (by the cache's clock) and never past
-/// its freshness; moka drops them at the same time by its own.
-struct HotTier {
-    entries: MemoryStore<Hot>,
-    ttl: Duration,
-}
-
-/// An entry of the hot tier and when it was admitted.
-#[derive(Clone)]
-struct Hot(Arc<Entry>, SystemTime);
-
-impl Weight for Hot {
-    fn weight(&self) -> usize {
-        let headers: usize = self.0.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        headers + self.0.body.len()
-    }
-}
+/// Every route name's generation.
+type Generations = Mutex<HashMap<String, Arc<AtomicU64>>>;
 
 impl Cache {
     /// The cache shared by every route that has one.
-    pub fn new(config: &Config, store: CacheStore, clock: Clock) -> Cache {
+    pub fn new(config: &Config, store: CacheStore, clock: Clock, metrics: &Arc<Metrics>) -> Cache {
         let prefix = config.redis.as_ref().map_or_else(|| "sidecache:".to_string(), |r| r.key_prefix.clone());
-        let redis = matches!(store, CacheStore::Redis(_));
-        let seal = config.cache_encryption.as_ref().filter(|_| redis).map(Seal::new);
-        let hot = (redis && !config.cache_hot_ttl.is_zero())
-            .then(|| HotTier { entries: MemoryStore::new(config.cache_memory_max), ttl: config.cache_hot_ttl });
+        let seal = config.cache_encryption.as_ref().filter(|_| matches!(store, CacheStore::Redis(_))).map(Seal::new);
+        let store = Arc::new(store);
+        let generations = Arc::new(Generations::default());
+        let hot = match &*store {
+            CacheStore::Redis(redis) if !config.cache_hot_ttl.is_zero() => {
+                let entries = Arc::new(MemoryStore::new(config.cache_memory_max));
+                let on_event = {
+                    let (entries, store, generations, prefix) =
+                        (entries.clone(), store.clone(), generations.clone(), prefix.clone());
+                    Box::new(move |event: Event<'_>| match event {
+                        Event::Flushed(_) => entries.clear(),
+                        Event::Generation(route) => refresh_generation(&store, &generations, &prefix, route),
+                    })
+                };
+                let prefixes = vec![key::entry_prefix(&prefix), key::generation_key(&prefix, "")];
+                let tracking =
+                    Tracking::start(redis, prefixes, key::generation_key(&prefix, ""), metrics.clone(), on_event);
+                Some(HotTier::new(entries, config.cache_hot_ttl, tracking, metrics))
+            }
+            _ => None,
+        };
         Cache {
-            store: Arc::new(store),
+            store,
             prefix,
-            generations: Mutex::default(),
+            generations,
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             flights: Arc::new(Flights::default()),
             selectors: vary::Selectors::default(),
@@ -250,14 +251,10 @@ impl Cache {
             false => self.selectors.get(&store::entry_id(&key.path_key, &key.variant)),
         };
         let slot = remembered.clone().map_or(Slot::Primary, |names| Slot::new(key, names, request));
-        if let Some(hot) = &self.hot {
-            if let Some(Hot(entry, admitted)) = hot.entries.get(&key.path_key, slot.variant(key)) {
-                let trusted = now.duration_since(admitted).is_ok_and(|held| held < hot.ttl);
-                if let (true, fresh @ Phase::Fresh(_)) = (trusted, policy::phase(&entry, now)) {
-                    return (Found::Entry(entry, fresh), slot);
-                }
-            }
+        if let Some((entry, fresh)) = self.hot.as_ref().and_then(|h| h.get(&key.path_key, slot.variant(key), now)) {
+            return (Found::Entry(entry, fresh), slot);
         }
+        let mark = self.hot.as_ref().map(HotTier::mark);
         // The first slot, and the second one this process expects the origin to vary by.
         let read = match &slot {
             Slot::Primary => self.store.get(&key.path_key, &key.variant).await.map(|first| (first, None)),
@@ -276,7 +273,7 @@ impl Cache {
                 if remembered.is_some() {
                     self.selectors.set(&store::entry_id(&key.path_key, &key.variant), &[]);
                 }
-                (self.found(route, key, &Slot::Primary, entry, by_previous, now), Slot::Primary)
+                (self.found(route, key, &Slot::Primary, entry, by_previous, now, mark), Slot::Primary)
             }
             Ok(Stored::Marker(marker)) => {
                 let names: Arc<[HeaderName]> = marker.names.into();
@@ -296,7 +293,7 @@ impl Cache {
                 };
                 let found = match second.map(|bytes| self.open(key, &wanted, bytes)) {
                     Some(Ok(Stored::Entry(entry, by_previous))) => {
-                        self.found(route, key, &wanted, entry, by_previous, now)
+                        self.found(route, key, &wanted, entry, by_previous, now, mark)
                     }
                     Some(Ok(Stored::Marker(_))) => Found::Nothing,
                     Some(Err(why)) => self.unreadable(route, key, &wanted, why),
@@ -329,7 +326,8 @@ impl Cache {
     }
 
     /// A stored entry found: sealed again under the current key if it was opened with the
-    /// previous one, admitted to the hot tier when fresh.
+    /// previous one, admitted to the hot tier when fresh (`mark` taken before it was read).
+    #[allow(clippy::too_many_arguments)]
     fn found(
         &self,
         route: &Arc<RouteCache>,
@@ -338,6 +336,7 @@ impl Cache {
         entry: Entry,
         by_previous: bool,
         now: SystemTime,
+        mark: Option<Mark>,
     ) -> Found {
         if by_previous {
             // Sealed again under the current key: the previous one is needed ever less.
@@ -346,8 +345,8 @@ impl Cache {
         }
         let entry = Arc::new(entry);
         let phase = policy::phase(&entry, now);
-        if let (Some(hot), Phase::Fresh(left)) = (&self.hot, phase) {
-            hot.entries.put(&key.path_key, slot.variant(key), Hot(entry.clone(), now), left.min(hot.ttl));
+        if let (Some(hot), Some(mark), Phase::Fresh(left)) = (&self.hot, mark, phase) {
+            hot.admit(&key.path_key, slot.variant(key), entry.clone(), now, mark, left);
         }
         Found::Entry(entry, phase)
     }
@@ -405,7 +404,8 @@ impl Cache {
         true
     }
 
-    /// Purge a whole route: bump its generation (O(1), every replica within a second).
+    /// Purge a whole route: bump its generation (O(1); every replica as soon as Redis's
+    /// invalidation of the counter reaches it, else within a second).
     pub async fn purge_route(&self, route: &RouteCache) -> Result<u64, PurgeError> {
         let generation = self.store.bump_generation(&route.generation_key).await.map_err(PurgeError::Store)?;
         route.generation.fetch_max(generation, Ordering::Relaxed);
@@ -422,7 +422,7 @@ impl Cache {
         let path_key = key::path_key(&self.prefix, &route.name, generation, &uri, &route.config.query)
             .map_err(|_| PurgeError::BadPath(target.to_string()))?;
         if let Some(hot) = &self.hot {
-            hot.entries.purge_path(&path_key);
+            hot.purge_path(&path_key);
         }
         self.store.purge_path(&path_key).await.map_err(PurgeError::Store)
     }
@@ -438,6 +438,23 @@ impl Cache {
             }
         }
     }
+}
+
+/// Re-read one route's generation now, when Redis says its counter changed (a route purge made
+/// through another replica), in the background.
+fn refresh_generation(store: &Arc<CacheStore>, generations: &Arc<Generations>, prefix: &str, route: &str) {
+    let Some(generation) = generations.lock().unwrap_or_else(PoisonError::into_inner).get(route).cloned() else {
+        return;
+    };
+    let (store, key) = (store.clone(), key::generation_key(prefix, route));
+    tokio::spawn(async move {
+        match store.generation(&key).await {
+            Ok(g) => {
+                generation.fetch_max(g, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "generation not refreshed"),
+        }
+    });
 }
 
 /// Where an entry lives within its path: the first variant's slot (the authority and the

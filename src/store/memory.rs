@@ -91,6 +91,11 @@ impl<V: Weight> MemoryStore<V> {
         let _ = self.entries.invalidate_entries_if(move |k, _| k.starts_with(&prefix));
     }
 
+    /// Remove every entry.
+    pub fn clear(&self) {
+        self.entries.invalidate_all();
+    }
+
     /// A route's generation (0 until bumped).
     pub fn generation(&self, route: &str) -> u64 {
         self.generations.lock().unwrap_or_else(|p| p.into_inner()).get(route).copied().unwrap_or(0)
@@ -102,6 +107,11 @@ impl<V: Weight> MemoryStore<V> {
         let g = generations.entry(route.to_string()).or_insert(0);
         *g += 1;
         *g
+    }
+
+    /// Entries held now (approximate, like [`MemoryStore::weighted_size`]).
+    pub fn entry_count(&self) -> u64 {
+        self.entries.entry_count()
     }
 
     /// Bytes held now (approximate: moka applies evictions asynchronously).

@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod memory;
 pub mod redis;
 pub mod target;
+pub mod tracking;
 
 use std::time::Duration;
 

@@ -194,6 +194,8 @@ struct Inner {
     up: Gauge,
     nodes: Gauge,
     connected_nodes: Gauge,
+    /// Told of every (re)connection: the primaries may have changed (a failover).
+    changed: Arc<Notify>,
     /// Set once a connection error was logged, cleared on reconnect: one line per outage.
     error_logged: AtomicBool,
     /// Our watchers and prober, and fred's connection tasks, ended when the store is dropped.
@@ -281,6 +283,7 @@ impl RedisStore {
             up: registrar.gauge(REDIS_UP, &[("client", client)]),
             nodes: registrar.gauge(REDIS_NODES, &[("client", client)]),
             connected_nodes: registrar.gauge(REDIS_CONNECTED_NODES, &[("client", client)]),
+            changed: Arc::new(Notify::new()),
             error_logged: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
             connections: std::sync::Mutex::new(Vec::new()),
@@ -312,6 +315,31 @@ impl RedisStore {
     /// Mode, TLS, and the nodes known and connected now.
     pub fn topology(&self) -> Topology {
         self.inner.target.topology(&self.inner.pool)
+    }
+
+    /// What this store is for.
+    pub fn role(&self) -> Role {
+        self.inner.role
+    }
+
+    /// The validated `[redis]`.
+    pub fn config(&self) -> &crate::config::RedisConfig {
+        &self.inner.target.config
+    }
+
+    /// The TLS client settings, for `rediss*://`.
+    pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.inner.target.tls.clone()
+    }
+
+    /// Notified at every (re)connection of the store's clients.
+    pub fn changes(&self) -> Arc<Notify> {
+        self.inner.changed.clone()
+    }
+
+    /// The primaries commands go to now, as fred knows them (nothing is sent).
+    pub fn primaries(&self) -> Vec<super::tracking::Node> {
+        self.inner.target.primaries(&self.inner.pool)
     }
 
     /// GET; `None` when the key is absent.
@@ -514,6 +542,7 @@ async fn watch_connection(inner: Weak<Inner>, index: usize) {
                     return;
                 }
                 let Some(inner) = inner.upgrade() else { return };
+                inner.changed.notify_one();
                 inner.error_logged.store(false, Ordering::Relaxed);
                 if inner.breaker.allows() {
                     inner.up.set(1.0);

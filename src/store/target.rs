@@ -1,12 +1,15 @@
 //! Where Redis is and what the client knows of it: `[redis]` turned into fred's configuration
 //! (topology, credentials, database, TLS), and the topology as fred sees it now.
 
+use std::sync::Arc;
+
 use fred::clients::Pool;
 use fred::interfaces::{ClientLike, ClusterInterface};
 use fred::types::config::{
     ClusterDiscoveryPolicy, Config as FredConfig, Server, ServerConfig, TlsConfig, TlsConnector, TlsHostMapping,
 };
 
+use super::tracking::Node;
 use crate::config::{RedisConfig, RedisNode, RedisTopology};
 use crate::tls::{self, TlsError};
 
@@ -31,6 +34,8 @@ pub struct Topology {
 pub struct RedisTarget {
     pub(super) fred: FredConfig,
     pub(super) config: RedisConfig,
+    /// The TLS client settings fred uses, for the invalidation links.
+    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl RedisTarget {
@@ -52,19 +57,17 @@ impl RedisTarget {
                 ServerConfig::Clustered { hosts: servers(seeds), policy: ClusterDiscoveryPolicy::UseCache }
             }
         };
-        let tls = match &config.tls {
-            Some(settings) => Some(TlsConfig {
-                connector: TlsConnector::from(tls::redis_client_config(settings)?),
-                // A cluster's slot map may name nodes by IP address while their certificates
-                // name the host the client was given (ElastiCache): verify those against the
-                // host that answered. Host names in the map are kept as they are.
-                hostnames: match config.topology {
-                    RedisTopology::Cluster { .. } => TlsHostMapping::DefaultHost,
-                    _ => TlsHostMapping::None,
-                },
-            }),
-            None => None,
-        };
+        let client = config.tls.as_ref().map(tls::redis_client_config).transpose()?;
+        let tls = client.as_ref().map(|client| TlsConfig {
+            connector: TlsConnector::from(client.clone()),
+            // A cluster's slot map may name nodes by IP address while their certificates
+            // name the host the client was given (ElastiCache): verify those against the
+            // host that answered. Host names in the map are kept as they are.
+            hostnames: match config.topology {
+                RedisTopology::Cluster { .. } => TlsHostMapping::DefaultHost,
+                _ => TlsHostMapping::None,
+            },
+        });
         let fred = FredConfig {
             server,
             username: config.username.clone(),
@@ -78,7 +81,28 @@ impl RedisTarget {
             fail_fast: false,
             ..FredConfig::default()
         };
-        Ok(RedisTarget { fred, config: config.clone() })
+        Ok(RedisTarget { fred, config: config.clone(), tls: client.map(Arc::new) })
+    }
+
+    /// The primaries the clients of `pool` send commands to now: the configured server, Sentinel's
+    /// master once connected, or a cluster's primaries from the slot map. Reads fred's state only.
+    pub(super) fn primaries(&self, pool: &Pool) -> Vec<Node> {
+        // fred has already chosen each cluster node's certificate name (`TlsHostMapping` above).
+        let node = |s: &Server| Node {
+            host: s.host.to_string(),
+            port: s.port,
+            tls_name: s.tls_server_name.as_ref().unwrap_or(&s.host).to_string(),
+        };
+        match &self.config.topology {
+            RedisTopology::Standalone(n) => vec![Node { host: n.host.clone(), port: n.port, tls_name: n.host.clone() }],
+            RedisTopology::Sentinel { .. } => {
+                pool.clients().iter().flat_map(|c| c.active_connections()).map(|s| node(&s)).collect()
+            }
+            RedisTopology::Cluster { .. } => {
+                let state = pool.clients().iter().find_map(|c| c.cached_cluster_state());
+                state.map(|s| s.unique_primary_nodes().iter().map(node).collect()).unwrap_or_default()
+            }
+        }
     }
 
     /// What the clients of `pool` know now. Reads fred's state only: no command is sent.
