@@ -146,6 +146,93 @@ async fn a_master_killed_mid_load_fails_no_request() {
     assert!(total > 200, "only {total} requests under load");
 }
 
+/// The hot tier on a cluster: each primary tells each proxy of changes to its own slots, so a
+/// purge through one proxy reaches the other's tier on every shard (`hot_ttl` is an hour: only
+/// the invalidation links explain it); a lost primary drops the tier, and nothing purged while it
+/// was down is served once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_primary_keeps_both_proxies_hot_tiers_true() {
+    let mut cluster = TestCluster::start(3);
+    let upstream = TestUpstream::spawn().await;
+    let redis = format!(
+        "{}op_timeout = \"200ms\"\nbreaker_cooldown = \"300ms\"\n[cache]\nhot_ttl = \"1h\"\n",
+        redis_table(&cluster.url())
+    );
+    let text = config(&upstream, &redis, r#"burst = 1000000, rate = "1000/1m""#);
+    let (a, b) = (TestProxy::start(&text).await, TestProxy::start(&text).await);
+    for p in [&a, &b] {
+        wait_for_redis(p).await;
+        until_tracking(p.admin, 3).await;
+    }
+    let req = |p: &TestProxy, i: usize| {
+        let url = p.url(&format!("/gen/h{i}"));
+        async move { send(Method::GET, &url, &[("host", "shop.example")], Bytes::new()).await }
+    };
+    let reads = |text: &str| {
+        metric(text, r#"sidecache_redis_op_duration_seconds_count{client="cache",op="hget"}"#).unwrap_or(0.0)
+    };
+    let purge = |i: usize| {
+        let url = a.admin_url("/purge");
+        async move {
+            let body = format!(r#"{{"route": "catalog", "path": "/gen/h{i}"}}"#);
+            send(Method::POST, &url, &[("content-type", "application/json")], body).await.status
+        }
+    };
+    // Admitted on both: a hit read back from Redis by each.
+    let mut held = Vec::new();
+    for i in 0..12 {
+        held.push(req(&a, i).await.body);
+    }
+    stored(&a, "catalog", 12.0).await;
+    for p in [&a, &b] {
+        for i in 0..12 {
+            assert_eq!(req(p, i).await.headers["x-cache"], "HIT");
+        }
+    }
+    assert_eq!(nodes_holding(&cluster, "sidecache:c:*"), 3, "entries on every shard");
+    let before = reads(&get(&b.admin_url("/metrics")).await.text());
+    for i in 0..12 {
+        assert_eq!(req(&b, i).await.body, held[i]);
+    }
+    assert_eq!(reads(&get(&b.admin_url("/metrics")).await.text()), before, "hot hits read Redis");
+
+    // Purged through one proxy: the other's tier lets go on every shard.
+    for i in 0..6 {
+        assert_eq!(purge(i).await, StatusCode::OK);
+        let started = Instant::now();
+        while req(&b, i).await.body == held[i] {
+            assert!(started.elapsed() < Duration::from_secs(1), "/gen/h{i} still held after a purge");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // A primary lost: its link too, so the whole tier goes. Entries deleted from the live shards
+    // while it is down (directly: the proxies' own client stalls until the cluster is whole) are
+    // never served again, during the fault or after it.
+    for i in 6..12 {
+        assert_eq!(req(&b, i).await.body, held[i]);
+    }
+    cluster.nodes[1].kill();
+    until_tracking(b.admin, 2).await;
+    let mut deleted = Vec::new();
+    for i in 6..12 {
+        let key = format!("sidecache:c:catalog:0:g:/gen/h{i}");
+        if cluster.nodes.iter().filter(|n| n.running()).any(|n| n.command(&["DEL", &key]) == ":1") {
+            deleted.push(i);
+        }
+        let during = req(&b, i).await;
+        assert_eq!(during.status, StatusCode::OK);
+        assert_ne!(during.body, held[i], "/gen/h{i} served from a tier whose link is lost");
+    }
+    assert!(!deleted.is_empty(), "no entry on a live shard");
+    cluster.nodes[1].restart();
+    cluster.wait_ok();
+    until_tracking(b.admin, 3).await;
+    for &i in &deleted {
+        assert_ne!(req(&b, i).await.body, held[i], "/gen/h{i} deleted during the fault, served after it");
+    }
+}
+
 /// TLS as managed clusters do it: the certificates name a host, the slot map names nodes by IP
 /// address, and the client was given the host. Nodes are verified against that host.
 #[tokio::test]
@@ -182,4 +269,6 @@ async fn a_tls_cluster_found_from_one_seed() {
         futures_util::future::join_all((0..12).map(|_| send(Method::POST, &url, &[("x-api-key", "k")], ""))).await;
     let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
+    // The hot tier's invalidation links track every primary over TLS too.
+    until_tracking(proxy.admin, 3).await;
 }

@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use support::redis::TestRedis;
 use support::*;
 use tokio::time::Instant;
@@ -51,14 +51,30 @@ async fn master_killed_under_load_fails_over_without_a_failed_request() {
     let text = config_text(
         upstream.addr,
         &format!(
-            "[redis]\nurl = \"redis-sentinel://{}/mymaster/0\"\n\n\
+            "[cache]\nhot_ttl = \"1h\"\n[redis]\nurl = \"redis-sentinel://{}/mymaster/0\"\n\n\
              [[route]]\nname = \"catalog\"\npath = \"/gen/*\"\n\
              cache = {{ ttl = \"5m\" }}\nrate_limit = {{ burst = 1000000, rate = \"1000/1m\" }}\n",
             hosts.join(",")
         ),
     );
     let proxy = Arc::new(TestProxy::start(&text).await);
+    // A second replica of the proxy, whose hot tier must follow the failover.
+    let other = TestProxy::start(&text).await;
     wait_for_redis(&proxy).await;
+    wait_for_redis(&other).await;
+    let tracks = |port: u16| format!(r#"sidecache_redis_tracking_up{{client="cache",node="127.0.0.1:{port}"}}"#);
+    until_metric(other.admin, &tracks(master.port), 1.0).await;
+    // Both named by one host: the authority is part of the key.
+    let held_on = |p: &TestProxy| {
+        let url = p.url("/gen/held");
+        async move { send(Method::GET, &url, &[("host", "shop")], bytes::Bytes::new()).await }
+    };
+    let held = held_on(&proxy).await.body;
+    stored(&proxy, "catalog", 1.0).await;
+    for _ in 0..2 {
+        let a = held_on(&other).await;
+        assert_eq!((a.headers["x-cache"].to_str().unwrap(), &a.body), ("HIT", &held), "admitted, then hot");
+    }
     let status = get(&proxy.admin_url("/status")).await.json();
     assert_eq!(status["redis"]["mode"], "sentinel", "{status}");
     assert_eq!(status["redis"]["nodes"], serde_json::json!([format!("127.0.0.1:{}", master.port)]), "{status}");
@@ -120,6 +136,24 @@ async fn master_killed_under_load_fails_over_without_a_failed_request() {
     assert!(buckets.iter().any(|k| k.starts_with("sidecache:rl:catalog:")), "limits on the new master: {buckets:?}");
     let status = get(&proxy.admin_url("/status")).await.json();
     assert_eq!(status["redis"]["nodes"], serde_json::json!([format!("127.0.0.1:{}", replica.port)]), "{status}");
+
+    // The other proxy tracks the new master, and a purge there reaches its tier at once.
+    until_metric(other.admin, &tracks(replica.port), 1.0).await;
+    assert_eq!(metric(&get(&other.admin_url("/metrics")).await.text(), &tracks(old_master)), Some(0.0));
+    let purge = || async {
+        let body = r#"{"route": "catalog", "path": "/gen/held"}"#.to_string();
+        send(Method::POST, &proxy.admin_url("/purge"), &[("content-type", "application/json")], body).await.status
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while purge().await != StatusCode::OK {
+        assert!(Instant::now() < deadline, "no purge on the new master");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let purged = Instant::now();
+    while held_on(&other).await.body == held {
+        assert!(purged.elapsed() < Duration::from_secs(1), "a purge on the new master never reached the other tier");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let (total, slowest) = load.finish().await;
     println!("{total} requests answered under load, all 200 with their own body; slowest {slowest:?}");

@@ -712,6 +712,24 @@ pub async fn until_metric(admin: SocketAddr, series: &str, value: f64) -> String
     }
 }
 
+/// Waits (10 s at most) until the cache's invalidation links to `n` Redis primaries track, as
+/// the `/metrics` of the admin listener at `admin` say.
+pub async fn until_tracking(admin: SocketAddr, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = get(&format!("http://{admin}/metrics")).await.text();
+        let up = m
+            .lines()
+            .filter(|l| l.starts_with(r#"sidecache_redis_tracking_up{client="cache""#) && l.ends_with(" 1"))
+            .count();
+        if up == n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{up} invalidation links up, not {n}: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (up to 10 s) until `/status` at `admin_url` says every Redis client of the proxy (the
 /// cache's, the limiter's) is connected with its breaker closed.
 pub async fn until_redis_ready(admin_url: &str) {
