@@ -225,3 +225,96 @@ async fn without_tracking_the_tier_keeps_entries_for_hot_ttl_only() {
     assert_eq!(redis_reads(&metrics(&a).await), before + 1.0, "read again after hot_ttl");
     assert_eq!(metric(&metrics(&a).await, &tracking_series(&redis)), Some(0.0));
 }
+
+/// Three proxies on one Redis, with a path whose backend answers after `delay`.
+async fn three(redis: &TestRedis, delay: Duration) -> (TestUpstream, Vec<TestProxy>) {
+    let upstream = TestUpstream::new().route("/gen/slow", Reply::ok().delay(delay)).spawn().await;
+    let clock = sidecache::Clock::system();
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let p = proxy(&upstream, redis, &clock, "1h").await;
+        until_tracking(&p, redis, true).await;
+        proxies.push(p);
+    }
+    (upstream, proxies)
+}
+
+/// 30 concurrent requests for `path`, spread over the proxies; their bodies.
+async fn thirty(proxies: &[TestProxy], path: &str) -> Vec<Bytes> {
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let url = proxies[i % proxies.len()].url(path);
+            tokio::spawn(async move { send(Method::GET, &url, &[("host", "shop")], Bytes::new()).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK);
+        bodies.push(a.body);
+    }
+    bodies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_missing_one_key_at_once_fetch_it_once() {
+    let redis = TestRedis::start();
+    let (upstream, proxies) = three(&redis, Duration::from_millis(300)).await;
+    let bodies = thirty(&proxies, "/gen/slow").await;
+    assert_eq!(upstream.seen("/gen/slow").len(), 1, "one upstream fetch for three replicas");
+    assert!(bodies.iter().all(|b| *b == bodies[0]), "everyone got the one fetch's answer");
+    let collapsed: f64 = {
+        let mut n = 0.0;
+        for p in &proxies {
+            let m = metrics(p).await;
+            n += metric(&m, r#"sidecache_cache_lookups_total{route="cached",result="collapsed"}"#).unwrap_or(0.0);
+        }
+        n
+    };
+    assert_eq!(collapsed, 29.0);
+    let released = Instant::now();
+    while redis.reply_lines(&["KEYS", "*lease*"]) != ["*0"] {
+        assert!(released.elapsed() < Duration::from_secs(2), "the lease was never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_replica_coalesces_on_its_own_at_once() {
+    let mut redis = TestRedis::start();
+    let (upstream, proxies) = three(&redis, Duration::from_millis(300)).await;
+    redis.kill();
+    for p in &proxies {
+        until_tracking(p, &redis, false).await;
+    }
+    let started = Instant::now();
+    thirty(&proxies, "/gen/slow").await;
+    assert_eq!(upstream.seen("/gen/slow").len(), 3, "one fetch per replica");
+    assert!(started.elapsed() < Duration::from_secs(2), "nobody waited out a lease: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_yields_nothing_to_store_releases_the_other_replicas_at_once() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::new().route("/gen/slow", Reply::ok().status(503).delay(Duration::from_millis(300)));
+    let upstream = upstream.spawn().await;
+    let clock = sidecache::Clock::system();
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let p = proxy(&upstream, &redis, &clock, "1h").await;
+        until_tracking(&p, &redis, true).await;
+        proxies.push(p);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..9)
+        .map(|i| {
+            let url = proxies[i % 3].url("/gen/slow");
+            tokio::spawn(async move { send(Method::GET, &url, &[("host", "shop")], Bytes::new()).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // The lease is released with the unstorable answer: nobody waits out `lock_timeout` (5 s).
+    assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
+}

@@ -374,18 +374,18 @@ cache = { ttl = "60s" }
 rate_limit = { burst = 3, rate = "1/1h" }
 "#;
     let proxy = start(&upstream, "workers = 2", route, Some(&redis)).await;
-    // The limiter has connections of its own, one per worker, beside the cache's one (and the
-    // test's own connection that asks).
+    // The limiter has connections of its own, one per worker, beside the cache's one and its
+    // invalidation link (and the test's own connection that asks).
     // (Each worker connects on its own thread: wait a moment for the last one.)
     let clients = || {
         let info = redis.reply_lines(&["INFO", "clients"]);
         info.iter().find_map(|l| l.strip_prefix("connected_clients:")?.parse::<usize>().ok()).unwrap()
     };
     let started = Instant::now();
-    while clients() < 1 + 2 + 1 && started.elapsed() < Duration::from_secs(5) {
+    while clients() < 2 + 2 + 1 && started.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(clients(), 1 + 2 + 1);
+    assert_eq!(clients(), 2 + 2 + 1);
     let mut caches = Vec::new();
     for _ in 0..3 {
         let a = get(&proxy.url("/gen/a")).await;

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::coalesce::{self, FlightGuard, Join};
 use super::entry::Entry;
 use super::key::{self, CacheKey};
+use super::lease::{Leading, Lease};
 use super::policy::{self, Bypass, Phase, RequestDirectives, Use};
 use super::{Cache, Found, Outcome, RouteCache, Slot, StoreResult};
 use crate::body::{self, Body, Streamed};
@@ -64,6 +65,8 @@ struct Fetch {
     store: bool,
     /// The client asked that nothing of the exchange be stored (`no-store`, where it counts).
     no_store: bool,
+    /// The fill lease of the key, while other replicas wait for this fetch.
+    lease: Option<Lease>,
 }
 
 /// Conditional header fields (RFC 9110 13.1) a client may send.
@@ -149,10 +152,26 @@ impl Cache {
 
         // Coalescing: one upstream fetch per missing key in this process; the others wait for it
         // (at most `lock_timeout`) and forward on their own if it yields nothing, or a response
-        // the origin varies by fields whose values they do not share.
-        let mut flight = None;
+        // the origin varies by fields whose values they do not share. Across replicas, the
+        // process that takes the key's lease in Redis fetches; the others wait for its fill.
+        let (mut flight, mut lease) = (None, None);
         match self.flights.join(store::entry_id(&key.path_key, slot.variant(&key))) {
-            Join::Lead(guard) if store && !head => flight = Some(guard),
+            Join::Lead(guard) if store && !head => match self.lead(&key, &slot).await {
+                Leading::Here(held) => (flight, lease) = (Some(guard), held),
+                Leading::Elsewhere(mark, lease_key) => {
+                    self.await_fill(&key, mark, &lease_key).await;
+                    let (found, slot) = self.find(route, &key, req.headers()).await;
+                    let now = self.clock.now();
+                    if let Found::Entry(entry, phase) = found {
+                        if policy::usable(&entry, phase, &asks, now) == Use::Fresh {
+                            guard.publish(entry.clone(), slot.variant(&key));
+                            lookup.set(Outcome::Collapsed);
+                            return Begin::Answer(respond::from_entry(&entry, head, None, Outcome::Collapsed, now));
+                        }
+                    }
+                    flight = Some(guard);
+                }
+            },
             Join::Lead(_) => {}
             Join::Follow(rx) => {
                 if let Some((entry, variant)) = coalesce::follow(rx, self.lock_timeout).await {
@@ -166,7 +185,7 @@ impl Cache {
             }
         }
         let request = req.headers().clone();
-        let fetch = Fetch { key, request, head, stale, revalidate, flight, store, no_store: asks.no_store };
+        let fetch = Fetch { key, request, head, stale, revalidate, flight, store, no_store: asks.no_store, lease };
         Begin::Forward(self.exchange(route, lookup.take(), Some(fetch)))
     }
 
@@ -208,6 +227,7 @@ impl Cache {
             flight: Some(flight),
             store: true,
             no_store: false,
+            lease: None,
         };
         let exchange = self.exchange(route, None, Some(fetch));
         exchange.prepare(refresh.headers_mut());
@@ -360,7 +380,7 @@ impl Exchange {
                 let entry =
                     Entry { status, headers: parts.headers.clone(), body: body.clone(), stored_at: now, freshness };
                 let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &config.vary);
-                let stored = self.cache.write(&self.route, &fetch.key, &slot, &entry);
+                let stored = self.cache.write(&self.route, &fetch.key, &slot, &entry, fetch.lease.take());
                 if let Some(flight) = fetch.flight.take() {
                     flight.publish(Arc::new(entry), slot.variant(&fetch.key));
                 }
@@ -402,7 +422,7 @@ impl Exchange {
         let entry = Arc::new(entry);
         if storable {
             let slot = Slot::of_response(&fetch.key, &entry.headers, &fetch.request, &self.route.config.vary);
-            self.cache.write(&self.route, &fetch.key, &slot, &entry);
+            self.cache.write(&self.route, &fetch.key, &slot, &entry, fetch.lease.take());
             if let Some(flight) = fetch.flight.take() {
                 flight.publish(entry.clone(), slot.variant(&fetch.key));
             }

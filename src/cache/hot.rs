@@ -61,6 +61,16 @@ impl HotTier {
         self.tracking.mark()
     }
 
+    /// Whether Redis's invalidations are tracked now.
+    pub(super) fn tracked(&self) -> bool {
+        self.tracking.healthy()
+    }
+
+    /// The tier's [`Tracking`].
+    pub(super) fn tracking(&self) -> &Tracking {
+        &self.tracking
+    }
+
     /// A fresh entry this tier may answer with now.
     pub(super) fn get(&self, path_key: &str, variant: &str, now: SystemTime) -> Option<(Arc<Entry>, Phase)> {
         let Hot(entry, admitted, mark) = self.entries.get(path_key, variant)?;

@@ -8,6 +8,7 @@ pub mod exchange;
 mod hot;
 pub mod invalidate;
 pub mod key;
+mod lease;
 pub mod outcome;
 pub mod policy;
 pub mod range;
@@ -38,6 +39,7 @@ use entry::Entry;
 pub use exchange::{Begin, Exchange};
 use hot::HotTier;
 use key::CacheKey;
+use lease::Lease;
 pub use outcome::Outcome;
 use policy::Phase;
 use seal::{Opened, Seal, Unreadable};
@@ -155,6 +157,8 @@ pub struct Cache {
     body_timeout: Duration,
     /// Seals entries written to Redis, when `[cache]` names keys (never the embedded store).
     seal: Option<Seal>,
+    /// Tokens of the fill leases this process takes.
+    tokens: lease::Tokens,
 }
 
 /// Every route name's generation.
@@ -197,6 +201,7 @@ impl Cache {
             lock_timeout: config.cache_lock_timeout,
             body_timeout: config.upstream.response_timeout,
             seal,
+            tokens: lease::Tokens::new(),
         }
     }
 
@@ -341,7 +346,7 @@ impl Cache {
         if by_previous {
             // Sealed again under the current key: the previous one is needed ever less.
             route.resealed.increment(1);
-            self.write(route, key, slot, &entry);
+            self.write(route, key, slot, &entry, None);
         }
         let entry = Arc::new(entry);
         let phase = policy::phase(&entry, now);
@@ -366,8 +371,9 @@ impl Cache {
 
     /// Write an entry to its slot in the background (with the marker that leads to it, for a
     /// second slot), at most `MAX_PENDING_WRITES` at once; past that the write is dropped and
-    /// counted, never queued. Whether the write was sent.
-    fn write(&self, route: &Arc<RouteCache>, key: &CacheKey, slot: &Slot, entry: &Entry) -> bool {
+    /// counted, never queued. Whether the write was sent. A fill lease is released once the
+    /// write is done (or at once, when there is none).
+    fn write(&self, route: &Arc<RouteCache>, key: &CacheKey, slot: &Slot, entry: &Entry, lease: Option<Lease>) -> bool {
         if !self.store.accepting() {
             route.count_store(StoreResult::Error);
             return false;
@@ -397,7 +403,7 @@ impl Cache {
                 Ok(_) => StoreResult::TooManyVariants,
                 Err(_) => StoreResult::Error,
             });
-            drop(permit);
+            drop((permit, lease));
         };
         // A child of the request (its span ends with the answer, before the write does).
         tokio::spawn(write.instrument(tracing::debug_span!("cache.write")));

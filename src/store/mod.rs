@@ -116,6 +116,31 @@ impl CacheStore {
         }
     }
 
+    /// Take a lease: set `key` to `token` for `ttl` unless it exists. Whether it was taken.
+    /// In process there is no one to share a fetch with: always taken.
+    pub async fn lease(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, StoreError> {
+        match self {
+            Self::Redis(r) => Box::pin(r.set_nx(key, token, ttl)).await,
+            Self::Memory(_) => Ok(true),
+        }
+    }
+
+    /// Whether a lease is held now.
+    pub async fn leased(&self, key: &str) -> Result<bool, StoreError> {
+        match self {
+            Self::Redis(r) => Box::pin(r.get(key)).await.map(|v| v.is_some()),
+            Self::Memory(_) => Ok(false),
+        }
+    }
+
+    /// End a lease taken with `token` (not one taken by another since it expired).
+    pub async fn release(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => Box::pin(r.del_if(key, token)).await,
+            Self::Memory(_) => Ok(()),
+        }
+    }
+
     /// A route's generation, read from `key`.
     pub async fn generation(&self, key: &str) -> Result<u64, StoreError> {
         match self {

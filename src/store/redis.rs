@@ -22,7 +22,7 @@ use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
 use fred::types::config::ReconnectPolicy;
 use fred::types::scripts::Script;
-use fred::types::{Builder, Expiration, FromValue, Value};
+use fred::types::{Builder, Expiration, FromValue, SetOptions, Value};
 use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -131,11 +131,27 @@ pub enum Op {
     Hdel,
     /// The rate limiter's token-bucket script
     TokenBucket,
+    /// SET NX PX of a fill lease (coalescing across replicas)
+    Lease,
+    /// Delete a fill lease if it is still ours (one script)
+    Release,
 }
 
 impl Op {
-    const ALL: [Op; 10] =
-        [Op::Get, Op::Set, Op::Del, Op::Incr, Op::Ping, Op::Hget, Op::Hmget, Op::Hset, Op::Hdel, Op::TokenBucket];
+    const ALL: [Op; 12] = [
+        Op::Get,
+        Op::Set,
+        Op::Del,
+        Op::Incr,
+        Op::Ping,
+        Op::Hget,
+        Op::Hmget,
+        Op::Hset,
+        Op::Hdel,
+        Op::TokenBucket,
+        Op::Lease,
+        Op::Release,
+    ];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -150,6 +166,8 @@ impl Op {
             Op::Hset => "hset",
             Op::Hdel => "hdel",
             Op::TokenBucket => "token_bucket",
+            Op::Lease => "lease",
+            Op::Release => "release",
         }
     }
 }
@@ -351,6 +369,25 @@ impl RedisStore {
     pub async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), StoreError> {
         let ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
         self.call(Op::Set, |c| c.set::<(), _, _>(key, value, Some(Expiration::PX(ms)), None, false)).await
+    }
+
+    /// SET NX with a millisecond expiry: whether the key was set (it did not exist).
+    pub async fn set_nx(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+        let expiry = Some(Expiration::PX(ms));
+        let reply =
+            self.call(Op::Lease, |c| c.set::<Option<String>, _, _>(key, value, expiry, Some(SetOptions::NX), false));
+        reply.await.map(|reply| reply.is_some())
+    }
+
+    /// DEL of a key that still holds `value` (a lease that is still ours), in one script.
+    pub async fn del_if(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        static DEL_IF: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+            Script::from_lua(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            )
+        });
+        self.script::<i64>(Op::Release, &DEL_IF, key, vec![value.into()]).await.map(drop)
     }
 
     /// DEL.

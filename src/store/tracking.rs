@@ -151,6 +151,8 @@ struct Shared {
     generation_prefix: String,
     on_event: OnEvent,
     links: Mutex<Links>,
+    /// Woken at every invalidation from Redis and every flush.
+    changed: tokio::sync::Notify,
     invalidations: Counter,
     flushes: [Counter; Flush::ALL.len()],
     metrics: Arc<Metrics>,
@@ -189,6 +191,7 @@ impl Tracking {
             generation_prefix,
             on_event,
             links: Mutex::new(Links { next_epoch: 1, ..Links::default() }),
+            changed: tokio::sync::Notify::new(),
             invalidations: reg.counter(HOT_TIER_INVALIDATIONS_TOTAL, &[]),
             flushes: Flush::ALL.map(|f| reg.counter(HOT_TIER_FLUSHES_TOTAL, &[("reason", f.as_str())])),
             client,
@@ -223,6 +226,29 @@ impl Tracking {
         self.shared.invalidate(key.as_bytes());
     }
 
+    /// Whether Redis may have changed `key` since `since` was taken: an invalidation of it
+    /// arrived, or tracking was lost or began again (which may have hidden one).
+    pub fn changed_since(&self, key: &str, since: Mark) -> bool {
+        let s = &self.shared;
+        s.bucket(key.as_bytes()).load(Ordering::SeqCst) > since.seq || s.epoch.load(Ordering::SeqCst) != since.epoch
+    }
+
+    /// Wait until [`Tracking::changed_since`] holds for one of `keys`, or until `deadline`.
+    pub async fn changed(&self, keys: &[&str], since: Mark, deadline: Instant) {
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a change between the two is not missed.
+            notified.as_mut().enable();
+            if keys.iter().any(|k| self.changed_since(k, since)) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Whether every link tracks now.
     pub fn healthy(&self) -> bool {
         self.shared.epoch.load(Ordering::SeqCst) != 0
@@ -249,6 +275,7 @@ impl Shared {
     fn invalidated(&self, key: &[u8]) {
         self.invalidate(key);
         self.invalidations.increment(1);
+        self.changed.notify_waiters();
         if let Some(route) = key.strip_prefix(self.generation_prefix.as_bytes()) {
             if let Ok(route) = std::str::from_utf8(route) {
                 (self.on_event)(Event::Generation(route));
@@ -266,6 +293,7 @@ impl Shared {
         self.flushes[why as usize].increment(1);
         (self.on_event)(Event::Flushed(why));
         self.begin_if_healthy(links);
+        self.changed.notify_waiters();
     }
 
     /// Begin a new healthy period when every wanted link tracks.
