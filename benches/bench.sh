@@ -6,6 +6,8 @@
 #   breaker open  sidecache pass-through route | sidecache cached route with Redis paused (SIGSTOP)
 #   rate limit    sidecache pass-through | sidecache rate-limited route (Redis, every request
 #                 allowed) | nginx limit_req allowing every request
+#   coherence     a purge through one sidecache until another sharing its Redis answers a MISS
+#                 (benches/coherence.py: p50, p99, max over many trials)
 #   sealed        sidecache cache hits with entries sealed in Redis ([cache] encryption_key_env) or
 #                 not: with the hot tier (hits mostly from process memory, never opened again) and
 #                 with hot_ttl = "0s" (every hit read from Redis and opened)
@@ -13,7 +15,7 @@
 # run in interleaved rounds and each figure is the median, so a noisy neighbour cannot favour one.
 #
 # Usage: benches/bench.sh [seconds per measurement, default 5] [connections, default 64] [rounds, default 3]
-#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit sealed).
+#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit sealed coherence).
 #   BENCH_BASELINE=path/to/an/older/sidecache also runs that binary, same configuration, in the
 #   pass-through and cache-hit rounds (before/after a change in one run).
 # Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
@@ -24,7 +26,7 @@ DURATION=${1:-5}
 CONNECTIONS=${2:-64}
 ROUNDS=${3:-3}
 THREADS=2
-ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit sealed}
+ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit sealed coherence}
 BASELINE=${BENCH_BASELINE:-}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
@@ -51,7 +53,8 @@ UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); RP=$(free_
 BL=$(free_port); BLA=$(free_port)
 
 target/release/examples/bench-upstream "127.0.0.1:$UP" &
-PIDS+=($!)
+UP_PID=$!
+PIDS+=($UP_PID)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --logfile "$WORK/redis.log" &
 REDIS_PID=$!
 PIDS+=($REDIS_PID)
@@ -85,7 +88,8 @@ http {
 }
 NGINX
 nginx -p "$WORK" -c "$WORK/nginx.conf" &
-PIDS+=($!)
+NGX_PID=$!
+PIDS+=($NGX_PID)
 
 cat >"$WORK/proxy.toml" <<TOML
 [server]
@@ -117,7 +121,8 @@ PIDS+=($SC_PID)
 if [ -n "$BASELINE" ]; then
   sed -e "s/127.0.0.1:$SC\"/127.0.0.1:$BL\"/" -e "s/127.0.0.1:$SCA\"/127.0.0.1:$BLA\"/" "$WORK/proxy.toml" >"$WORK/baseline.toml"
   "$BASELINE" --config "$WORK/baseline.toml" >"$WORK/baseline.log" 2>&1 &
-  PIDS+=($!)
+  BL_PID=$!
+  PIDS+=($BL_PID)
   for _ in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.1:$BLA/readyz" 2>/dev/null && break; sleep 0.05; done
 fi
 
@@ -147,32 +152,47 @@ for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$NGX/" "http://127.0.0.1:$S
 done
 for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$SCA/status" | grep -q '"state":"up"' && break; sleep 0.05; done
 
+# The processes whose CPU time a request costs: the server and what it calls (Redis for sidecache).
+NGX_ALL="$NGX_PID $(pgrep -P "$NGX_PID" | tr '\n' ' ')"
+SC_ALL="$SC_PID $REDIS_PID"
+BL_ALL="${BL_PID:-} $REDIS_PID"
+
 rss() { awk -v f="$2" '$1==f {print $2}' "/proc/$1/status"; }
 IDLE_RSS=$(rss $SC_PID VmRSS:)
 
 to_ms() { # wrk prints 512.00us / 1.23ms / 1.01s
   awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
 }
-# run NAME URL [UNIQUE_PREFIX] -> appends "NAME rps p50_ms p99_ms [errors]" to results. With a
-# prefix, every request goes to a path of its own under it (benches/unique-paths.lua).
+# Server CPU time (user + system, clock ticks) of these pids and their threads so far.
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+HZ=$(getconf CLK_TCK)
+# run NAME URL [UNIQUE_PREFIX] [PIDS] -> appends "NAME rps p50_ms p99_ms cpu_us_per_request [errors]"
+# to results. With a prefix, every request goes to a path of its own under it
+# (benches/unique-paths.lua); PIDS are the serving processes whose CPU time is counted.
 run() {
-  local name=$1 url=$2 args=()
+  local name=$1 url=$2 pids=${4:-} args=()
   [ -n "${3:-}" ] && args=(-s benches/unique-paths.lua "$url" -- "$3") || args=("$url")
   wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "${args[@]}" >/dev/null 2>&1 # warm-up (fills caches)
-  local out rps p50 p99 errors
+  local out rps p50 p99 errors before after requests cpu=-
+  # shellcheck disable=SC2086
+  before=$(ticks $pids)
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "${args[@]}")
+  # shellcheck disable=SC2086
+  after=$(ticks $pids)
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  [ -n "$pids" ] && cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$requests" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  printf '%s %s %s %s %s\n' "$name" "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" "${errors:-}" >>"$WORK/results"
+  printf '%s %s %s %s %s %s\n' "$name" "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" "$cpu" "${errors:-}" >>"$WORK/results"
 }
 median() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/results" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 table() {
-  printf '\n%-24s %12s %10s %10s\n' "$1" "req/s" "p50 ms" "p99 ms"
+  printf '\n%-24s %12s %10s %10s %14s\n' "$1" "req/s" "p50 ms" "p99 ms" "CPU us/req"
   shift
   for name in "$@"; do
-    printf '%-24s %12.0f %10s %10s\n' "$name" "$(median "$name" 2)" "$(median "$name" 3)" "$(median "$name" 4)"
+    printf '%-24s %12.0f %10s %10s %14s\n' "$name" "$(median "$name" 2)" "$(median "$name" 3)" "$(median "$name" 4)" "$(median "$name" 5)"
   done
 }
 ratio() { awk -v a="$(median "$1" "$3")" -v b="$(median "$2" "$3")" 'BEGIN { printf "%.2f", a/b }'; }
@@ -182,24 +202,24 @@ diff_ms() { awk -v a="$(median "$1" "$3")" -v b="$(median "$2" "$3")" 'BEGIN { p
 echo "sidecache benchmark: wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s x $ROUNDS interleaved rounds, 1 KiB bodies, $(nproc) cores"
 for _ in $(seq 1 "$ROUNDS"); do
   if want passthrough || want ratelimit; then
-    run direct "http://127.0.0.1:$UP/"
-    run sidecache "http://127.0.0.1:$SC/"
-    [ -n "$BASELINE" ] && run baseline "http://127.0.0.1:$BL/"
-    run nginx "http://127.0.0.1:$NGX/"
+    run direct "http://127.0.0.1:$UP/" "" "$UP_PID"
+    run sidecache "http://127.0.0.1:$SC/" "" "$SC_ALL"
+    [ -n "$BASELINE" ] && run baseline "http://127.0.0.1:$BL/" "" "$BL_ALL"
+    run nginx "http://127.0.0.1:$NGX/" "" "$NGX_ALL"
   fi
   if want ratelimit; then
-    run sidecache-limited "http://127.0.0.1:$SC/limited/a"
-    run nginx-limit_req "http://127.0.0.1:$NGX/limited/a"
+    run sidecache-limited "http://127.0.0.1:$SC/limited/a" "" "$SC_ALL"
+    run nginx-limit_req "http://127.0.0.1:$NGX/limited/a" "" "$NGX_ALL"
   fi
   if want cache; then
-    run direct-cached-path "http://127.0.0.1:$UP/cached/a"
-    run sidecache-hits "http://127.0.0.1:$SC/cached/a"
-    [ -n "$BASELINE" ] && run baseline-hits "http://127.0.0.1:$BL/cached/a"
-    run nginx-proxy_cache-hits "http://127.0.0.1:$NGX/cached/a"
+    run direct-cached-path "http://127.0.0.1:$UP/cached/a" "" "$UP_PID"
+    run sidecache-hits "http://127.0.0.1:$SC/cached/a" "" "$SC_ALL"
+    [ -n "$BASELINE" ] && run baseline-hits "http://127.0.0.1:$BL/cached/a" "" "$BL_ALL"
+    run nginx-proxy_cache-hits "http://127.0.0.1:$NGX/cached/a" "" "$NGX_ALL"
   fi
   if want slow; then
     run slow-direct "http://127.0.0.1:$UP/slow/a"
-    run slow-sidecache-hits "http://127.0.0.1:$SC/slow/a"
+    run slow-sidecache-hits "http://127.0.0.1:$SC/slow/a" "" "$SC_ALL"
   fi
   if want sealed; then
     for name in plain-hot sealed-hot plain-redis sealed-redis; do
@@ -210,6 +230,27 @@ for _ in $(seq 1 "$ROUNDS"); do
 done
 LOAD_RSS=$(rss $SC_PID VmHWM:)
 HITS=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_cache_lookups_total\{route="cached",result="hit"\}/ {print $2}')
+READS=$(curl -fsS "http://127.0.0.1:$SCA/metrics" | awk '/^sidecache_redis_op_duration_seconds_count\{client="cache",op="h(m)?get"\}/ {n += $2} END {print n + 0}')
+
+# second NAME PROXY_PORT ADMIN_PORT BINARY TOML: another replica of a running sidecache (same
+# configuration, same Redis and key prefix) on other ports.
+second() {
+  sed -e "s/127.0.0.1:$3\"/127.0.0.1:$6\"/" -e "s/127.0.0.1:$2\"/127.0.0.1:$5\"/" "$WORK/$4" >"$WORK/$1.toml"
+  "$7" --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$6/status" 2>/dev/null | grep -q '"state":"up"' && break; sleep 0.05; done
+  sleep 0.5 # the invalidation links
+}
+if want coherence; then
+  SC2=$(free_port); SC2A=$(free_port)
+  second replica "$SC" "$SCA" proxy.toml "$SC2" "$SC2A" "$BIN"
+  COHERENCE=$(python3 benches/coherence.py "127.0.0.1:$SC" "127.0.0.1:$SCA" "127.0.0.1:$SC2" 300)
+  if [ -n "$BASELINE" ]; then
+    BL2=$(free_port); BL2A=$(free_port)
+    second baseline-replica "$BL" "$BLA" baseline.toml "$BL2" "$BL2A" "$BASELINE"
+    COHERENCE_BASELINE=$(python3 benches/coherence.py "127.0.0.1:$BL" "127.0.0.1:$BLA" "127.0.0.1:$BL2" 20)
+  fi
+fi
 
 if want breaker; then
   kill -STOP "$REDIS_PID"
@@ -217,8 +258,8 @@ if want breaker; then
   # Distinct paths on both routes: every cached-route request is a miss that skips Redis (the
   # breaker is open) and none can be coalesced with another.
   for _ in $(seq 1 "$ROUNDS"); do
-    run redis-paused-passthrough "http://127.0.0.1:$SC/" /p/
-    run redis-paused-cached-route "http://127.0.0.1:$SC/cached/" /cached/
+    run redis-paused-passthrough "http://127.0.0.1:$SC/" /p/ "$SC_PID"
+    run redis-paused-cached-route "http://127.0.0.1:$SC/cached/" /cached/ "$SC_PID"
   done
   kill -CONT "$REDIS_PID"
 fi
@@ -230,7 +271,7 @@ want cache && table "cache hits" direct-cached-path sidecache-hits ${BASELINE:+b
 want slow && table "20 ms upstream" slow-direct slow-sidecache-hits
 want breaker && table "Redis paused (breaker open)" redis-paused-passthrough redis-paused-cached-route
 want sealed && table "cache hits, sealed or not" plain-hot sealed-hot plain-redis sealed-redis
-errors=$(awk 'NF > 4' "$WORK/results")
+errors=$(awk 'NF > 5' "$WORK/results")
 [ -z "$errors" ] || printf '\nerrors reported by wrk:\n%s\n' "$errors"
 
 echo
@@ -240,7 +281,16 @@ if [ -n "$BASELINE" ]; then
   want passthrough && echo "pass-through  baseline/nginx: throughput $(ratio baseline nginx 2), p50 $(ratio baseline nginx 3), p99 $(ratio baseline nginx 4); sidecache/baseline: throughput $(ratio sidecache baseline 2), p99 $(ratio sidecache baseline 4)"
   want cache && echo "cache hits    baseline/nginx proxy_cache: throughput $(ratio baseline-hits nginx-proxy_cache-hits 2), p99 $(ratio baseline-hits nginx-proxy_cache-hits 4); sidecache/baseline: throughput $(ratio sidecache-hits baseline-hits 2), p99 $(ratio sidecache-hits baseline-hits 4)"
 fi
-want cache && echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4)  (hits counted: ${HITS:-0})"
+want cache && echo "cache hits    sidecache/nginx proxy_cache: throughput $(ratio sidecache-hits nginx-proxy_cache-hits 2), p50 $(ratio sidecache-hits nginx-proxy_cache-hits 3), p99 $(ratio sidecache-hits nginx-proxy_cache-hits 4), CPU per request $(ratio sidecache-hits nginx-proxy_cache-hits 5)  (hits counted: ${HITS:-0}; Redis reads per hit: $(awk -v r="${READS:-0}" -v h="${HITS:-1}" 'BEGIN { printf "%.5f", r / h }'))"
+want passthrough && echo "pass-through  CPU per request sidecache/nginx: $(ratio sidecache nginx 5)"
+if want coherence; then
+  read -r n p50 p99 max <<<"$COHERENCE"
+  echo "coherence     a purge through one replica until the other answers a MISS: p50 $p50 ms, p99 $p99 ms, max $max ms ($n trials)"
+  if [ -n "$BASELINE" ]; then
+    read -r n p50 p99 max <<<"$COHERENCE_BASELINE"
+    echo "              baseline: p50 $p50 ms, p99 $p99 ms, max $max ms ($n trials)"
+  fi
+fi
 want slow && echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
 want sealed && echo "sealed        with the hot tier sealed/plain: throughput $(ratio sealed-hot plain-hot 2), p99 $(ratio sealed-hot plain-hot 4); every hit from Redis sealed/plain: throughput $(ratio sealed-redis plain-redis 2), p99 $(ratio sealed-redis plain-redis 4)"
 want breaker && echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
