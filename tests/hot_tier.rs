@@ -16,6 +16,10 @@ use tokio::time::Instant;
 
 const ROUTES: &str = r#"
 [[route]]
+name = "capped"
+path = "/gen/capped/*"
+cache = { ttl = "1h", max_variants = 1 }
+[[route]]
 name = "cached"
 path = "/gen/*"
 cache = { ttl = "1h", request_directives = true }
@@ -28,7 +32,7 @@ fn key(name: &str) -> String {
 
 async fn proxy(upstream: &TestUpstream, redis: &TestRedis, clock: &sidecache::Clock, hot_ttl: &str) -> TestProxy {
     let extra = format!(
-        "{ROUTES}\n[cache]\nhot_ttl = \"{hot_ttl}\"\n[redis]\nurl = \"{}\"\nop_timeout = \"100ms\"\nbreaker_cooldown = \"200ms\"\n",
+        "{ROUTES}\n[cache]\nhot_ttl = \"{hot_ttl}\"\n[redis]\nurl = \"{}\"\nop_timeout = \"250ms\"\nbreaker_cooldown = \"200ms\"\n",
         redis.url()
     );
     let p = TestProxy::start_with(&config_text(upstream.addr, &extra), &HashMap::new(), clock.clone()).await;
@@ -180,11 +184,14 @@ async fn a_route_purge_reaches_the_other_replica_without_waiting_for_the_generat
     assert!(took < Duration::from_millis(500), "a route purge reached the other replica after {took:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_link_drops_the_tier_and_a_restarted_empty_redis_is_never_contradicted() {
     let mut redis = TestRedis::start();
     let (_upstream, a, b, _clock) = replicas(&redis).await;
     let held = warm(&a, &b, "/gen/k").await;
+    // Under load throughout: every answer a 200 with its own path's body.
+    let b = std::sync::Arc::new(b);
+    let load = SteadyLoad::start(&b, 20);
 
     // A hung Redis: the link's PING goes unanswered, the tier is dropped.
     redis.pause();
@@ -205,6 +212,9 @@ async fn a_lost_link_drops_the_tier_and_a_restarted_empty_redis_is_never_contrad
     until_tracking(&b, &redis, true).await;
     let after = req(&b, "/gen/k2").await;
     assert_ne!(after.body, held, "served an entry Redis no longer holds");
+    let (answered, slowest) = load.finish().await;
+    assert!(answered > 100, "only {answered} requests under load");
+    assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?}");
 }
 
 #[tokio::test]
@@ -317,4 +327,28 @@ async fn a_fetch_that_yields_nothing_to_store_releases_the_other_replicas_at_onc
     }
     // The lease is released with the unstorable answer: nobody waits out `lock_timeout` (5 s).
     assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_refused_variant_does_not_make_other_replicas_read_the_entry_again() {
+    let redis = TestRedis::start();
+    let (_upstream, a, b, _clock) = replicas(&redis).await;
+    let path = "/gen/capped/p";
+    let first = req(&a, path).await;
+    let capped = r#"sidecache_cache_stores_total{route="capped",result="stored"}"#;
+    until_metric(a.admin, capped, 1.0).await;
+    for _ in 0..2 {
+        assert_eq!((x_cache(&req(&b, path).await)), "HIT");
+    }
+    let before = redis_reads(&metrics(&b).await);
+    // Another host's variant, refused every time: the path holds as many as it may.
+    for _ in 0..5 {
+        let other = send(Method::GET, &a.url(path), &[("host", "elsewhere")], Bytes::new()).await;
+        assert_eq!(x_cache(&other), "MISS");
+    }
+    until_metric(a.admin, r#"sidecache_cache_stores_total{route="capped",result="too_many_variants"}"#, 5.0).await;
+    for _ in 0..3 {
+        assert_eq!(req(&b, path).await.body, first.body);
+    }
+    assert_eq!(redis_reads(&metrics(&b).await), before, "the other replica's entry was dropped");
 }

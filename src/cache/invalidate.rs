@@ -2,7 +2,7 @@
 //! to be safe invalidates the stored responses for its target, and for the same-origin targets
 //! its `Location` and `Content-Location` name. The proxy finds the cached routes that cover each
 //! target (whatever methods they list) and purges the path in each; with Redis that reaches every
-//! replica at once (each replica's hot tier within `hot_ttl`).
+//! replica at once (each replica's hot tier as soon as Redis's invalidation message reaches it).
 
 use http::{header, HeaderMap, Method, StatusCode, Uri};
 

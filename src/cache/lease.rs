@@ -76,7 +76,9 @@ fn lease_key(key: &CacheKey, slot: &Slot) -> String {
 impl Cache {
     /// Take the fill lease of a key this process leads the fetch of.
     pub(super) async fn lead(&self, key: &CacheKey, slot: &Slot) -> Leading {
-        let Some(hot) = self.hot.as_ref().filter(|h| h.tracked() && self.store.accepting()) else {
+        // `lock_timeout = "0s"`: no request waits for another's fetch, here or elsewhere.
+        let waits = !self.lock_timeout.is_zero();
+        let Some(hot) = self.hot.as_ref().filter(|h| waits && h.tracked() && self.store.accepting()) else {
             return Leading::Here(None);
         };
         // Before the lease is asked for: a fill that lands meanwhile is seen by the wait.

@@ -45,12 +45,14 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// value pairs. Returns how many fields were written: a new one is refused while the path holds
 /// `cap` live variants. Variant ids are hex or `v` and hex, so the index field `~` is never one.
 /// A field's expiry only ever moves later: a marker written for a short-lived variant must not
-/// end before a longer-lived one it leads to.
+/// end before a longer-lived one it leads to. A write that changes nothing (every new variant
+/// refused, none expired) leaves the key untouched: any write to it makes Redis tell every
+/// replica's hot tier to drop the path's entries.
 const HSET_VARIANTS_LUA: &str = r#"
 local key, keep, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expiries, order = {}, {}
+local expiries, order, dropped = {}, {}, {}
 local index = redis.call('HGET', key, '~')
 if index then
   for variant, expiry in string.gmatch(index, '(%S+) (%d+)') do
@@ -59,7 +61,7 @@ if index then
       expiries[variant] = expiry
       order[#order + 1] = variant
     else
-      redis.call('HDEL', key, variant)
+      dropped[#dropped + 1] = variant
     end
   end
 end
@@ -77,6 +79,12 @@ for i = 3, #ARGV - 1, 2 do
     end
     stored = stored + 1
   end
+end
+if stored == 0 and #dropped == 0 then
+  return 0
+end
+for _, variant in ipairs(dropped) do
+  redis.call('HDEL', key, variant)
 end
 if #order == 0 then
   redis.call('DEL', key)
@@ -212,7 +220,8 @@ struct Inner {
     up: Gauge,
     nodes: Gauge,
     connected_nodes: Gauge,
-    /// Told of every (re)connection: the primaries may have changed (a failover).
+    /// Told of every (re)connection and cluster slot map change: the primaries, or the server
+    /// behind a name, may have changed (a failover).
     changed: Arc<Notify>,
     /// Set once a connection error was logged, cleared on reconnect: one line per outage.
     error_logged: AtomicBool,
@@ -350,7 +359,8 @@ impl RedisStore {
         self.inner.target.tls.clone()
     }
 
-    /// Notified at every (re)connection of the store's clients.
+    /// Notified at every (re)connection of the store's clients and every change of a cluster's
+    /// slot map.
     pub fn changes(&self) -> Arc<Notify> {
         self.inner.changed.clone()
     }
@@ -566,14 +576,21 @@ impl Inner {
 /// reconnect policy retries up to every second. Holds only a weak reference, so dropping the
 /// store ends it.
 async fn watch_connection(inner: Weak<Inner>, index: usize) {
-    let Some((mut reconnects, mut errors)) = inner.upgrade().map(|i| {
+    let Some((mut reconnects, mut errors, mut resharded)) = inner.upgrade().map(|i| {
         let client = &i.pool.clients()[index];
-        (client.reconnect_rx(), client.error_rx())
+        (client.reconnect_rx(), client.error_rx(), client.cluster_change_rx())
     }) else {
         return;
     };
     loop {
         tokio::select! {
+            change = resharded.recv() => {
+                if matches!(change, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                inner.changed.notify_one();
+            }
             reconnected = reconnects.recv() => {
                 if reconnected.is_err() {
                     return;

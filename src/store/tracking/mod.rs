@@ -15,10 +15,11 @@
 
 mod link;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge};
 use tokio::task::JoinHandle;
@@ -29,6 +30,11 @@ use crate::metrics::{Metrics, HOT_TIER_FLUSHES_TOTAL, HOT_TIER_INVALIDATIONS_TOT
 
 /// Buckets of the invalidation table: two keys sharing one only cost an extra Redis read.
 const MARKS: usize = 1 << 16;
+/// A link that tracked this long before it was lost was stable: its loss is logged, and
+/// reconnecting starts again from the shortest backoff.
+const STABLE: Duration = Duration::from_secs(5);
+/// Groups of buckets whose waiters are woken together.
+const WAKERS: usize = 1 << 10;
 
 /// When an entry was read: the healthy period then (0: none) and the invalidations received
 /// before the read was sent.
@@ -130,8 +136,9 @@ struct Shared {
     generation_prefix: String,
     on_event: OnEvent,
     links: Mutex<Links>,
-    /// Woken at every invalidation from Redis and every flush.
-    changed: tokio::sync::Notify,
+    /// Per group of buckets, woken at each invalidation in one of them; all at a flush. A
+    /// waiter is woken by its own keys' changes (and a few others'), not by every change.
+    wakers: Box<[tokio::sync::Notify]>,
     invalidations: Counter,
     flushes: [Counter; Flush::ALL.len()],
     metrics: Arc<Metrics>,
@@ -141,10 +148,16 @@ struct Shared {
 #[derive(Default)]
 struct Links {
     wanted: Vec<Node>,
+    /// The id of the link task that speaks for each wanted node: reports from an older one (ended
+    /// by a relink, perhaps not yet stopped on another thread) are ignored.
+    live: HashMap<Node, u64>,
     tracking: HashSet<Node>,
     next_epoch: u64,
-    /// A link was ever healthy (the first one is no news to log).
-    was_healthy: bool,
+    next_link: u64,
+    /// When the current healthy period began.
+    healthy_since: Option<Instant>,
+    /// A loss was logged: the recovery is logged too.
+    loss_logged: bool,
 }
 
 impl Tracking {
@@ -199,14 +212,15 @@ impl Tracking {
     /// Wait until [`Tracking::changed_since`] holds for one of `keys`, or until `deadline`.
     pub async fn changed(&self, keys: &[&str], since: Mark, deadline: Instant) {
         loop {
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
+            let mut woken: Vec<_> = keys.iter().map(|k| Box::pin(self.shared.waker(k.as_bytes()).notified())).collect();
             // Registered before the check, so a change between the two is not missed.
-            notified.as_mut().enable();
+            woken.iter_mut().for_each(|n| {
+                n.as_mut().enable();
+            });
             if keys.iter().any(|k| self.changed_since(k, since)) {
                 return;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if tokio::time::timeout_at(deadline, futures_util::future::select_all(woken)).await.is_err() {
                 return;
             }
         }
@@ -242,7 +256,7 @@ impl Shared {
             generation_prefix,
             on_event,
             links: Mutex::new(Links { next_epoch: 1, ..Links::default() }),
-            changed: tokio::sync::Notify::new(),
+            wakers: (0..WAKERS).map(|_| tokio::sync::Notify::new()).collect(),
             invalidations: reg.counter(HOT_TIER_INVALIDATIONS_TOTAL, &[]),
             flushes: Flush::ALL.map(|f| reg.counter(HOT_TIER_FLUSHES_TOTAL, &[("reason", f.as_str())])),
             client,
@@ -250,8 +264,16 @@ impl Shared {
         }
     }
 
+    fn index(&self, key: &[u8]) -> usize {
+        self.hasher.hash_one(key) as usize % MARKS
+    }
+
     fn bucket(&self, key: &[u8]) -> &AtomicU64 {
-        &self.marks[self.hasher.hash_one(key) as usize % MARKS]
+        &self.marks[self.index(key)]
+    }
+
+    fn waker(&self, key: &[u8]) -> &tokio::sync::Notify {
+        &self.wakers[self.index(key) % WAKERS]
     }
 
     fn invalidate(&self, key: &[u8]) {
@@ -263,7 +285,7 @@ impl Shared {
     fn invalidated(&self, key: &[u8]) {
         self.invalidate(key);
         self.invalidations.increment(1);
-        self.changed.notify_waiters();
+        self.waker(key).notify_waiters();
         if let Some(route) = key.strip_prefix(self.generation_prefix.as_bytes()) {
             if let Ok(route) = std::str::from_utf8(route) {
                 (self.on_event)(Event::Generation(route));
@@ -281,7 +303,7 @@ impl Shared {
         self.flushes[why as usize].increment(1);
         (self.on_event)(Event::Flushed(why));
         self.begin_if_healthy(links);
-        self.changed.notify_waiters();
+        self.wakers.iter().for_each(tokio::sync::Notify::notify_waiters);
     }
 
     /// Begin a new healthy period when every wanted link tracks.
@@ -290,7 +312,8 @@ impl Shared {
         if healthy && self.epoch.load(Ordering::SeqCst) == 0 {
             self.epoch.store(links.next_epoch, Ordering::SeqCst);
             links.next_epoch += 1;
-            match std::mem::replace(&mut links.was_healthy, true) {
+            links.healthy_since = Some(Instant::now());
+            match std::mem::take(&mut links.loss_logged) {
                 true => tracing::info!(
                     client = self.client,
                     "redis invalidations tracked again: in-process entries kept until their freshness ends"
@@ -302,17 +325,32 @@ impl Shared {
         }
     }
 
-    /// The primaries changed: the links to follow now.
-    fn want(&self, nodes: Vec<Node>) {
+    /// The primaries to follow now; those in `fresh` get a new link (the caller ends the old
+    /// one): the ids of the new links.
+    fn want(&self, nodes: Vec<Node>, fresh: &[Node]) -> Vec<(Node, u64)> {
         let mut links = self.links();
         links.wanted = nodes;
-        let Links { wanted, tracking, .. } = &mut *links;
+        let mut ids = Vec::with_capacity(fresh.len());
+        for node in fresh {
+            let id = links.next_link;
+            links.next_link += 1;
+            links.live.insert(node.clone(), id);
+            links.tracking.remove(node);
+            ids.push((node.clone(), id));
+        }
+        let Links { wanted, tracking, live, .. } = &mut *links;
+        live.retain(|n, _| wanted.contains(n));
         tracking.retain(|n| wanted.contains(n));
         self.flush(&mut links, Flush::Topology);
+        ids
     }
 
-    fn tracking(&self, node: &Node, on: bool) {
+    /// Link `id` to `node` tracks now, or no longer does.
+    fn tracking(&self, node: &Node, id: u64, on: bool) {
         let mut links = self.links();
+        if links.live.get(node) != Some(&id) {
+            return;
+        }
         match on {
             true => {
                 links.tracking.insert(node.clone());
@@ -320,7 +358,10 @@ impl Shared {
             }
             false => {
                 if links.tracking.remove(node) {
-                    if self.epoch.load(Ordering::SeqCst) != 0 {
+                    // A link that keeps failing soon after it tracks logs once, not every time.
+                    let stable = links.healthy_since.take().is_some_and(|since| since.elapsed() >= STABLE);
+                    if stable && !links.loss_logged {
+                        links.loss_logged = true;
                         tracing::warn!(client = self.client, %node, "redis invalidation link lost: in-process entries dropped, then kept for hot_ttl at most until it is back");
                     }
                     self.flush(&mut links, Flush::LinkLost);
@@ -338,8 +379,6 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn node(port: u16) -> Node {
@@ -366,10 +405,11 @@ mod tests {
         let t = tracking(events.clone());
         let untracked = t.mark();
         assert_eq!(t.trusts("p:c:a", untracked), Trust::Briefly, "no link yet");
-        t.shared.want(vec![node(1), node(2)]);
-        t.shared.tracking(&node(1), true);
+        let ids = t.shared.want(vec![node(1), node(2)], &[node(1), node(2)]);
+        let (one, two) = (ids[0].1, ids[1].1);
+        t.shared.tracking(&node(1), one, true);
         assert!(!t.healthy(), "one of two links");
-        t.shared.tracking(&node(2), true);
+        t.shared.tracking(&node(2), two, true);
         assert!(t.healthy());
         assert_eq!(t.trusts("p:c:a", untracked), Trust::No, "read before tracking began");
 
@@ -388,10 +428,10 @@ mod tests {
         // A lost link: what was read before is trusted briefly, then not at all once tracking
         // begins again (invalidations may have been missed in between).
         let read = t.mark();
-        t.shared.tracking(&node(2), false);
+        t.shared.tracking(&node(2), two, false);
         assert_eq!(t.trusts("p:c:c", read), Trust::Briefly);
         let during = t.mark();
-        t.shared.tracking(&node(2), true);
+        t.shared.tracking(&node(2), two, true);
         assert_eq!((t.trusts("p:c:c", read), t.trusts("p:c:c", during)), (Trust::No, Trust::No));
 
         // FLUSHALL.
@@ -402,25 +442,46 @@ mod tests {
 
         // New primaries.
         let read = t.mark();
-        t.shared.want(vec![node(1), node(3)]);
+        let three = t.shared.want(vec![node(1), node(3)], &[node(3)])[0].1;
         assert_eq!(t.trusts("p:c:e", read), Trust::Briefly, "the new primary is not tracked yet");
-        t.shared.tracking(&node(3), true);
+        t.shared.tracking(&node(2), two, true);
+        assert_eq!(t.trusts("p:c:e", read), Trust::Briefly, "a node no longer followed");
+        t.shared.tracking(&node(3), three, true);
         assert_eq!(t.trusts("p:c:e", read), Trust::No);
         assert_eq!(t.trusts("p:c:e", t.mark()), Trust::UntilFresh);
+
+        // A relink (a reconnection of the client): the old link's late reports count for nothing.
+        let read = t.mark();
+        let renewed = t.shared.want(vec![node(1), node(3)], &[node(1), node(3)]);
+        t.shared.tracking(&node(1), one, true);
+        t.shared.tracking(&node(3), three, true);
+        assert!(!t.healthy(), "reports from links that were replaced");
+        for (node, id) in &renewed {
+            t.shared.tracking(node, *id, true);
+        }
+        assert!(t.healthy());
+        assert_eq!(t.trusts("p:c:f", read), Trust::No);
 
         t.shared.invalidated(b"p:g:catalog");
         let events = events.lock().unwrap().clone();
         assert_eq!(
             events,
-            ["flushed topology", "flushed link_lost", "flushed flushall", "flushed topology", "generation catalog"]
+            [
+                "flushed topology",
+                "flushed link_lost",
+                "flushed flushall",
+                "flushed topology",
+                "flushed topology",
+                "generation catalog"
+            ]
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_wakes_on_a_change_of_its_keys_only() {
         let t = Arc::new(tracking(Arc::default()));
-        t.shared.want(vec![node(1)]);
-        t.shared.tracking(&node(1), true);
+        let one = t.shared.want(vec![node(1)], &[node(1)])[0].1;
+        t.shared.tracking(&node(1), one, true);
         let since = t.mark();
         let waiter = {
             let t = t.clone();
