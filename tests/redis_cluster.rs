@@ -212,6 +212,9 @@ async fn every_primary_keeps_both_proxies_hot_tiers_true() {
     for (i, body) in held.iter().enumerate().skip(6) {
         assert_eq!(&req(&b, i).await.body, body);
     }
+    // Under load from here on: every answer a 200 with its own path's body.
+    let b = Arc::new(b);
+    let load = SteadyLoad::start(&b, 20);
     cluster.nodes[1].kill();
     until_tracking(b.admin, 2).await;
     let mut deleted = Vec::new();
@@ -231,6 +234,9 @@ async fn every_primary_keeps_both_proxies_hot_tiers_true() {
     for &i in &deleted {
         assert_ne!(req(&b, i).await.body, held[i], "/gen/h{i} deleted during the fault, served after it");
     }
+    let (answered, slowest) = load.finish().await;
+    assert!(answered > 100, "only {answered} requests under load");
+    assert!(slowest < Duration::from_secs(1), "a request waited {slowest:?}");
 }
 
 /// TLS as managed clusters do it: the certificates name a host, the slot map names nodes by IP
