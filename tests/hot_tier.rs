@@ -236,9 +236,9 @@ async fn without_tracking_the_tier_keeps_entries_for_hot_ttl_only() {
     assert_eq!(metric(&metrics(&a).await, &tracking_series(&redis)), Some(0.0));
 }
 
-/// Three proxies on one Redis, with a path whose backend answers after `delay`.
-async fn three(redis: &TestRedis, delay: Duration) -> (TestUpstream, Vec<TestProxy>) {
-    let upstream = TestUpstream::new().route("/gen/slow", Reply::ok().delay(delay)).spawn().await;
+/// Three proxies on one Redis, with a path `/gen/slow` the backend answers with `slow`.
+async fn three(redis: &TestRedis, slow: Reply) -> (TestUpstream, Vec<TestProxy>) {
+    let upstream = TestUpstream::new().route("/gen/slow", slow).spawn().await;
     let clock = sidecache::Clock::system();
     let mut proxies = Vec::new();
     for _ in 0..3 {
@@ -269,7 +269,7 @@ async fn thirty(proxies: &[TestProxy], path: &str) -> Vec<Bytes> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_missing_one_key_at_once_fetch_it_once() {
     let redis = TestRedis::start();
-    let (upstream, proxies) = three(&redis, Duration::from_millis(300)).await;
+    let (upstream, proxies) = three(&redis, Reply::ok().delay(Duration::from_millis(300))).await;
     let bodies = thirty(&proxies, "/gen/slow").await;
     assert_eq!(upstream.seen("/gen/slow").len(), 1, "one upstream fetch for three replicas");
     assert!(bodies.iter().all(|b| *b == bodies[0]), "everyone got the one fetch's answer");
@@ -292,7 +292,7 @@ async fn replicas_missing_one_key_at_once_fetch_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_replica_coalesces_on_its_own_at_once() {
     let mut redis = TestRedis::start();
-    let (upstream, proxies) = three(&redis, Duration::from_millis(300)).await;
+    let (upstream, proxies) = three(&redis, Reply::ok().delay(Duration::from_millis(300))).await;
     redis.kill();
     for p in &proxies {
         until_tracking(p, &redis, false).await;
@@ -306,15 +306,8 @@ async fn without_redis_each_replica_coalesces_on_its_own_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_yields_nothing_to_store_releases_the_other_replicas_at_once() {
     let redis = TestRedis::start();
-    let upstream = TestUpstream::new().route("/gen/slow", Reply::ok().status(503).delay(Duration::from_millis(300)));
-    let upstream = upstream.spawn().await;
-    let clock = sidecache::Clock::system();
-    let mut proxies = Vec::new();
-    for _ in 0..3 {
-        let p = proxy(&upstream, &redis, &clock, "1h").await;
-        until_tracking(&p, &redis, true).await;
-        proxies.push(p);
-    }
+    let slow = Reply::ok().status(503).delay(Duration::from_millis(300));
+    let (_upstream, proxies) = three(&redis, slow).await;
     let started = Instant::now();
     let tasks: Vec<_> = (0..9)
         .map(|i| {
