@@ -129,6 +129,38 @@ async fn headers_and_body_of_allowed_and_limited_responses() {
 }
 
 #[tokio::test]
+async fn a_denial_is_remembered_until_the_next_token_and_spares_redis() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    // A token every 500 ms.
+    let proxy = start(&upstream, "", &limited(r#"burst = 2, rate = "2/s""#), Some(&redis)).await;
+    let url = proxy.url("/gen/a");
+    let scripts = || async {
+        let series = r#"sidecache_redis_op_duration_seconds_count{client="ratelimit",op="token_bucket"}"#;
+        metric(&metrics(&proxy).await, series).unwrap_or(0.0)
+    };
+    assert_eq!(count(&url, &[], 2).await, (2, 0));
+    let before = scripts().await;
+    let denied = get(&url).await;
+    assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry_ms = denied.json()["retry_after_ms"].as_u64().unwrap();
+    // Remembered: the same answer without asking Redis, counting down.
+    let again = get(&url).await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(again.headers["ratelimit-policy"], denied.headers["ratelimit-policy"]);
+    assert!(again.headers["ratelimit"].to_str().unwrap().contains(";r=0;"), "{:?}", again.headers["ratelimit"]);
+    assert!(again.json()["retry_after_ms"].as_u64().unwrap() <= retry_ms);
+    assert_eq!(count(&url, &[], 10).await, (0, 10));
+    assert_eq!(scripts().await, before + 1.0, "one check reached Redis");
+    assert_eq!(checks(&metrics(&proxy).await, "limited", "redis"), 12.0, "Redis's decision, remembered");
+    // Once the next token may exist, Redis decides again.
+    tokio::time::sleep(Duration::from_millis(retry_ms + 50)).await;
+    assert_eq!(get(&url).await.status, StatusCode::OK);
+    assert_eq!(scripts().await, before + 2.0);
+    assert_eq!(upstream.requests(), 3);
+}
+
+#[tokio::test]
 async fn the_script_keeps_one_hash_per_bucket_expiring_when_full_again() {
     let redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
@@ -293,7 +325,8 @@ async fn redis_killed_fails_open_then_exact_limits_resume() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
     let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h""#), Some(&redis)).await;
-    assert_eq!(count(&proxy.url("/gen/a"), &[], 4).await, (3, 1));
+    // Emptied, but not yet refused (a refusal is remembered: see the test above).
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 3).await, (3, 0));
 
     redis.kill();
     all_allowed_quickly(&proxy.url("/gen/a"), 50, FAST).await;
@@ -313,7 +346,8 @@ async fn redis_hung_fails_open_within_the_budget_then_resumes() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
     let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h""#), Some(&redis)).await;
-    assert_eq!(count(&proxy.url("/gen/a"), &[], 4).await, (3, 1));
+    // Emptied, but not yet refused (a refusal is remembered: see the test above).
+    assert_eq!(count(&proxy.url("/gen/a"), &[], 3).await, (3, 0));
 
     redis.pause();
     all_allowed_quickly(&proxy.url("/gen/a"), 50, FAST).await;

@@ -9,6 +9,7 @@
 
 pub mod bucket;
 pub mod client;
+pub mod denials;
 
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use crate::metrics::{Registrar, RATELIMIT_CHECKS_TOTAL, RATELIMIT_CHECK_DURATION
 use crate::store::redis::Op;
 use crate::store::RedisStore;
 use bucket::{LocalBuckets, Params, Taken};
+use denials::Denials;
 
 /// `RateLimit-Policy` (IETF httpapi ratelimit-headers draft): `"route";q=BURST;w=SECONDS`.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -136,6 +138,8 @@ pub struct Limit {
     policy: HeaderValue,
     /// In-process buckets: always without Redis, for failures with `on_redis_error = "local"`.
     local: Option<LocalBuckets>,
+    /// Redis's denials, remembered until their next token ([`denials`]); with Redis only.
+    denials: Option<Denials>,
     /// One per pair of [`COUNTED`].
     checks: [Counter; COUNTED.len()],
 }
@@ -186,6 +190,7 @@ impl RateLimiter {
             redis_prefix: format!("{}rl:{}:", self.prefix, route.name),
             policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
             local: local.then(|| LocalBuckets::new(params)),
+            denials: self.redis.is_some().then(Denials::new),
             checks: COUNTED.map(|(decision, backend)| {
                 registrar.counter(
                     RATELIMIT_CHECKS_TOTAL,
@@ -206,11 +211,24 @@ impl RateLimiter {
     pub async fn check(&self, limit: &Limit, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Verdict {
         let started = Instant::now();
         let id = client::bucket_id(&limit.config.key, peer, headers, trusted);
-        let shared = match &self.redis {
-            // Boxed: a Redis command's future is large, and every request's future would carry
-            // it (and be copied whole), whatever store answers.
-            Some(redis) => Box::pin(self.shared(redis, limit, &id)).await,
-            None => None,
+        let shared = match (&self.redis, &limit.denials) {
+            (Some(redis), Some(denials)) => {
+                let continuity = redis.continuity();
+                match denials.get(&id, started, |then| redis.continuous(then)) {
+                    // Redis's own answer, remembered: no token can exist yet.
+                    Some(denied) => Some(denied),
+                    // Boxed: a Redis command's future is large, and every request's future would
+                    // carry it (and be copied whole), whatever store answers.
+                    None => {
+                        let taken = Box::pin(self.shared(redis, limit, &id)).await;
+                        if let Some(taken) = &taken {
+                            denials.remember(&id, started, continuity, taken);
+                        }
+                        taken
+                    }
+                }
+            }
+            _ => None,
         };
         let (taken, backend) = match (shared, &limit.local) {
             (Some(taken), _) => (Some(taken), Backend::Redis),

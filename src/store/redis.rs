@@ -220,6 +220,9 @@ struct Inner {
     up: Gauge,
     nodes: Gauge,
     connected_nodes: Gauge,
+    /// Reconnections so far (a client's first connection is none): a server reached again may
+    /// have lost its keys (restarted empty, failed over before a write was replicated).
+    reconnections: std::sync::atomic::AtomicU64,
     /// Told of every (re)connection and cluster slot map change: the primaries, or the server
     /// behind a name, may have changed (a failover).
     changed: Arc<Notify>,
@@ -311,6 +314,7 @@ impl RedisStore {
             nodes: registrar.gauge(REDIS_NODES, &[("client", client)]),
             connected_nodes: registrar.gauge(REDIS_CONNECTED_NODES, &[("client", client)]),
             changed: Arc::new(Notify::new()),
+            reconnections: std::sync::atomic::AtomicU64::new(0),
             error_logged: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
             connections: std::sync::Mutex::new(Vec::new()),
@@ -357,6 +361,17 @@ impl RedisStore {
     /// The TLS client settings, for `rediss*://`.
     pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
         self.inner.target.tls.clone()
+    }
+
+    /// What Redis said is still known to hold: the breaker is closed, a connection is up, and
+    /// no client has (re)connected since `since` was read from [`RedisStore::continuity`].
+    pub fn continuous(&self, since: u64) -> bool {
+        self.state() == BreakerState::Up && self.connected() && self.continuity() == since
+    }
+
+    /// A number that changes whenever a client of the store (re)connects.
+    pub fn continuity(&self) -> u64 {
+        self.inner.reconnections.load(Ordering::SeqCst)
     }
 
     /// Notified at every (re)connection of the store's clients and every change of a cluster's
@@ -582,6 +597,7 @@ async fn watch_connection(inner: Weak<Inner>, index: usize) {
     }) else {
         return;
     };
+    let mut first = true;
     loop {
         tokio::select! {
             change = resharded.recv() => {
@@ -596,6 +612,10 @@ async fn watch_connection(inner: Weak<Inner>, index: usize) {
                     return;
                 }
                 let Some(inner) = inner.upgrade() else { return };
+                // A first connection follows nothing that could have been lost.
+                if !std::mem::replace(&mut first, false) {
+                    inner.reconnections.fetch_add(1, Ordering::SeqCst);
+                }
                 inner.changed.notify_one();
                 inner.error_logged.store(false, Ordering::Relaxed);
                 if inner.breaker.allows() {
