@@ -61,11 +61,6 @@ impl HotTier {
         self.tracking.mark()
     }
 
-    /// Whether Redis's invalidations are tracked now.
-    pub(super) fn tracked(&self) -> bool {
-        self.tracking.healthy()
-    }
-
     /// The tier's [`Tracking`].
     pub(super) fn tracking(&self) -> &Tracking {
         &self.tracking

@@ -78,7 +78,7 @@ impl Cache {
     pub(super) async fn lead(&self, key: &CacheKey, slot: &Slot) -> Leading {
         // `lock_timeout = "0s"`: no request waits for another's fetch, here or elsewhere.
         let waits = !self.lock_timeout.is_zero();
-        let Some(hot) = self.hot.as_ref().filter(|h| waits && h.tracked() && self.store.accepting()) else {
+        let Some(hot) = self.hot.as_ref().filter(|h| waits && h.tracking().healthy() && self.store.accepting()) else {
             return Leading::Here(None);
         };
         // Before the lease is asked for: a fill that lands meanwhile is seen by the wait.

@@ -182,9 +182,9 @@ impl Cache {
                         Event::Generation(route) => refresh_generation(&store, &generations, &prefix, route),
                     })
                 };
-                let prefixes = vec![key::entry_prefix(&prefix), key::generation_key(&prefix, "")];
-                let tracking =
-                    Tracking::start(redis, prefixes, key::generation_key(&prefix, ""), metrics.clone(), on_event);
+                let generations_prefix = key::generation_key(&prefix, "");
+                let prefixes = vec![key::entry_prefix(&prefix), generations_prefix.clone()];
+                let tracking = Tracking::start(redis, prefixes, generations_prefix, metrics.clone(), on_event);
                 Some(HotTier::new(entries, config.cache_hot_ttl, tracking, metrics))
             }
             _ => None,
@@ -436,12 +436,7 @@ impl Cache {
     /// Re-read these routes' generations from the store (another replica may have purged).
     pub async fn refresh_generations(&self, routes: impl Iterator<Item = &RouteCache>) {
         for route in routes {
-            match self.store.generation(&route.generation_key).await {
-                Ok(g) => {
-                    route.generation.fetch_max(g, Ordering::Relaxed);
-                }
-                Err(e) => tracing::debug!(route = %route.name, error = %e, "generation not refreshed"),
-            }
+            reread_generation(&self.store, &route.generation_key, &route.generation).await;
         }
     }
 }
@@ -453,14 +448,17 @@ fn refresh_generation(store: &Arc<CacheStore>, generations: &Arc<Generations>, p
         return;
     };
     let (store, key) = (store.clone(), key::generation_key(prefix, route));
-    tokio::spawn(async move {
-        match store.generation(&key).await {
-            Ok(g) => {
-                generation.fetch_max(g, Ordering::Relaxed);
-            }
-            Err(e) => tracing::debug!(error = %e, "generation not refreshed"),
+    tokio::spawn(async move { reread_generation(&store, &key, &generation).await });
+}
+
+/// Read a route's generation from `key` into `generation` (it only ever grows).
+async fn reread_generation(store: &CacheStore, key: &str, generation: &AtomicU64) {
+    match store.generation(key).await {
+        Ok(g) => {
+            generation.fetch_max(g, Ordering::Relaxed);
         }
-    });
+        Err(e) => tracing::debug!(key, error = %e, "generation not refreshed"),
+    }
 }
 
 /// Where an entry lives within its path: the first variant's slot (the authority and the

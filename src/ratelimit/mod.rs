@@ -138,8 +138,8 @@ pub struct Limit {
     policy: HeaderValue,
     /// In-process buckets: always without Redis, for failures with `on_redis_error = "local"`.
     local: Option<LocalBuckets>,
-    /// Redis's denials, remembered until their next token ([`denials`]); with Redis only.
-    denials: Option<Denials>,
+    /// Redis's denials, remembered until their next token ([`denials`]).
+    denials: Denials,
     /// One per pair of [`COUNTED`].
     checks: [Counter; COUNTED.len()],
 }
@@ -190,7 +190,7 @@ impl RateLimiter {
             redis_prefix: format!("{}rl:{}:", self.prefix, route.name),
             policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
             local: local.then(|| LocalBuckets::new(params)),
-            denials: self.redis.is_some().then(Denials::new),
+            denials: Denials::new(),
             checks: COUNTED.map(|(decision, backend)| {
                 registrar.counter(
                     RATELIMIT_CHECKS_TOTAL,
@@ -211,10 +211,10 @@ impl RateLimiter {
     pub async fn check(&self, limit: &Limit, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Verdict {
         let started = Instant::now();
         let id = client::bucket_id(&limit.config.key, peer, headers, trusted);
-        let shared = match (&self.redis, &limit.denials) {
-            (Some(redis), Some(denials)) => {
+        let shared = match &self.redis {
+            Some(redis) => {
                 let continuity = redis.continuity();
-                match denials.get(&id, started, |then| redis.continuous(then)) {
+                match limit.denials.get(&id, started, |then| redis.continuous(then)) {
                     // Redis's own answer, remembered: no token can exist yet.
                     Some(denied) => Some(denied),
                     // Boxed: a Redis command's future is large, and every request's future would
@@ -222,13 +222,13 @@ impl RateLimiter {
                     None => {
                         let taken = Box::pin(self.shared(redis, limit, &id)).await;
                         if let Some(taken) = &taken {
-                            denials.remember(&id, started, continuity, taken);
+                            limit.denials.remember(&id, started, continuity, taken);
                         }
                         taken
                     }
                 }
             }
-            _ => None,
+            None => None,
         };
         let (taken, backend) = match (shared, &limit.local) {
             (Some(taken), _) => (Some(taken), Backend::Redis),

@@ -276,16 +276,18 @@ impl Shared {
         &self.wakers[self.index(key) % WAKERS]
     }
 
-    fn invalidate(&self, key: &[u8]) {
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        self.bucket(key).fetch_max(seq, Ordering::SeqCst);
+    /// Mark `key` changed; its bucket's index.
+    fn invalidate(&self, key: &[u8]) -> usize {
+        let (seq, index) = (self.seq.fetch_add(1, Ordering::SeqCst) + 1, self.index(key));
+        self.marks[index].fetch_max(seq, Ordering::SeqCst);
+        index
     }
 
     /// A key Redis says changed.
     fn invalidated(&self, key: &[u8]) {
-        self.invalidate(key);
+        let index = self.invalidate(key);
         self.invalidations.increment(1);
-        self.waker(key).notify_waiters();
+        self.wakers[index % WAKERS].notify_waiters();
         if let Some(route) = key.strip_prefix(self.generation_prefix.as_bytes()) {
             if let Ok(route) = std::str::from_utf8(route) {
                 (self.on_event)(Event::Generation(route));
