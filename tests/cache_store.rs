@@ -96,8 +96,10 @@ async fn a_marker_and_its_entry_are_written_together_and_read_in_one_round_trip(
     );
     assert_eq!(store.get_two("m", "p", "v9").await.unwrap().1, None);
     assert_eq!(store.put("m", pair("p", "v2"), Duration::from_secs(60), 3).await.unwrap(), 2);
-    // The cap counts the marker's slot too: the third entry does not fit, the marker is kept.
-    assert_eq!(store.put("m", pair("p", "v3"), Duration::from_secs(60), 3).await.unwrap(), 1);
+    // The cap counts the marker's slot too: the third entry does not fit, and nothing of the
+    // write is made (the marker stays as it was; rewriting it would tell every replica the path
+    // changed).
+    assert_eq!(store.put("m", pair("p", "v3"), Duration::from_secs(60), 3).await.unwrap(), 0);
     assert_eq!(store.get("m", "v3").await.unwrap(), None);
     assert_eq!(redis.command(&["HLEN", "m"]), ":4", "marker, two entries and the index");
     let memory = CacheStore::Memory(MemoryStore::new(1 << 20));

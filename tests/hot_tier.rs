@@ -20,6 +20,10 @@ name = "capped"
 path = "/gen/capped/*"
 cache = { ttl = "1h", max_variants = 1 }
 [[route]]
+name = "two"
+path = "/gen/two/*"
+cache = { ttl = "1h", max_variants = 2 }
+[[route]]
 name = "cached"
 path = "/gen/*"
 cache = { ttl = "1h", request_directives = true }
@@ -203,6 +207,7 @@ async fn a_lost_link_drops_the_tier_and_a_restarted_empty_redis_is_never_contrad
     assert_eq!((during.status, x_cache(&during)), (StatusCode::OK, "MISS"), "forwarded, not held");
     assert_ne!(during.body, held);
     redis.resume();
+    wait_for_redis(&b).await;
     until_tracking(&b, &redis, true).await;
 
     // Restarted empty: whatever a replica held before is gone with it.
@@ -342,6 +347,36 @@ async fn a_refused_variant_does_not_make_other_replicas_read_the_entry_again() {
     until_metric(a.admin, r#"sidecache_cache_stores_total{route="capped",result="too_many_variants"}"#, 5.0).await;
     for _ in 0..3 {
         assert_eq!(req(&b, path).await.body, first.body);
+    }
+    assert_eq!(redis_reads(&metrics(&b).await), before, "the other replica's entry was dropped");
+}
+
+#[tokio::test]
+async fn a_refused_variant_the_origin_varies_by_does_not_make_other_replicas_read_again() {
+    let redis = TestRedis::start();
+    let varied = Reply::ok().header("cache-control", "max-age=3600").header("vary", "Accept-Language");
+    let upstream = TestUpstream::new().route("/gen/two", varied).spawn().await;
+    let clock = sidecache::Clock::manual();
+    let (a, b) = (proxy(&upstream, &redis, &clock, "1h").await, proxy(&upstream, &redis, &clock, "1h").await);
+    until_tracking(&a, &redis, true).await;
+    until_tracking(&b, &redis, true).await;
+    let lang = |p: &TestProxy, value: &str| {
+        let url = p.url("/gen/two/p");
+        let value = value.to_string();
+        async move { send(Method::GET, &url, &[("host", "shop"), ("accept-language", &value)], Bytes::new()).await }
+    };
+    // The marker and the `en` entry: the path's two variants.
+    assert_eq!(x_cache(&lang(&a, "en").await), "MISS");
+    until_metric(a.admin, r#"sidecache_cache_stores_total{route="two",result="stored"}"#, 1.0).await;
+    for _ in 0..2 {
+        assert_eq!(x_cache(&lang(&b, "en").await), "HIT");
+    }
+    let before = redis_reads(&metrics(&b).await);
+    // A third value, refused: the marker it would lead from is not written again either.
+    assert_eq!(x_cache(&lang(&a, "xx-invented").await), "MISS");
+    until_metric(a.admin, r#"sidecache_cache_stores_total{route="two",result="too_many_variants"}"#, 1.0).await;
+    for _ in 0..3 {
+        assert_eq!(x_cache(&lang(&b, "en").await), "HIT");
     }
     assert_eq!(redis_reads(&metrics(&b).await), before, "the other replica's entry was dropped");
 }

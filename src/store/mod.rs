@@ -73,7 +73,8 @@ impl CacheStore {
     }
 
     /// Store variants of a path for `keep_for`, in one operation; how many were stored: Redis
-    /// refuses a new variant of a path that holds `max_variants` live ones already (in process,
+    /// refuses the write whole when its new variants would take the path past `max_variants`
+    /// live ones (in process,
     /// each variant is an entry of its own, and the memory bound is the only one).
     pub async fn put(
         &self,

@@ -42,12 +42,13 @@ use crate::telemetry;
 const MAX_IN_FLIGHT: usize = 1024;
 
 /// [`RedisStore::hset_variants`]: KEYS[1] the path's hash; ARGV keep-for ms, cap, then field and
-/// value pairs. Returns how many fields were written: a new one is refused while the path holds
-/// `cap` live variants. Variant ids are hex or `v` and hex, so the index field `~` is never one.
+/// value pairs. Returns how many fields were written: none when the new ones would take the path
+/// past `cap` live variants. Variant ids are hex or `v` and hex, so the index field `~` is never one.
 /// A field's expiry only ever moves later: a marker written for a short-lived variant must not
-/// end before a longer-lived one it leads to. A write that changes nothing (every new variant
-/// refused, none expired) leaves the key untouched: any write to it makes Redis tell every
-/// replica's hot tier to drop the path's entries.
+/// end before a longer-lived one it leads to. The fields of one write are stored together or
+/// not at all (a marker is no use without the entry it leads to), and a write that stores
+/// nothing and finds nothing expired leaves the key untouched: any write to it makes Redis tell
+/// every replica's hot tier to drop the path's entries.
 const HSET_VARIANTS_LUA: &str = r#"
 local key, keep, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -65,11 +66,15 @@ if index then
     end
   end
 end
-local stored = 0
+local new = 0
 for i = 3, #ARGV - 1, 2 do
-  local field, expiry = ARGV[i], now + keep
-  local known = expiries[field]
-  if known or #order < cap then
+  if not expiries[ARGV[i]] then new = new + 1 end
+end
+local stored = 0
+if #order + new <= cap then
+  for i = 3, #ARGV - 1, 2 do
+    local field, expiry = ARGV[i], now + keep
+    local known = expiries[field]
     redis.call('HSET', key, field, ARGV[i + 1])
     if not known then
       order[#order + 1] = field
@@ -435,16 +440,16 @@ impl RedisStore {
         self.call(Op::Hmget, |c| c.hmget::<(Option<Bytes>, Option<Bytes>), _, _>(key, vec![a, b])).await
     }
 
-    /// HSET variants of a path, which live `keep_for`; how many were written: a new one is
-    /// refused while the path already holds `max_variants` live ones. One script on one key
+    /// HSET variants of a path, which live `keep_for`; how many were written: none when the new
+    /// ones would take the path past `max_variants` live ones. One script on one key
     /// (cluster-safe).
     ///
     /// Redis expires keys, not hash fields (HPEXPIRE needs 7.4), so the hash keeps an index
     /// field `~` of `variant expiry-ms` pairs (Redis `TIME`, so replicas agree): each write
     /// deletes the variants that have expired and sets the key to live as long as its
     /// longest-lived variant, so expired variants of a path with many `vary` values or hosts
-    /// never accumulate. A new variant never displaces a live one (an existing one is always
-    /// updated): otherwise anyone could evict a popular entry by asking for the same path under
+    /// never accumulate. A new variant never displaces a live one (a write of existing ones is
+    /// always made): otherwise anyone could evict a popular entry by asking for the same path under
     /// `max_variants` invented hosts.
     pub async fn hset_variants(
         &self,
