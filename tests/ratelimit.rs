@@ -209,6 +209,99 @@ async fn two_proxy_processes_sharing_redis_admit_exactly_burst() {
     assert_eq!(upstream.requests(), BURST);
 }
 
+/// Keep-alive GETs on `url` by each of `clients` until `until`; how many were allowed.
+async fn load(url: String, clients: usize, until: Instant) -> usize {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = client();
+                let mut ok = 0;
+                while Instant::now() < until {
+                    let req = http::Request::get(&url).body(full(Bytes::new())).unwrap();
+                    let resp = client.request(req).await.expect("request");
+                    match resp.status() {
+                        StatusCode::OK => ok += 1,
+                        StatusCode::TOO_MANY_REQUESTS => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                    http_body_util::BodyExt::collect(resp.into_body()).await.expect("body");
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    ok
+}
+
+#[tokio::test]
+async fn three_proxy_processes_with_leases_never_admit_more_than_the_bucket_allows() {
+    // A bucket big enough for leases at first, drained to single checks, refilled at 400/s.
+    const BURST: f64 = 1000.0;
+    const RATE: f64 = 400.0;
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let toml = config_full(
+        upstream.addr,
+        "",
+        "",
+        &format!("{}\n{}", limited(r#"burst = 1000, rate = "400/s", key = "route""#), redis_table(&redis.url())),
+    );
+    let proxies = [BinaryProxy::spawn(&toml), BinaryProxy::spawn(&toml), BinaryProxy::spawn(&toml)];
+    for p in &proxies {
+        until_redis_ready(&format!("http://{}", p.admin)).await;
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs(2);
+    let loads: Vec<_> = proxies.iter().map(|p| tokio::spawn(load(p.url("/gen/a"), 4, until))).collect();
+    let mut admitted = 0;
+    for l in loads {
+        admitted += l.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = BURST + RATE * elapsed;
+    assert_eq!(upstream.requests(), admitted);
+    assert!(admitted as f64 <= allowed, "{admitted} admitted, the bucket allowed {allowed:.0} in {elapsed:.2} s");
+    assert!(admitted as f64 >= 0.8 * allowed, "{admitted} admitted of {allowed:.0} allowed in {elapsed:.2} s");
+
+    let (mut leased, mut single) = (0.0, 0.0);
+    for p in &proxies {
+        let text = get(&format!("http://{}/metrics", p.admin)).await.text();
+        leased += checks(&text, "allowed", "lease");
+        single += checks(&text, "allowed", "redis");
+    }
+    assert_eq!(leased + single, admitted as f64);
+    // The full bucket goes mostly by leases (about 1,000 here), the drained one by single tokens.
+    assert!(leased >= BURST / 2.0, "{leased} of {admitted} admitted by leases");
+}
+
+#[tokio::test]
+async fn the_script_grants_a_lease_only_from_a_bucket_holding_spread_times_it() {
+    let redis = TestRedis::start();
+    let script = sidecache::ratelimit::bucket::SCRIPT;
+    let spread = sidecache::ratelimit::lease::SPREAD.to_string();
+    // burst 100, one token an hour; asks for `want`: {taken, remaining, retry µs, full µs}.
+    let take = |want: &str| -> (i64, i64) {
+        let args = ["EVAL", script, "1", "b", "100", "3600000000", "1", want, &spread];
+        let lines = redis.reply_lines(&args);
+        let int = |l: &String| l.trim_start_matches(':').parse::<i64>().unwrap();
+        (int(&lines[1]), int(&lines[2]))
+    };
+    assert_eq!(take("5"), (5, 95), "100 tokens hold 8 x 5");
+    assert_eq!(take("11"), (11, 84), "95 hold 8 x 11");
+    assert_eq!(take("11"), (1, 83), "84 do not: one token");
+    for _ in 0..81 {
+        take("1");
+    }
+    assert_eq!(take("2"), (1, 1), "near empty: one token per call");
+    assert_eq!(take("2"), (1, 0), "the last token");
+    assert_eq!(take("2").0, 0, "refused");
+}
+
 #[tokio::test]
 async fn refill_admits_tokens_at_the_rate() {
     let redis = TestRedis::start();

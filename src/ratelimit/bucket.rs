@@ -20,8 +20,11 @@ use crate::config::RateLimitConfig;
 /// runs on a cluster. A clock that went backwards (a failover) refills nothing. The expiry is
 /// capped at 10^15 ms, so an absurd shape still yields an integer PEXPIRE accepts.
 ///
-/// ARGV: burst, period in microseconds, tokens per period.
-/// Returns `{allowed (0/1), whole tokens left, µs until the next token, µs until full}`.
+/// A check may ask for a lease of more than one token ([`super::lease`]): granted only while the
+/// bucket holds at least `spread` times as many, else one.
+///
+/// ARGV: burst, period in microseconds, tokens per period, tokens wanted, spread.
+/// Returns `{tokens taken (0 = refused), whole tokens left, µs until the next token, µs until full}`.
 pub const SCRIPT: &str = r"
 local burst = tonumber(ARGV[1])
 local per_token = tonumber(ARGV[2]) / tonumber(ARGV[3])
@@ -34,16 +37,18 @@ if stored and last then
   if now < last then now = last end
   level = math.min(burst, stored + (now - last) / per_token)
 end
-local allowed = 0
+local want = tonumber(ARGV[4]) or 1
+local taken = 0
 if level >= 1 then
-  allowed = 1
-  level = level - 1
+  taken = 1
+  if want > 1 and level >= want * tonumber(ARGV[5]) then taken = want end
+  level = level - taken
   redis.call('HSET', KEYS[1], 'n', level, 't', now)
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.min(1e15, math.ceil((burst - level) * per_token / 1000))))
 end
 local retry = 0
 if level < 1 then retry = math.ceil((1 - level) * per_token) end
-return {allowed, math.floor(level), retry, math.ceil((burst - level) * per_token)}
+return {taken, math.floor(level), retry, math.ceil((burst - level) * per_token)}
 ";
 
 /// Buckets kept in process per route; past it the least used are dropped (and start full).
@@ -95,15 +100,17 @@ pub struct Taken {
 }
 
 impl Taken {
-    /// From the script's reply.
-    pub fn from_reply(reply: &[i64]) -> Option<Taken> {
-        let [allowed, remaining, retry_us, reset_us] = *reply else { return None };
-        Some(Taken {
-            allowed: allowed == 1,
+    /// From the script's reply, with the tokens it took.
+    pub fn from_reply(reply: &[i64]) -> Option<(Taken, u32)> {
+        let [taken, remaining, retry_us, reset_us] = *reply else { return None };
+        let taken = u32::try_from(taken.max(0)).unwrap_or(u32::MAX);
+        let t = Taken {
+            allowed: taken >= 1,
             remaining: remaining.max(0) as u64,
             retry_after: Duration::from_micros(retry_us.max(0) as u64),
             reset: Duration::from_micros(reset_us.max(0) as u64),
-        })
+        };
+        Some((t, taken))
     }
 }
 
@@ -248,10 +255,13 @@ mod tests {
 
     #[test]
     fn script_reply_is_read_defensively() {
-        let t = Taken::from_reply(&[0, 0, 600_000, 60_000_000]).unwrap();
-        assert!(!t.allowed);
+        let (t, taken) = Taken::from_reply(&[0, 0, 600_000, 60_000_000]).unwrap();
+        assert!(!t.allowed && taken == 0);
         assert_eq!(t.retry_after, Duration::from_millis(600));
-        assert_eq!(Taken::from_reply(&[1, -3, -1, 5]).unwrap().remaining, 0);
+        assert_eq!(Taken::from_reply(&[1, -3, -1, 5]).unwrap().0.remaining, 0);
+        let (t, taken) = Taken::from_reply(&[40, 300, 0, 5]).unwrap();
+        assert!(t.allowed && taken == 40, "a lease");
+        assert_eq!(Taken::from_reply(&[-2, 0, 0, 0]).unwrap().1, 0);
         assert!(Taken::from_reply(&[1, 2, 3]).is_none());
     }
 

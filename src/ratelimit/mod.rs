@@ -10,6 +10,7 @@
 pub mod bucket;
 pub mod client;
 pub mod denials;
+pub mod lease;
 
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -29,6 +30,7 @@ use crate::store::redis::Op;
 use crate::store::RedisStore;
 use bucket::{LocalBuckets, Params, Taken};
 use denials::Denials;
+use lease::{Ask, Leases};
 
 /// `RateLimit-Policy` (IETF httpapi ratelimit-headers draft): `"route";q=BURST;w=SECONDS`.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -39,17 +41,20 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Redis,
+    /// A token of a lease taken from Redis ([`lease`]).
+    Lease,
     Local,
     AllowAll,
     Deny,
 }
 
 impl Backend {
-    const ALL: [Backend; 4] = [Backend::Redis, Backend::Local, Backend::AllowAll, Backend::Deny];
+    const ALL: [Backend; 5] = [Backend::Redis, Backend::Lease, Backend::Local, Backend::AllowAll, Backend::Deny];
 
     fn as_str(self) -> &'static str {
         match self {
             Backend::Redis => "redis",
+            Backend::Lease => "lease",
             Backend::Local => "local",
             Backend::AllowAll => "allow_all",
             Backend::Deny => "deny",
@@ -80,10 +85,11 @@ impl Decision {
 }
 
 /// The (decision, backend) pairs that can happen, in the order of `Limit::checks`.
-const COUNTED: [(Decision, Backend); 8] = [
+const COUNTED: [(Decision, Backend); 9] = [
     (Decision::Allowed, Backend::Redis),
     (Decision::Limited, Backend::Redis),
     (Decision::WouldLimit, Backend::Redis),
+    (Decision::Allowed, Backend::Lease),
     (Decision::Allowed, Backend::Local),
     (Decision::Limited, Backend::Local),
     (Decision::WouldLimit, Backend::Local),
@@ -140,6 +146,8 @@ pub struct Limit {
     local: Option<LocalBuckets>,
     /// Redis's denials, remembered until their next token ([`denials`]).
     denials: Denials,
+    /// Tokens taken from Redis ahead for busy buckets ([`lease`]).
+    leases: Leases,
     /// One per pair of [`COUNTED`].
     checks: [Counter; COUNTED.len()],
 }
@@ -191,6 +199,7 @@ impl RateLimiter {
             policy: HeaderValue::from_str(&policy).expect("route names are visible ASCII"),
             local: local.then(|| LocalBuckets::new(params)),
             denials: Denials::new(),
+            leases: Leases::new(),
             checks: COUNTED.map(|(decision, backend)| {
                 registrar.counter(
                     RATELIMIT_CHECKS_TOTAL,
@@ -212,26 +221,24 @@ impl RateLimiter {
         let started = Instant::now();
         let id = client::bucket_id(&limit.config.key, peer, headers, trusted);
         let shared = match &self.redis {
-            Some(redis) => {
-                let continuity = redis.continuity();
-                match limit.denials.get(&id, started, |then| redis.continuous(then)) {
-                    // Redis's own answer, remembered: no token can exist yet.
-                    Some(denied) => Some(denied),
-                    // Boxed: a Redis command's future is large, and every request's future would
-                    // carry it (and be copied whole), whatever store answers.
-                    None => {
-                        let taken = Box::pin(self.shared(redis, limit, &id)).await;
-                        if let Some(taken) = &taken {
-                            limit.denials.remember(&id, started, continuity, taken);
-                        }
-                        taken
+            Some(redis) => match limit.leases.take(&id, started, |then| redis.continuous(then)) {
+                Ok(leased) => Some((leased, Backend::Lease)),
+                Err(ask) => {
+                    let continuity = redis.continuity();
+                    match limit.denials.get(&id, started, |then| redis.continuous(then)) {
+                        // Redis's own answer, remembered: no token can exist yet.
+                        Some(denied) => Some(denied),
+                        // Boxed: a Redis command's future is large, and every request's future
+                        // would carry it (and be copied whole), whatever store answers.
+                        None => Box::pin(self.shared(redis, limit, &id, ask, started, continuity)).await,
                     }
+                    .map(|taken| (taken, Backend::Redis))
                 }
-            }
+            },
             None => None,
         };
         let (taken, backend) = match (shared, &limit.local) {
-            (Some(taken), _) => (Some(taken), Backend::Redis),
+            (Some((taken, backend)), _) => (Some(taken), backend),
             (None, Some(local)) => (Some(local.take(&id)), Backend::Local),
             (None, None) if limit.config.on_redis_error == OnRedisError::Deny => (None, Backend::Deny),
             (None, None) => (None, Backend::AllowAll),
@@ -256,8 +263,18 @@ impl RateLimiter {
         }
     }
 
-    /// The shared bucket's answer; `None` when Redis could not give one within its budget.
-    async fn shared(&self, redis: &RedisStore, limit: &Limit, id: &str) -> Option<Taken> {
+    /// The shared bucket's answer to `ask`, sent at `asked` with the store's `continuity`
+    /// (remembered when a denial or a lease); `None` when Redis could not give one within its
+    /// budget.
+    async fn shared(
+        &self,
+        redis: &RedisStore,
+        limit: &Limit,
+        id: &str,
+        ask: Ask,
+        asked: Instant,
+        continuity: u64,
+    ) -> Option<Taken> {
         let mut key = String::with_capacity(limit.redis_prefix.len() + id.len());
         key.push_str(&limit.redis_prefix);
         key.push_str(id);
@@ -266,9 +283,16 @@ impl RateLimiter {
             Value::from(i64::from(p.burst.get())),
             Value::from(i64::try_from(p.period_us).unwrap_or(i64::MAX)),
             Value::from(i64::from(p.tokens.get())),
+            Value::from(i64::from(ask.want)),
+            Value::from(i64::from(lease::SPREAD)),
         ];
         match redis.script::<Vec<i64>>(Op::TokenBucket, &self.script, &key, args).await {
-            Ok(reply) => Taken::from_reply(&reply),
+            Ok(reply) => {
+                let (taken, granted) = Taken::from_reply(&reply)?;
+                limit.denials.remember(id, asked, continuity, &taken);
+                limit.leases.granted(id, ask, asked, continuity, granted, &taken);
+                Some(taken)
+            }
             Err(e) => {
                 tracing::debug!(route = %limit.name, error = %e, fallback = ?limit.config.on_redis_error, "rate limit check failed");
                 None

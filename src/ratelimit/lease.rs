@@ -1,0 +1,277 @@
+//! Token leases for busy buckets: when a bucket holds far more tokens than this replica would
+//! spend in a moment, one script call takes several (a lease), and the requests that follow
+//! spend them here without asking Redis, for at most [`LEASE_TIME`]; tokens left when the lease
+//! ends are lost. Every token spent was taken from the shared bucket first, so the replicas
+//! together never admit more than the bucket allows; they may admit slightly less (what expired
+//! unspent).
+//!
+//! A lease is sized from this replica's demand on the bucket: the requests seen since the last
+//! lease was asked for, scaled to [`SIZED_FOR`], at most double the last grant (so a bucket seen
+//! once in a while stays one round trip per check). The script grants it only while the bucket
+//! holds at least [`SPREAD`] times as many tokens; nearer empty it takes one token per call as
+//! before, so one replica cannot take what the others need.
+//!
+//! One request at a time asks for a lease; the others meanwhile take single tokens as without
+//! leases. Like denials, a lease is used only while Redis is known to still hold the bucket it
+//! came from.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use moka::sync::Cache;
+use tokio::time::Instant;
+
+use super::bucket::Taken;
+
+/// How long a lease's tokens may be spent.
+pub const LEASE_TIME: Duration = Duration::from_millis(50);
+/// A lease holds this long's worth of the replica's demand, less than [`LEASE_TIME`] so that it
+/// normally runs out (and is renewed) before it expires unspent.
+const SIZED_FOR: Duration = Duration::from_millis(20);
+/// A lease is granted only from a bucket holding at least this many times its size.
+pub const SPREAD: u32 = 8;
+/// The largest lease asked for.
+const MAX_LEASE: u32 = 1 << 20;
+/// Buckets followed at most per route (the least recently used go first).
+const CAPACITY: u64 = 65_536;
+/// A bucket not seen for this long is forgotten: its demand would size a lease of one token.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// What this replica knows of one bucket.
+#[derive(Debug)]
+struct State {
+    /// The store's continuity when the lease was granted.
+    continuity: u64,
+    /// Tokens of the lease not spent yet.
+    left: u32,
+    /// When the lease's tokens are no longer spent.
+    expires: Instant,
+    /// Whole tokens Redis held after the grant.
+    remaining: u64,
+    /// When Redis's bucket would be full again, as of the grant.
+    full: Instant,
+    /// When a lease was last asked for (or the first check).
+    since: Instant,
+    /// Requests seen since then, counting the one that asked.
+    seen: u32,
+    /// The last grant's size.
+    granted: u32,
+    /// A request is asking for a lease now.
+    asking: bool,
+}
+
+/// What to ask Redis for when no lease answered.
+#[must_use]
+#[derive(Debug)]
+pub struct Ask {
+    /// Tokens to ask for: one for this request, the rest a lease.
+    pub want: u32,
+    /// Held by the one request asking for a lease: dropped without a grant (Redis failed, the
+    /// request was cancelled), it lets the next request ask.
+    asking: Option<Asking>,
+}
+
+#[derive(Debug)]
+struct Asking(Arc<Mutex<State>>);
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        lock(&self.0).asking = false;
+    }
+}
+
+/// The leases of one route's buckets.
+pub struct Leases {
+    buckets: Cache<String, Arc<Mutex<State>>>,
+}
+
+impl Default for Leases {
+    fn default() -> Leases {
+        Leases::new()
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Leases {
+    /// No bucket followed yet.
+    pub fn new() -> Leases {
+        Leases { buckets: Cache::builder().max_capacity(CAPACITY).time_to_idle(IDLE).build() }
+    }
+
+    /// Spend a token of bucket `id`'s lease at `now`, while it lasts and `holds` says Redis
+    /// still has the bucket it came from (given the continuity then); or what to ask Redis for.
+    pub fn take(&self, id: &str, now: Instant, holds: impl FnOnce(u64) -> bool) -> Result<Taken, Ask> {
+        let Some(bucket) = self.buckets.get(id) else { return Err(Ask { want: 1, asking: None }) };
+        let mut s = lock(&bucket);
+        s.seen = s.seen.saturating_add(1);
+        if s.left > 0 && now < s.expires && holds(s.continuity) {
+            s.left -= 1;
+            return Ok(Taken {
+                allowed: true,
+                remaining: s.remaining + u64::from(s.left),
+                retry_after: Duration::ZERO,
+                reset: s.full.saturating_duration_since(now),
+            });
+        }
+        if s.asking {
+            return Err(Ask { want: 1, asking: None });
+        }
+        let want = s.size(now);
+        s.asking = true;
+        s.left = 0;
+        s.since = now;
+        s.seen = 1;
+        drop(s);
+        Err(Ask { want, asking: Some(Asking(bucket)) })
+    }
+
+    /// Redis's answer to `ask` for bucket `id`, asked at `asked` with the store's `continuity`:
+    /// `granted` tokens taken (one is the asking request's).
+    pub fn granted(&self, id: &str, ask: Ask, asked: Instant, continuity: u64, granted: u32, taken: &Taken) {
+        let Some(Asking(bucket)) = &ask.asking else {
+            if taken.allowed && !self.buckets.contains_key(id) {
+                // The first check of a bucket: follow its demand from now on.
+                let state = State {
+                    continuity,
+                    left: 0,
+                    expires: asked,
+                    remaining: 0,
+                    full: asked,
+                    since: asked,
+                    seen: 1,
+                    granted: 1,
+                    asking: false,
+                };
+                self.buckets.insert(id.to_owned(), Arc::new(Mutex::new(state)));
+            }
+            return;
+        };
+        if !taken.allowed {
+            return;
+        }
+        let mut s = lock(bucket);
+        s.continuity = continuity;
+        s.left = granted.saturating_sub(1);
+        s.expires = asked + LEASE_TIME;
+        s.remaining = taken.remaining;
+        s.full = asked + taken.reset;
+        s.granted = granted.max(1);
+    }
+}
+
+impl State {
+    /// The lease to ask for at `now`: the demand since the last one, scaled to [`SIZED_FOR`],
+    /// at most double the last grant.
+    fn size(&self, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.since);
+        let cap = self.granted.saturating_mul(2).min(MAX_LEASE);
+        if elapsed.is_zero() {
+            return cap;
+        }
+        let demand = f64::from(self.seen) * SIZED_FOR.as_secs_f64() / elapsed.as_secs_f64();
+        (demand.ceil() as u32).clamp(1, cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(remaining: u64) -> Taken {
+        Taken { allowed: true, remaining, retry_after: Duration::ZERO, reset: Duration::from_secs(10) }
+    }
+
+    const SAME: fn(u64) -> bool = |c| c == 7;
+
+    /// One request: spent from the lease, or asked of a stand-in Redis granting what is wanted.
+    fn one(leases: &Leases, grants: &mut Vec<u32>) -> Taken {
+        let now = Instant::now();
+        match leases.take("a", now, SAME) {
+            Ok(taken) => taken,
+            Err(ask) => {
+                let want = ask.want;
+                grants.push(want);
+                let taken = allowed(1000);
+                leases.granted("a", ask, now, 7, want, &taken);
+                taken
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_bucket_grows_its_lease_and_a_quiet_one_stays_single() {
+        let leases = Leases::new();
+        let mut grants = Vec::new();
+        // 10,000 requests a second on one bucket: a request every 100 µs.
+        for _ in 0..2000 {
+            assert!(one(&leases, &mut grants).allowed);
+            tokio::time::advance(Duration::from_micros(100)).await;
+        }
+        // Doubling from one up to 20 ms of demand (200 tokens), then renewed at that size.
+        assert_eq!(&grants[..8], &[1, 2, 4, 8, 16, 32, 64, 128], "{grants:?}");
+        assert!(grants[8..].iter().all(|g| (195..=205).contains(g)), "{grants:?}");
+        assert!(grants.len() < 20, "{} Redis calls for 2,000 requests", grants.len());
+
+        // Ten requests a second: each one asks Redis for one token.
+        let quiet = Leases::new();
+        let mut grants = Vec::new();
+        for _ in 0..10 {
+            one(&quiet, &mut grants);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert_eq!(grants, [1; 10]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_spent_only_while_it_lasts_and_redis_keeps_the_bucket() {
+        let leases = Leases::new();
+        let start = Instant::now();
+        let first = leases.take("a", start, SAME).unwrap_err();
+        leases.granted("a", first, start, 7, 1, &allowed(99));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let ask = leases.take("a", Instant::now(), SAME).unwrap_err();
+        assert_eq!(ask.want, 2);
+        leases.granted("a", ask, Instant::now(), 7, 2, &allowed(97));
+        let spent = leases.take("a", Instant::now(), SAME).unwrap();
+        assert_eq!((spent.allowed, spent.remaining), (true, 97), "Redis's remaining plus the lease's");
+        assert!(leases.take("a", Instant::now(), SAME).is_err(), "spent");
+
+        // A fresh lease of 4, then time passes: unspent tokens are not used after LEASE_TIME.
+        let now = Instant::now();
+        let ask = leases.take("a", now, SAME).unwrap_err();
+        leases.granted("a", ask, now, 7, 4, &allowed(90));
+        assert!(leases.take("a", now, |c| c == 8).is_err(), "Redis reconnected: the bucket may be gone");
+        tokio::time::advance(LEASE_TIME).await;
+        assert!(leases.take("a", Instant::now(), SAME).is_err(), "expired");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_request_asks_for_a_lease_at_a_time_and_a_failure_lets_the_next_one_ask() {
+        let leases = Leases::new();
+        let now = Instant::now();
+        let first = leases.take("a", now, SAME).unwrap_err();
+        leases.granted("a", first, now, 7, 1, &allowed(99));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let now = Instant::now();
+        let asking = leases.take("a", now, SAME).unwrap_err();
+        assert_eq!(asking.want, 2);
+        let meanwhile = leases.take("a", now, SAME).unwrap_err();
+        assert_eq!(meanwhile.want, 1, "single tokens while the lease is asked for");
+        assert!(meanwhile.asking.is_none());
+        drop(asking); // Redis failed, or the request was cancelled.
+        assert!(leases.take("a", now, SAME).unwrap_err().asking.is_some());
+        // A refusal grants nothing.
+        let now = Instant::now();
+        let refused = Taken { allowed: false, ..allowed(0) };
+        let ask = leases.take("a", now, SAME).unwrap_err();
+        leases.granted("a", ask, now, 7, 0, &refused);
+        assert!(leases.take("a", now, SAME).is_err());
+        let unseen = leases.take("b", now, SAME).unwrap_err();
+        assert_eq!(unseen.want, 1);
+        leases.granted("b", unseen, now, 7, 1, &refused);
+        assert!(leases.take("b", now, SAME).unwrap_err().asking.is_none(), "a refused bucket is not followed");
+    }
+}
