@@ -6,10 +6,13 @@
 //! unspent).
 //!
 //! A lease is sized from this replica's demand on the bucket: the requests seen since the last
-//! lease was asked for, scaled to [`SIZED_FOR`], at most double the last grant (so a bucket seen
-//! once in a while stays one round trip per check). The script grants it only while the bucket
-//! holds at least [`SPREAD`] times as many tokens; nearer empty it takes one token per call as
-//! before, so one replica cannot take what the others need.
+//! lease was asked for, scaled to [`SIZED_FOR`], at most double the last grant. Below
+//! [`MIN_LEASE`] tokens a check asks for one, so a bucket seen once in a while stays one round
+//! trip per check, and a small bucket (under `SPREAD x MIN_LEASE` tokens) is never leased from:
+//! what it admits stays exact to the token even when demand stops with a lease unspent. The
+//! script grants a lease only while the bucket holds at least [`SPREAD`] times as many tokens;
+//! nearer empty it takes one token per call as before, so one replica cannot take what the
+//! others need.
 //!
 //! One request at a time asks for a lease; the others meanwhile take single tokens as without
 //! leases. Like denials, a lease is used only while Redis is known to still hold the bucket it
@@ -30,6 +33,8 @@ pub const LEASE_TIME: Duration = Duration::from_millis(50);
 const SIZED_FOR: Duration = Duration::from_millis(20);
 /// A lease is granted only from a bucket holding at least this many times its size.
 pub const SPREAD: u32 = 8;
+/// The smallest lease asked for: less demand than this asks for single tokens.
+pub const MIN_LEASE: u32 = 16;
 /// The largest lease asked for.
 const MAX_LEASE: u32 = 1 << 20;
 /// Buckets followed at most per route (the least recently used go first).
@@ -164,15 +169,18 @@ impl Leases {
 
 impl State {
     /// The lease to ask for at `now`: the demand since the last one, scaled to [`SIZED_FOR`],
-    /// at most double the last grant.
+    /// at most double the last grant; one token when that is under [`MIN_LEASE`].
     fn size(&self, now: Instant) -> u32 {
-        let elapsed = now.saturating_duration_since(self.since);
-        let cap = self.granted.saturating_mul(2).min(MAX_LEASE);
-        if elapsed.is_zero() {
-            return cap;
+        let elapsed = now.saturating_duration_since(self.since).as_secs_f64();
+        let cap = self.granted.saturating_mul(2).clamp(MIN_LEASE, MAX_LEASE);
+        // The requests after the one that asked last, this one included.
+        let demand = f64::from(self.seen.saturating_sub(1)) * SIZED_FOR.as_secs_f64() / elapsed;
+        let want = if demand.is_finite() { (demand.ceil() as u32).min(cap) } else { cap };
+        if want < MIN_LEASE {
+            1
+        } else {
+            want
         }
-        let demand = f64::from(self.seen) * SIZED_FOR.as_secs_f64() / elapsed.as_secs_f64();
-        (demand.ceil() as u32).clamp(1, cap)
     }
 }
 
@@ -210,19 +218,20 @@ mod tests {
             assert!(one(&leases, &mut grants).allowed);
             tokio::time::advance(Duration::from_micros(100)).await;
         }
-        // Doubling from one up to 20 ms of demand (200 tokens), then renewed at that size.
-        assert_eq!(&grants[..8], &[1, 2, 4, 8, 16, 32, 64, 128], "{grants:?}");
-        assert!(grants[8..].iter().all(|g| (195..=205).contains(g)), "{grants:?}");
+        // From the smallest lease, doubling up to 20 ms of demand (200 tokens), then renewed at
+        // that size.
+        assert_eq!(&grants[..5], &[1, 16, 32, 64, 128], "{grants:?}");
+        assert!(grants[5..].iter().all(|g| (195..=205).contains(g)), "{grants:?}");
         assert!(grants.len() < 20, "{} Redis calls for 2,000 requests", grants.len());
 
-        // Ten requests a second: each one asks Redis for one token.
+        // 500 requests a second (10 in 20 ms): each one asks Redis for one token.
         let quiet = Leases::new();
         let mut grants = Vec::new();
-        for _ in 0..10 {
+        for _ in 0..50 {
             one(&quiet, &mut grants);
-            tokio::time::advance(Duration::from_millis(100)).await;
+            tokio::time::advance(Duration::from_millis(2)).await;
         }
-        assert_eq!(grants, [1; 10]);
+        assert_eq!(grants, [1; 50]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -233,10 +242,11 @@ mod tests {
         leases.granted("a", first, start, 7, 1, &allowed(99));
         tokio::time::advance(Duration::from_millis(1)).await;
         let ask = leases.take("a", Instant::now(), SAME).unwrap_err();
-        assert_eq!(ask.want, 2);
-        leases.granted("a", ask, Instant::now(), 7, 2, &allowed(97));
+        assert_eq!(ask.want, MIN_LEASE);
+        leases.granted("a", ask, Instant::now(), 7, 3, &allowed(96));
         let spent = leases.take("a", Instant::now(), SAME).unwrap();
         assert_eq!((spent.allowed, spent.remaining), (true, 97), "Redis's remaining plus the lease's");
+        assert!(leases.take("a", Instant::now(), SAME).is_ok());
         assert!(leases.take("a", Instant::now(), SAME).is_err(), "spent");
 
         // A fresh lease of 4, then time passes: unspent tokens are not used after LEASE_TIME.
@@ -257,7 +267,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         let now = Instant::now();
         let asking = leases.take("a", now, SAME).unwrap_err();
-        assert_eq!(asking.want, 2);
+        assert_eq!(asking.want, MIN_LEASE);
         let meanwhile = leases.take("a", now, SAME).unwrap_err();
         assert_eq!(meanwhile.want, 1, "single tokens while the lease is asked for");
         assert!(meanwhile.asking.is_none());
