@@ -15,7 +15,9 @@
 //! others need.
 //!
 //! One request at a time asks for a lease; the others meanwhile take single tokens as without
-//! leases. Like denials, a lease is used only while Redis is known to still hold the bucket it
+//! leases. The next lease is asked for ahead, by the request that takes the lease below a
+//! quarter of its grant (after it is answered), so a busy bucket's requests rarely find the
+//! lease empty; its grant adds to what is left and both are spent until it expires. Like denials, a lease is used only while Redis is known to still hold the bucket it
 //! came from.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,12 +67,14 @@ struct State {
     asking: bool,
 }
 
-/// What to ask Redis for when no lease answered.
+/// What to ask Redis for: a token for a request (and a lease), or a lease ahead.
 #[must_use]
 #[derive(Debug)]
 pub struct Ask {
-    /// Tokens to ask for: one for this request, the rest a lease.
+    /// Tokens to ask for: one for this request, the rest a lease; all a lease when ahead.
     pub want: u32,
+    /// The request already has its token: everything granted is lease.
+    ahead: bool,
     /// Held by the one request asking for a lease: dropped without a grant (Redis failed, the
     /// request was cancelled), it lets the next request ask.
     asking: Option<Asking>,
@@ -107,34 +111,37 @@ impl Leases {
     }
 
     /// Spend a token of bucket `id`'s lease at `now`, while it lasts and `holds` says Redis
-    /// still has the bucket it came from (given the continuity then); or what to ask Redis for.
-    pub fn take(&self, id: &str, now: Instant, holds: impl FnOnce(u64) -> bool) -> Result<Taken, Ask> {
-        let Some(bucket) = self.buckets.get(id) else { return Err(Ask { want: 1, asking: None }) };
+    /// still has the bucket it came from (given the continuity then), with the next lease to
+    /// ask for ahead when this one runs low; or what to ask Redis for.
+    pub fn take(&self, id: &str, now: Instant, holds: impl FnOnce(u64) -> bool) -> Result<(Taken, Option<Ask>), Ask> {
+        let Some(bucket) = self.buckets.get(id) else { return Err(Ask { want: 1, ahead: false, asking: None }) };
         let mut s = lock(&bucket);
         s.seen = s.seen.saturating_add(1);
         if s.left > 0 && now < s.expires && holds(s.continuity) {
             s.left -= 1;
-            return Ok(Taken {
+            let taken = Taken {
                 allowed: true,
                 remaining: s.remaining + u64::from(s.left),
                 retry_after: Duration::ZERO,
                 reset: s.full.saturating_duration_since(now),
-            });
+            };
+            let mut ahead = None;
+            if !s.asking && s.left <= s.granted / 4 {
+                let want = s.size(now);
+                ahead = (want > 1).then(|| s.ask(want, now, true, &bucket));
+            }
+            return Ok((taken, ahead));
         }
         if s.asking {
-            return Err(Ask { want: 1, asking: None });
+            return Err(Ask { want: 1, ahead: false, asking: None });
         }
         let want = s.size(now);
-        s.asking = true;
         s.left = 0;
-        s.since = now;
-        s.seen = 1;
-        drop(s);
-        Err(Ask { want, asking: Some(Asking(bucket)) })
+        Err(s.ask(want, now, false, &bucket))
     }
 
     /// Redis's answer to `ask` for bucket `id`, asked at `asked` with the store's `continuity`:
-    /// `granted` tokens taken (one is the asking request's).
+    /// `granted` tokens taken (one is the asking request's unless asked ahead).
     pub fn granted(&self, id: &str, ask: Ask, asked: Instant, continuity: u64, granted: u32, taken: &Taken) {
         let Some(Asking(bucket)) = &ask.asking else {
             if taken.allowed && !self.buckets.contains_key(id) {
@@ -159,7 +166,7 @@ impl Leases {
         }
         let mut s = lock(bucket);
         s.continuity = continuity;
-        s.left = granted.saturating_sub(1);
+        s.left = if ask.ahead { s.left.saturating_add(granted) } else { granted.saturating_sub(1) };
         s.expires = asked + LEASE_TIME;
         s.remaining = taken.remaining;
         s.full = asked + taken.reset;
@@ -168,6 +175,14 @@ impl Leases {
 }
 
 impl State {
+    /// This bucket's request asks for `want` tokens from `now` on.
+    fn ask(&mut self, want: u32, now: Instant, ahead: bool, bucket: &Arc<Mutex<State>>) -> Ask {
+        self.asking = true;
+        self.since = now;
+        self.seen = 1;
+        Ask { want, ahead, asking: Some(Asking(bucket.clone())) }
+    }
+
     /// The lease to ask for at `now`: the demand since the last one, scaled to [`SIZED_FOR`],
     /// at most double the last grant; one token when that is under [`MIN_LEASE`].
     fn size(&self, now: Instant) -> u32 {
@@ -198,7 +213,14 @@ mod tests {
     fn one(leases: &Leases, grants: &mut Vec<u32>) -> Taken {
         let now = Instant::now();
         match leases.take("a", now, SAME) {
-            Ok(taken) => taken,
+            Ok((taken, ahead)) => {
+                if let Some(ask) = ahead {
+                    let want = ask.want;
+                    grants.push(want);
+                    leases.granted("a", ask, now, 7, want, &allowed(1000));
+                }
+                taken
+            }
             Err(ask) => {
                 let want = ask.want;
                 grants.push(want);
@@ -244,7 +266,7 @@ mod tests {
         let ask = leases.take("a", Instant::now(), SAME).unwrap_err();
         assert_eq!(ask.want, MIN_LEASE);
         leases.granted("a", ask, Instant::now(), 7, 3, &allowed(96));
-        let spent = leases.take("a", Instant::now(), SAME).unwrap();
+        let (spent, _) = leases.take("a", Instant::now(), SAME).unwrap();
         assert_eq!((spent.allowed, spent.remaining), (true, 97), "Redis's remaining plus the lease's");
         assert!(leases.take("a", Instant::now(), SAME).is_ok());
         assert!(leases.take("a", Instant::now(), SAME).is_err(), "spent");
@@ -256,6 +278,34 @@ mod tests {
         assert!(leases.take("a", now, |c| c == 8).is_err(), "Redis reconnected: the bucket may be gone");
         tokio::time::advance(LEASE_TIME).await;
         assert!(leases.take("a", Instant::now(), SAME).is_err(), "expired");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_lease_is_asked_for_ahead_and_adds_to_what_is_left() {
+        let leases = Leases::new();
+        let now = Instant::now();
+        let first = leases.take("a", now, SAME).unwrap_err();
+        leases.granted("a", first, now, 7, 1, &allowed(999));
+        tokio::time::advance(Duration::from_micros(100)).await;
+        let now = Instant::now();
+        let ask = leases.take("a", now, SAME).unwrap_err();
+        leases.granted("a", ask, now, 7, 16, &allowed(983));
+        // 15 left: the 11th spends down to 4, a quarter of the grant, and asks ahead.
+        for _ in 0..10 {
+            assert!(leases.take("a", now, SAME).unwrap().1.is_none());
+        }
+        let (_, ahead) = leases.take("a", now, SAME).unwrap();
+        let ahead = ahead.expect("asked ahead");
+        assert!(ahead.want > 16, "{}", ahead.want);
+        for _ in 0..4 {
+            assert!(leases.take("a", now, SAME).unwrap().1.is_none(), "one asks at a time, the rest spend");
+        }
+        assert!(leases.take("a", now, SAME).unwrap_err().asking.is_none(), "empty while asked: single");
+        leases.granted("a", ahead, now, 7, 20, &allowed(963));
+        for _ in 0..20 {
+            leases.take("a", now, SAME).unwrap();
+        }
+        assert!(leases.take("a", now, SAME).is_err(), "the grant added 20, no more");
     }
 
     #[tokio::test(start_paused = true)]

@@ -220,9 +220,13 @@ impl RateLimiter {
     pub async fn check(&self, limit: &Limit, peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Verdict {
         let started = Instant::now();
         let id = client::bucket_id(&limit.config.key, peer, headers, trusted);
+        let mut ahead = None;
         let shared = match &self.redis {
             Some(redis) => match limit.leases.take(&id, started, |then| redis.continuous(then)) {
-                Ok(leased) => Some((leased, Backend::Lease)),
+                Ok((leased, next)) => {
+                    ahead = next;
+                    Some((leased, Backend::Lease))
+                }
                 Err(ask) => {
                     let continuity = redis.continuity();
                     match limit.denials.get(&id, started, |then| redis.continuous(then)) {
@@ -253,6 +257,12 @@ impl RateLimiter {
         };
         limit.count(decision, backend);
         crate::telemetry::record("sidecache.ratelimit.result", decision.as_str());
+        if let (Some(ask), Some(redis)) = (ahead, &self.redis) {
+            // The next lease, asked for by this request after its own answer; a failure is
+            // logged in `shared` and leaves the next requests to ask again.
+            let continuity = redis.continuity();
+            Box::pin(self.shared(redis, limit, &id, ask, Instant::now(), continuity)).await;
+        }
         match taken {
             // A limit in shadow mode changes nothing for the client.
             _ if shadow => Verdict::Unchecked,
