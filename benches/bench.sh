@@ -30,6 +30,8 @@ ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit sealed coherence}
 BASELINE=${BENCH_BASELINE:-}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
 for tool in wrk nginx redis-server bc; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install wrk nginx-light redis-server bc)" >&2; exit 1; }
@@ -48,7 +50,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); RP=$(free_port)
 BL=$(free_port); BLA=$(free_port)
 
@@ -69,24 +70,8 @@ daemon off;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log warn;
 events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=bench:10m max_size=100m inactive=60m use_temp_path=off;
-  upstream backend { server 127.0.0.1:$UP; keepalive 128; }
-  limit_req_zone \$binary_remote_addr zone=bench_rl:10m rate=100000000r/s;
-  server {
-    listen 127.0.0.1:$NGX;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_set_header Host \$host;
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    location / { proxy_pass http://backend; }
-    location /cached/ { proxy_pass http://backend; proxy_cache bench; proxy_cache_valid 200 60s; }
-    location /limited/ { proxy_pass http://backend; limit_req zone=bench_rl burst=100000000 nodelay; }
-  }
-}
 NGINX
+nginx_http "$WORK" "$UP" "$NGX" 128 >>"$WORK/nginx.conf"
 nginx -p "$WORK" -c "$WORK/nginx.conf" &
 NGX_PID=$!
 PIDS+=($NGX_PID)

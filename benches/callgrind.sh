@@ -18,6 +18,8 @@ FEW=${2:-1000}
 ONLY=${CALLGRIND_ONLY:-passthrough limited hit}
 OTHER=${CALLGRIND_BIN:-}
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/common.sh
+. benches/common.sh
 for tool in valgrind callgrind_annotate nginx redis-server curl; do
   command -v "$tool" >/dev/null || { echo "callgrind: $tool is missing (apt-get install valgrind nginx-light redis-server curl)" >&2; exit 1; }
 done
@@ -31,7 +33,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP=$(free_port); RP=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
 
 target/release/examples/bench-upstream "127.0.0.1:$UP" &
@@ -46,24 +47,8 @@ worker_processes 1;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log warn;
 events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=bench:10m max_size=100m inactive=60m use_temp_path=off;
-  upstream backend { server 127.0.0.1:$UP; keepalive 16; }
-  limit_req_zone \$binary_remote_addr zone=bench_rl:10m rate=100000000r/s;
-  server {
-    listen 127.0.0.1:$PORT;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_set_header Host \$host;
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    location / { proxy_pass http://backend; }
-    location /cached/ { proxy_pass http://backend; proxy_cache bench; proxy_cache_valid 200 60s; }
-    location /limited/ { proxy_pass http://backend; limit_req zone=bench_rl burst=100000000 nodelay; }
-  }
-}
 NGINX
+nginx_http "$WORK" "$UP" "$PORT" 16 >>"$WORK/nginx.conf"
 cat >"$WORK/proxy.toml" <<TOML
 [server]
 listen = "127.0.0.1:$PORT"

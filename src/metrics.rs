@@ -338,7 +338,7 @@ fn describe(r: &PrometheusRecorder) {
     r.describe_counter(
         KeyName::from_const_str(RATELIMIT_CHECKS_TOTAL),
         None,
-        text("Rate-limit checks by route, result (allowed, limited, would_limit, error) and backend (redis, local, allow_all, deny)."),
+        text("Rate-limit checks by route, result (allowed, limited, would_limit, error) and backend (redis, lease, local, allow_all, deny)."),
     );
     r.describe_histogram(
         KeyName::from_const_str(RATELIMIT_CHECK_DURATION),

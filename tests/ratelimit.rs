@@ -177,21 +177,23 @@ async fn the_script_keeps_one_hash_per_bucket_expiring_when_full_again() {
     assert_eq!(redis.command(&["DBSIZE"]), ":1", "one key per bucket and nothing else");
 }
 
+/// `n` proxy processes on one `upstream` and one `redis`, with `rate_limit` on `/gen/*`, each
+/// ready.
+async fn replicas(n: usize, upstream: &TestUpstream, redis: &TestRedis, rate_limit: &str) -> Vec<BinaryProxy> {
+    let toml = config_full(upstream.addr, "", "", &format!("{}\n{}", limited(rate_limit), redis_table(&redis.url())));
+    let proxies: Vec<_> = (0..n).map(|_| BinaryProxy::spawn(&toml)).collect();
+    for p in &proxies {
+        until_redis_ready(&format!("http://{}", p.admin)).await;
+    }
+    proxies
+}
+
 #[tokio::test]
 async fn two_proxy_processes_sharing_redis_admit_exactly_burst() {
     const BURST: usize = 20;
     let redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
-    let toml = config_full(
-        upstream.addr,
-        "",
-        "",
-        &format!("{}\n{}", limited(&format!(r#"burst = {BURST}, rate = "1/1h""#)), redis_table(&redis.url())),
-    );
-    let proxies = [BinaryProxy::spawn(&toml), BinaryProxy::spawn(&toml)];
-    for p in &proxies {
-        until_redis_ready(&format!("http://{}", p.admin)).await;
-    }
+    let proxies = replicas(2, &upstream, &redis, &format!(r#"burst = {BURST}, rate = "1/1h""#)).await;
     // 3 × burst requests at once, alternating between the two processes.
     let tasks: Vec<_> = (0..3 * BURST)
         .map(|i| {
@@ -245,16 +247,7 @@ async fn three_proxy_processes_with_leases_never_admit_more_than_the_bucket_allo
     const RATE: f64 = 400.0;
     let redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
-    let toml = config_full(
-        upstream.addr,
-        "",
-        "",
-        &format!("{}\n{}", limited(r#"burst = 1000, rate = "400/s", key = "route""#), redis_table(&redis.url())),
-    );
-    let proxies = [BinaryProxy::spawn(&toml), BinaryProxy::spawn(&toml), BinaryProxy::spawn(&toml)];
-    for p in &proxies {
-        until_redis_ready(&format!("http://{}", p.admin)).await;
-    }
+    let proxies = replicas(3, &upstream, &redis, r#"burst = 1000, rate = "400/s", key = "route""#).await;
     let started = Instant::now();
     let until = started + Duration::from_secs(2);
     let loads: Vec<_> = proxies.iter().map(|p| tokio::spawn(load(p.url("/gen/a"), 4, until))).collect();

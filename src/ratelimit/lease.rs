@@ -17,8 +17,8 @@
 //! One request at a time asks for a lease; the others meanwhile take single tokens as without
 //! leases. The next lease is asked for ahead, by the request that takes the lease below a
 //! quarter of its grant (after it is answered), so a busy bucket's requests rarely find the
-//! lease empty; its grant adds to what is left and both are spent until it expires. Like denials, a lease is used only while Redis is known to still hold the bucket it
-//! came from.
+//! lease empty; its grant adds to what is left and both are spent until it expires. Like
+//! denials, a lease is used only while Redis is known to still hold the bucket it came from.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,14 +29,14 @@ use tokio::time::Instant;
 use super::bucket::Taken;
 
 /// How long a lease's tokens may be spent.
-pub const LEASE_TIME: Duration = Duration::from_millis(50);
+const LEASE_TIME: Duration = Duration::from_millis(50);
 /// A lease holds this long's worth of the replica's demand, less than [`LEASE_TIME`] so that it
 /// normally runs out (and is renewed) before it expires unspent.
 const SIZED_FOR: Duration = Duration::from_millis(20);
 /// A lease is granted only from a bucket holding at least this many times its size.
 pub const SPREAD: u32 = 8;
 /// The smallest lease asked for: less demand than this asks for single tokens.
-pub const MIN_LEASE: u32 = 16;
+const MIN_LEASE: u32 = 16;
 /// The largest lease asked for.
 const MAX_LEASE: u32 = 1 << 20;
 /// Buckets followed at most per route (the least recently used go first).
