@@ -279,12 +279,13 @@ async fn the_script_grants_a_lease_only_from_a_bucket_holding_spread_times_it() 
     let script = sidecache::ratelimit::bucket::SCRIPT;
     let spread = sidecache::ratelimit::lease::SPREAD.to_string();
     // burst 100, one token an hour; asks for `want`: {taken, remaining, retry µs, full µs}.
-    let take = |want: &str| -> (i64, i64) {
-        let args = ["EVAL", script, "1", "b", "100", "3600000000", "1", want, &spread];
+    let eval = |key: &str, want: &str, spread: &str| -> (i64, i64) {
+        let args = ["EVAL", script, "1", key, "100", "3600000000", "1", want, spread];
         let lines = redis.reply_lines(&args);
         let int = |l: &String| l.trim_start_matches(':').parse::<i64>().unwrap();
         (int(&lines[1]), int(&lines[2]))
     };
+    let take = |want: &str| eval("b", want, &spread);
     assert_eq!(take("5"), (5, 95), "100 tokens hold 8 x 5");
     assert_eq!(take("11"), (11, 84), "95 hold 8 x 11");
     assert_eq!(take("11"), (1, 83), "84 do not: one token");
@@ -294,6 +295,40 @@ async fn the_script_grants_a_lease_only_from_a_bucket_holding_spread_times_it() 
     assert_eq!(take("2"), (1, 1), "near empty: one token per call");
     assert_eq!(take("2"), (1, 0), "the last token");
     assert_eq!(take("2").0, 0, "refused");
+    // Arguments no caller sends are read safely: a fraction of a token is not asked for, and
+    // a spread under one never grants more than the bucket holds.
+    assert_eq!(eval("c", "2.5", "8"), (2, 98));
+    assert_eq!(eval("c", "1000", "0"), (1, 97));
+    assert_eq!(eval("c", "97", "0.5"), (97, 0));
+}
+
+#[tokio::test]
+async fn bursts_of_a_few_requests_take_no_more_from_the_shared_bucket_than_they_are_admitted() {
+    let redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    let proxy = start(&upstream, "", &limited(r#"burst = 1000, rate = "1/1h", key = "route""#), Some(&redis)).await;
+    let url = proxy.url("/gen/a");
+    // Four keep-alive clients, 400 µs apart, every 60 ms: short gaps, no lasting demand.
+    let mut admitted = 0;
+    for _ in 0..20 {
+        let round: Vec<_> = (0..4u64)
+            .map(|i| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_micros(400 * i)).await;
+                    get(&url).await.status == StatusCode::OK
+                })
+            })
+            .collect();
+        for r in round {
+            admitted += usize::from(r.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(admitted, 80);
+    let level: f64 = redis.reply_lines(&["HGET", "sidecache:rl:limited:all", "n"])[1].parse().unwrap();
+    // (The bucket refills a token an hour meanwhile: a fraction.)
+    assert_eq!((1000.0 - level).round(), 80.0, "tokens taken from the shared bucket");
 }
 
 #[tokio::test]

@@ -37,11 +37,12 @@ if stored and last then
   if now < last then now = last end
   level = math.min(burst, stored + (now - last) / per_token)
 end
-local want = tonumber(ARGV[4]) or 1
+local want = math.floor(tonumber(ARGV[4]) or 1)
+local spread = math.max(1, tonumber(ARGV[5]) or 1)
 local taken = 0
 if level >= 1 then
   taken = 1
-  if want > 1 and level >= want * tonumber(ARGV[5]) then taken = want end
+  if want > 1 and level >= want * spread then taken = want end
   level = level - taken
   redis.call('HSET', KEYS[1], 'n', level, 't', now)
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.min(1e15, math.ceil((burst - level) * per_token / 1000))))

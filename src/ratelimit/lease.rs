@@ -6,9 +6,12 @@
 //! unspent).
 //!
 //! A lease is sized from this replica's demand on the bucket: the requests seen since the last
-//! lease was asked for, scaled to [`SIZED_FOR`], at most double the last grant. Below
-//! [`MIN_LEASE`] tokens a check asks for one, so a bucket seen once in a while stays one round
-//! trip per check, and a small bucket (under `SPREAD x MIN_LEASE` tokens) is never leased from:
+//! lease was asked for (within [`WINDOW`]), scaled to [`SIZED_FOR`], at most double what was
+//! spent of the last lease. Until [`MIN_LEASE`] requests have been seen in the window, and below
+//! [`MIN_LEASE`] tokens, a check asks for one: a lease answers demand that was seen, never one
+//! short gap between two requests, so a client cannot make a replica take tokens it will not
+//! spend faster than it spends them; a bucket seen once in a while stays one round trip per
+//! check, and a small bucket (under `SPREAD x MIN_LEASE` tokens) is never leased from:
 //! what it admits stays exact to the token even when demand stops with a lease unspent. The
 //! script grants a lease only while the bucket holds at least [`SPREAD`] times as many tokens;
 //! nearer empty it takes one token per call as before, so one replica cannot take what the
@@ -35,8 +38,11 @@ const LEASE_TIME: Duration = Duration::from_millis(50);
 const SIZED_FOR: Duration = Duration::from_millis(20);
 /// A lease is granted only from a bucket holding at least this many times its size.
 pub const SPREAD: u32 = 8;
-/// The smallest lease asked for: less demand than this asks for single tokens.
+/// The smallest lease asked for, and the requests a window must hold before one is: less
+/// demand than this asks for single tokens.
 const MIN_LEASE: u32 = 16;
+/// Demand is counted over at most this long: an older count says nothing of now.
+const WINDOW: Duration = LEASE_TIME;
 /// The largest lease asked for.
 const MAX_LEASE: u32 = 1 << 20;
 /// Buckets followed at most per route (the least recently used go first).
@@ -57,11 +63,12 @@ struct State {
     remaining: u64,
     /// When Redis's bucket would be full again, as of the grant.
     full: Instant,
-    /// When a lease was last asked for (or the first check).
+    /// The start of the demand window: when a lease was last asked for, the first check, or
+    /// the first request after a window went by.
     since: Instant,
-    /// Requests seen since then, counting the one that asked.
+    /// Requests seen since then, counting the first.
     seen: u32,
-    /// The last grant's size.
+    /// The last grant's size, or what was spent of it when it ended unspent.
     granted: u32,
     /// A request is asking for a lease now.
     asking: bool,
@@ -116,6 +123,10 @@ impl Leases {
     pub fn take(&self, id: &str, now: Instant, holds: impl FnOnce(u64) -> bool) -> Result<(Taken, Option<Ask>), Ask> {
         let Some(bucket) = self.buckets.get(id) else { return Err(Ask { want: 1, ahead: false, asking: None }) };
         let mut s = lock(&bucket);
+        if !s.asking && now.saturating_duration_since(s.since) > WINDOW {
+            s.since = now;
+            s.seen = 0;
+        }
         s.seen = s.seen.saturating_add(1);
         if s.left > 0 && now < s.expires && holds(s.continuity) {
             s.left -= 1;
@@ -132,11 +143,16 @@ impl Leases {
             }
             return Ok((taken, ahead));
         }
-        if s.asking {
-            return Err(Ask { want: 1, ahead: false, asking: None });
+        if s.left > 0 {
+            // Expired, or Redis may have lost the bucket: the next lease answers what was spent.
+            s.granted = s.granted.saturating_sub(s.left).max(1);
+            s.left = 0;
         }
         let want = s.size(now);
-        s.left = 0;
+        if s.asking || want == 1 {
+            // One token, and the window goes on counting.
+            return Err(Ask { want: 1, ahead: false, asking: None });
+        }
         Err(s.ask(want, now, false, &bucket))
     }
 
@@ -165,8 +181,11 @@ impl Leases {
             return;
         }
         let mut s = lock(bucket);
+        // Asked ahead: what is left of the current lease is kept while it is still good (not
+        // expired, and from the same Redis as the grant).
+        let kept = if ask.ahead && s.continuity == continuity && Instant::now() < s.expires { s.left } else { 0 };
         s.continuity = continuity;
-        s.left = if ask.ahead { s.left.saturating_add(granted) } else { granted.saturating_sub(1) };
+        s.left = if ask.ahead { kept.saturating_add(granted) } else { granted.saturating_sub(1) };
         s.expires = asked + LEASE_TIME;
         s.remaining = taken.remaining;
         s.full = asked + taken.reset;
@@ -183,13 +202,18 @@ impl State {
         Ask { want, ahead, asking: Some(Asking(bucket.clone())) }
     }
 
-    /// The lease to ask for at `now`: the demand since the last one, scaled to [`SIZED_FOR`],
-    /// at most double the last grant; one token when that is under [`MIN_LEASE`].
+    /// The lease to ask for at `now`: the demand counted in the window, scaled to [`SIZED_FOR`],
+    /// at most double the last grant; one token until the window holds [`MIN_LEASE`] requests,
+    /// or when the lease would be smaller.
     fn size(&self, now: Instant) -> u32 {
+        // The requests after the window's first, this one included.
+        let counted = self.seen.saturating_sub(1);
+        if counted < MIN_LEASE {
+            return 1;
+        }
         let elapsed = now.saturating_duration_since(self.since).as_secs_f64();
         let cap = self.granted.saturating_mul(2).clamp(MIN_LEASE, MAX_LEASE);
-        // The requests after the one that asked last, this one included.
-        let demand = f64::from(self.seen.saturating_sub(1)) * SIZED_FOR.as_secs_f64() / elapsed;
+        let demand = f64::from(counted) * SIZED_FOR.as_secs_f64() / elapsed;
         let want = if demand.is_finite() { (demand.ceil() as u32).min(cap) } else { cap };
         if want < MIN_LEASE {
             1
@@ -231,6 +255,19 @@ mod tests {
         }
     }
 
+    /// After a quiet window, 17 requests 100 µs apart, each given its single token: the 17th
+    /// asks for a lease.
+    async fn until_a_lease_is_asked(leases: &Leases) -> Ask {
+        tokio::time::advance(WINDOW * 2).await;
+        let mut grants = Vec::new();
+        for _ in 0..16 {
+            one(leases, &mut grants);
+            tokio::time::advance(Duration::from_micros(100)).await;
+        }
+        assert_eq!(grants, [1; 16]);
+        leases.take("a", Instant::now(), SAME).unwrap_err()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_busy_bucket_grows_its_lease_and_a_quiet_one_stays_single() {
         let leases = Leases::new();
@@ -240,11 +277,12 @@ mod tests {
             assert!(one(&leases, &mut grants).allowed);
             tokio::time::advance(Duration::from_micros(100)).await;
         }
-        // From the smallest lease, doubling up to 20 ms of demand (200 tokens), then renewed at
-        // that size.
-        assert_eq!(&grants[..5], &[1, 16, 32, 64, 128], "{grants:?}");
-        assert!(grants[5..].iter().all(|g| (195..=205).contains(g)), "{grants:?}");
-        assert!(grants.len() < 20, "{} Redis calls for 2,000 requests", grants.len());
+        // Single tokens until 16 requests were counted, then from the smallest lease, doubling
+        // up to 20 ms of demand (200 tokens), then renewed at that size.
+        assert_eq!(&grants[..16], &[1; 16], "{grants:?}");
+        assert_eq!(&grants[16..20], &[16, 32, 64, 128], "{grants:?}");
+        assert!(grants[20..].iter().all(|g| (195..=205).contains(g)), "{grants:?}");
+        assert!(grants.len() < 40, "{} Redis calls for 2,000 requests", grants.len());
 
         // 500 requests a second (10 in 20 ms): each one asks Redis for one token.
         let quiet = Leases::new();
@@ -256,14 +294,47 @@ mod tests {
         assert_eq!(grants, [1; 50]);
     }
 
+    /// Tokens taken from Redis against requests admitted, for requests arriving at these gaps.
+    async fn taken_for_admitted(gaps: impl Iterator<Item = Duration>) -> (u64, u64) {
+        let leases = Leases::new();
+        let mut grants = Vec::new();
+        let mut admitted = 0;
+        for gap in gaps {
+            assert!(one(&leases, &mut grants).allowed);
+            admitted += 1;
+            tokio::time::advance(gap).await;
+        }
+        (grants.iter().map(|g| u64::from(*g)).sum(), admitted)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_gaps_without_demand_take_no_lease() {
+        // Pairs of requests 500 µs apart every 60 ms: one short gap is no demand.
+        let pairs = [Duration::from_micros(500), Duration::from_millis(60)].into_iter().cycle().take(200);
+        assert_eq!(taken_for_admitted(pairs).await, (200, 200));
+        // Four requests 400 µs apart every 60 ms.
+        let bursts = [400, 400, 400, 60_000].into_iter().map(Duration::from_micros).cycle().take(400);
+        assert_eq!(taken_for_admitted(bursts).await, (400, 400));
+        // Requests arriving at random, 100 a second on average (gaps 1-19 ms).
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let random = std::iter::repeat_with(move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            Duration::from_millis(1 + x % 19)
+        });
+        assert_eq!(taken_for_admitted(random.take(2000)).await, (2000, 2000));
+        // A burst of 17 every 60 ms leases 16 and spends 1 of it: never more than that.
+        let gaps = (0..17).map(|i| if i == 16 { 60_000 } else { 100 }).map(Duration::from_micros);
+        let (taken, admitted) = taken_for_admitted(gaps.cycle().take(17 * 20)).await;
+        assert_eq!(admitted, 340);
+        assert!(taken <= 2 * admitted, "{taken} taken for {admitted} admitted");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lease_is_spent_only_while_it_lasts_and_redis_keeps_the_bucket() {
         let leases = Leases::new();
-        let start = Instant::now();
-        let first = leases.take("a", start, SAME).unwrap_err();
-        leases.granted("a", first, start, 7, 1, &allowed(99));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        let ask = leases.take("a", Instant::now(), SAME).unwrap_err();
+        let ask = until_a_lease_is_asked(&leases).await;
         assert_eq!(ask.want, MIN_LEASE);
         leases.granted("a", ask, Instant::now(), 7, 3, &allowed(96));
         let (spent, _) = leases.take("a", Instant::now(), SAME).unwrap();
@@ -271,33 +342,37 @@ mod tests {
         assert!(leases.take("a", Instant::now(), SAME).is_ok());
         assert!(leases.take("a", Instant::now(), SAME).is_err(), "spent");
 
-        // A fresh lease of 4, then time passes: unspent tokens are not used after LEASE_TIME.
+        // A fresh lease, then time passes: unspent tokens are not used after LEASE_TIME.
+        let lease = until_a_lease_is_asked(&leases).await;
         let now = Instant::now();
-        let ask = leases.take("a", now, SAME).unwrap_err();
-        leases.granted("a", ask, now, 7, 4, &allowed(90));
+        leases.granted("a", lease, now, 7, 4, &allowed(90));
         assert!(leases.take("a", now, |c| c == 8).is_err(), "Redis reconnected: the bucket may be gone");
+        let lease = until_a_lease_is_asked(&leases).await;
+        leases.granted("a", lease, Instant::now(), 7, 4, &allowed(90));
         tokio::time::advance(LEASE_TIME).await;
         assert!(leases.take("a", Instant::now(), SAME).is_err(), "expired");
+    }
+
+    /// A lease of 64 spent down to a quarter: the ask ahead.
+    async fn ahead_of_a_lease_of_64(leases: &Leases) -> Ask {
+        let lease = until_a_lease_is_asked(leases).await;
+        let now = Instant::now();
+        leases.granted("a", lease, now, 7, 64, &allowed(935));
+        // 63 left: the 47th spends down to 16, a quarter of the grant, and asks ahead.
+        for _ in 0..46 {
+            assert!(leases.take("a", now, SAME).unwrap().1.is_none());
+        }
+        let (_, ahead) = leases.take("a", now, SAME).unwrap();
+        ahead.expect("asked ahead")
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_next_lease_is_asked_for_ahead_and_adds_to_what_is_left() {
         let leases = Leases::new();
+        let ahead = ahead_of_a_lease_of_64(&leases).await;
+        assert!(ahead.want >= 16, "{}", ahead.want);
         let now = Instant::now();
-        let first = leases.take("a", now, SAME).unwrap_err();
-        leases.granted("a", first, now, 7, 1, &allowed(999));
-        tokio::time::advance(Duration::from_micros(100)).await;
-        let now = Instant::now();
-        let ask = leases.take("a", now, SAME).unwrap_err();
-        leases.granted("a", ask, now, 7, 16, &allowed(983));
-        // 15 left: the 11th spends down to 4, a quarter of the grant, and asks ahead.
-        for _ in 0..10 {
-            assert!(leases.take("a", now, SAME).unwrap().1.is_none());
-        }
-        let (_, ahead) = leases.take("a", now, SAME).unwrap();
-        let ahead = ahead.expect("asked ahead");
-        assert!(ahead.want > 16, "{}", ahead.want);
-        for _ in 0..4 {
+        for _ in 0..16 {
             assert!(leases.take("a", now, SAME).unwrap().1.is_none(), "one asks at a time, the rest spend");
         }
         assert!(leases.take("a", now, SAME).unwrap_err().asking.is_none(), "empty while asked: single");
@@ -309,22 +384,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_grant_ahead_keeps_no_token_of_an_expired_lease_or_of_another_redis() {
+        // Redis reconnected between the check and the ask ahead: the 16 left are not kept.
+        let leases = Leases::new();
+        let ahead = ahead_of_a_lease_of_64(&leases).await;
+        let now = Instant::now();
+        leases.granted("a", ahead, now, 8, 20, &allowed(963));
+        let spent = std::iter::from_fn(|| leases.take("a", now, |c| c == 8).ok()).count();
+        assert_eq!(spent, 20);
+
+        // The lease expired while the ask ahead was answered: only the grant is spent.
+        let leases = Leases::new();
+        let ahead = ahead_of_a_lease_of_64(&leases).await;
+        tokio::time::advance(LEASE_TIME).await;
+        let late = Instant::now();
+        assert!(leases.take("a", late, SAME).unwrap_err().asking.is_none());
+        leases.granted("a", ahead, late, 7, 20, &allowed(963));
+        let spent = std::iter::from_fn(|| leases.take("a", late, SAME).ok()).count();
+        assert_eq!(spent, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn one_request_asks_for_a_lease_at_a_time_and_a_failure_lets_the_next_one_ask() {
         let leases = Leases::new();
-        let now = Instant::now();
-        let first = leases.take("a", now, SAME).unwrap_err();
-        leases.granted("a", first, now, 7, 1, &allowed(99));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        let now = Instant::now();
-        let asking = leases.take("a", now, SAME).unwrap_err();
+        let asking = until_a_lease_is_asked(&leases).await;
         assert_eq!(asking.want, MIN_LEASE);
+        let now = Instant::now();
         let meanwhile = leases.take("a", now, SAME).unwrap_err();
         assert_eq!(meanwhile.want, 1, "single tokens while the lease is asked for");
         assert!(meanwhile.asking.is_none());
         drop(asking); // Redis failed, or the request was cancelled.
+                      // The next request that has 16 counted since the failed ask asks again.
+        for _ in 0..14 {
+            assert!(leases.take("a", now, SAME).unwrap_err().asking.is_none());
+        }
         assert!(leases.take("a", now, SAME).unwrap_err().asking.is_some());
         // A refusal grants nothing.
-        let now = Instant::now();
         let refused = Taken { allowed: false, ..allowed(0) };
         let ask = leases.take("a", now, SAME).unwrap_err();
         leases.granted("a", ask, now, 7, 0, &refused);
