@@ -250,7 +250,7 @@ async fn three_proxy_processes_with_leases_never_admit_more_than_the_bucket_allo
     let proxies = replicas(3, &upstream, &redis, r#"burst = 1000, rate = "400/s", key = "route""#).await;
     let started = Instant::now();
     let until = started + Duration::from_secs(2);
-    let loads: Vec<_> = proxies.iter().map(|p| tokio::spawn(load(p.url("/gen/a"), 4, until))).collect();
+    let loads: Vec<_> = proxies.iter().map(|p| tokio::spawn(load(p.url("/gen/a"), 12, until))).collect();
     let mut admitted = 0;
     for l in loads {
         admitted += l.await.unwrap();
