@@ -14,10 +14,19 @@ use support::redis::TestRedis;
 use support::*;
 use tokio::time::Instant;
 
-/// A `[redis]` table with the test budgets.
-fn redis_table(url: &str) -> String {
-    format!("[redis]\nurl = \"{url}\"\nop_timeout = \"50ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n")
+/// A `[redis]` table with the test budgets. Tests that count admissions wait long for Redis: on
+/// a loaded 2-core machine a 50 ms budget sometimes runs out, and a limiter that fails open
+/// admits more than the bucket holds. Tests that stop Redis measure the budget, and keep it short.
+fn redis_table(url: &str, op_timeout: &str) -> String {
+    format!(
+        "[redis]\nurl = \"{url}\"\nop_timeout = \"{op_timeout}\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\n"
+    )
 }
+
+/// The budget of tests that count admissions.
+const PATIENT: &str = "1s";
+/// The budget of tests that stop Redis.
+const BRISK: &str = "50ms";
 
 /// One limited route on `/gen/*` (plus an unlimited rest).
 fn limited(rate_limit: &str) -> String {
@@ -25,8 +34,23 @@ fn limited(rate_limit: &str) -> String {
 }
 
 async fn start(upstream: &TestUpstream, server: &str, rest: &str, redis: Option<&TestRedis>) -> TestProxy {
+    start_budget(upstream, server, rest, redis, PATIENT).await
+}
+
+/// [`start`] with the short Redis budget, for tests that stop Redis.
+async fn start_brisk(upstream: &TestUpstream, rest: &str, redis: &TestRedis) -> TestProxy {
+    start_budget(upstream, "", rest, Some(redis), BRISK).await
+}
+
+async fn start_budget(
+    upstream: &TestUpstream,
+    server: &str,
+    rest: &str,
+    redis: Option<&TestRedis>,
+    op_timeout: &str,
+) -> TestProxy {
     let rest = match redis {
-        Some(r) => format!("{rest}\n{}", redis_table(&r.url())),
+        Some(r) => format!("{rest}\n{}", redis_table(&r.url(), op_timeout)),
         None => rest.to_string(),
     };
     let proxy = TestProxy::start(&config_full(upstream.addr, server, "", &rest)).await;
@@ -180,7 +204,8 @@ async fn the_script_keeps_one_hash_per_bucket_expiring_when_full_again() {
 /// `n` proxy processes on one `upstream` and one `redis`, with `rate_limit` on `/gen/*`, each
 /// ready.
 async fn replicas(n: usize, upstream: &TestUpstream, redis: &TestRedis, rate_limit: &str) -> Vec<BinaryProxy> {
-    let toml = config_full(upstream.addr, "", "", &format!("{}\n{}", limited(rate_limit), redis_table(&redis.url())));
+    let toml =
+        config_full(upstream.addr, "", "", &format!("{}\n{}", limited(rate_limit), redis_table(&redis.url(), PATIENT)));
     let proxies: Vec<_> = (0..n).map(|_| BinaryProxy::spawn(&toml)).collect();
     for p in &proxies {
         until_redis_ready(&format!("http://{}", p.admin)).await;
@@ -211,15 +236,16 @@ async fn two_proxy_processes_sharing_redis_admit_exactly_burst() {
     assert_eq!(upstream.requests(), BURST);
 }
 
-/// Keep-alive GETs on `url` by each of `clients` until `until`; how many were allowed.
-async fn load(url: String, clients: usize, until: Instant) -> usize {
+/// Keep-alive GETs on `url` by each of `clients` until `until`: how many were allowed, of how many.
+async fn load(url: String, clients: usize, until: Instant) -> (usize, usize) {
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let url = url.clone();
             tokio::spawn(async move {
                 let client = client();
-                let mut ok = 0;
+                let (mut ok, mut sent) = (0, 0);
                 while Instant::now() < until {
+                    sent += 1;
                     let req = http::Request::get(&url).body(full(Bytes::new())).unwrap();
                     let resp = client.request(req).await.expect("request");
                     match resp.status() {
@@ -229,15 +255,16 @@ async fn load(url: String, clients: usize, until: Instant) -> usize {
                     }
                     http_body_util::BodyExt::collect(resp.into_body()).await.expect("body");
                 }
-                ok
+                (ok, sent)
             })
         })
         .collect();
-    let mut ok = 0;
+    let (mut ok, mut sent) = (0, 0);
     for t in tasks {
-        ok += t.await.unwrap();
+        let (o, s) = t.await.unwrap();
+        (ok, sent) = (ok + o, sent + s);
     }
-    ok
+    (ok, sent)
 }
 
 #[tokio::test]
@@ -251,9 +278,10 @@ async fn three_proxy_processes_with_leases_never_admit_more_than_the_bucket_allo
     let started = Instant::now();
     let until = started + Duration::from_secs(2);
     let loads: Vec<_> = proxies.iter().map(|p| tokio::spawn(load(p.url("/gen/a"), 12, until))).collect();
-    let mut admitted = 0;
+    let (mut admitted, mut sent) = (0, 0);
     for l in loads {
-        admitted += l.await.unwrap();
+        let (ok, all) = l.await.unwrap();
+        (admitted, sent) = (admitted + ok, sent + all);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let allowed = BURST + RATE * elapsed;
@@ -269,8 +297,15 @@ async fn three_proxy_processes_with_leases_never_admit_more_than_the_bucket_allo
     }
     assert_eq!(leased + single, admitted as f64);
     // The full bucket goes largely by leases (about 1,000 on an idle machine, 400 on a busy
-    // one), the drained one by single tokens.
-    assert!(leased >= BURST / 10.0, "{leased} of {admitted} admitted by leases");
+    // one), the drained one by single tokens. A lease answers demand (16 requests within 50 ms
+    // at one proxy): a machine too busy to send that many sees none, rightly.
+    let per_proxy = sent as f64 / 3.0 / elapsed;
+    if per_proxy >= 2.0 * 16.0 / 0.050 {
+        assert!(
+            leased >= BURST / 10.0,
+            "{leased} of {admitted} admitted by leases, {per_proxy:.0} requests/s per proxy"
+        );
+    }
 }
 
 #[tokio::test]
@@ -446,7 +481,7 @@ const FAST: Duration = Duration::from_millis(250);
 async fn redis_killed_fails_open_then_exact_limits_resume() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
-    let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h""#), Some(&redis)).await;
+    let proxy = start_brisk(&upstream, &limited(r#"burst = 3, rate = "1/1h""#), &redis).await;
     // Emptied, but not yet refused (a refusal is remembered: see the test above).
     assert_eq!(count(&proxy.url("/gen/a"), &[], 3).await, (3, 0));
 
@@ -467,7 +502,7 @@ async fn redis_killed_fails_open_then_exact_limits_resume() {
 async fn redis_hung_fails_open_within_the_budget_then_resumes() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
-    let proxy = start(&upstream, "", &limited(r#"burst = 3, rate = "1/1h""#), Some(&redis)).await;
+    let proxy = start_brisk(&upstream, &limited(r#"burst = 3, rate = "1/1h""#), &redis).await;
     // Emptied, but not yet refused (a refusal is remembered: see the test above).
     assert_eq!(count(&proxy.url("/gen/a"), &[], 3).await, (3, 0));
 
@@ -487,7 +522,7 @@ async fn local_fallback_limits_in_process_while_redis_is_down() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
     let rl = r#"burst = 3, rate = "1/1h", on_redis_error = "local""#;
-    let proxy = start(&upstream, "", &limited(rl), Some(&redis)).await;
+    let proxy = start_brisk(&upstream, &limited(rl), &redis).await;
     assert_eq!(count(&proxy.url("/gen/a"), &[], 1).await, (1, 0));
 
     redis.kill();
@@ -577,7 +612,7 @@ async fn a_route_that_fails_closed_answers_503_while_redis_is_down() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;
     let rl = r#"burst = 100, rate = "100/1m", on_redis_error = "deny""#;
-    let proxy = start(&upstream, "", &limited(rl), Some(&redis)).await;
+    let proxy = start_brisk(&upstream, &limited(rl), &redis).await;
     assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::OK, "Redis alive: decided by Redis");
 
     redis.kill();

@@ -2,19 +2,18 @@
 //! upgrades, and the time budgets, with failures typed as [`UpstreamError`].
 
 pub mod headers;
+mod pool;
 
 use std::error::Error as StdError;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::{Body as _, Incoming};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
@@ -24,26 +23,32 @@ use crate::config::UpstreamConfig;
 use crate::metrics::UpstreamErrorKind;
 use crate::telemetry;
 use crate::tls::{self, TlsError};
+pub use pool::Affinity;
+use pool::{BoxError, Failure, Pool};
+
+/// An idle upstream connection is closed after this (backends commonly close theirs after a
+/// minute or more; closing first avoids sending on a connection the backend is closing).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The TCP connection could not be made.
+    /// The TCP connection (or its TLS handshake) could not be made.
     #[error("upstream connect failed")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] BoxError),
     /// The TCP connect ran out of `connect_timeout`.
     #[error("upstream connect timed out")]
-    ConnectTimeout(#[source] hyper_util::client::legacy::Error),
+    ConnectTimeout(#[source] BoxError),
     /// No response head within `response_timeout`.
     #[error("upstream response timed out")]
     Timeout,
     /// The backend broke the exchange.
     #[error("upstream closed or broke the connection")]
-    Protocol(#[source] hyper_util::client::legacy::Error),
+    Protocol(#[source] hyper::Error),
     /// The client's request body failed (a malformed chunk, the client gone): the client's
     /// error, not the backend's.
     #[error("the client's request body failed")]
-    ClientBody(#[source] hyper_util::client::legacy::Error),
+    ClientBody(#[source] hyper::Error),
     /// `response_timeout` ran out while the client was still sending its body.
     #[error("the client's request body was not complete in time")]
     ClientTimeout,
@@ -61,34 +66,36 @@ impl UpstreamError {
         }
     }
 
-    fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-        if !e.is_connect() {
+    fn classify(failure: Failure) -> UpstreamError {
+        match failure {
             // hyper reports a failure of the request body as a user error caused by the body's
             // own error, which for a client's streamed body is the server side's hyper::Error.
-            let sent = e.source().and_then(|s| s.downcast_ref::<hyper::Error>());
-            if sent.is_some_and(|h| h.is_user() && h.source().is_some_and(|c| c.is::<hyper::Error>())) {
-                return Self::ClientBody(e);
+            Failure::Exchange(e) if e.is_user() && e.source().is_some_and(|c| c.is::<hyper::Error>()) => {
+                Self::ClientBody(e)
             }
-            return Self::Protocol(e);
-        }
-        // HttpConnector reports its connect timeout as an io::Error of kind TimedOut.
-        let mut source: Option<&(dyn StdError + 'static)> = e.source();
-        while let Some(s) = source {
-            if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-                return Self::ConnectTimeout(e);
+            Failure::Exchange(e) => Self::Protocol(e),
+            Failure::Connect(e) => {
+                // HttpConnector reports its connect timeout as an io::Error of kind TimedOut.
+                let mut source: Option<&(dyn StdError + 'static)> = Some(e.as_ref());
+                while let Some(s) = source {
+                    if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+                        return Self::ConnectTimeout(e);
+                    }
+                    source = s.source();
+                }
+                Self::Connect(e)
             }
-            source = s.source();
         }
-        Self::Connect(e)
     }
 }
 
-/// The backend client. Cloning it shares the pool.
+/// The backend client: one per worker, its clones share the worker's connections.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
-    scheme: Scheme,
+    pool: Arc<Pool>,
     authority: Authority,
+    /// `Host` for a request that has none (an HTTP/1.0 client's): the backend's.
+    host: HeaderValue,
     response_timeout: Duration,
 }
 
@@ -102,36 +109,51 @@ pub struct Forwarded {
 }
 
 impl Upstream {
-    /// Build the pooled client for the configured backend (TLS when the URL is `https://`).
+    /// Build a worker's client for the configured backend (TLS when the URL is `https://`).
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, TlsError> {
         let connector = tls::https_connector("upstream.ca_file", config.ca_file.as_deref(), config.connect_timeout)?;
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // hyper drops a pooled connection once the backend closes it; a close that races a
-            // reuse is retried by hyper when the request was not sent yet.
-            .pool_idle_timeout(Duration::from_secs(50))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let authority = config.url.authority().cloned().expect("validated upstream URL has a host");
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority make a URI");
+        // The port only when it is not the scheme's (RFC 9110 7.2), as clients write it.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => authority.as_str(),
+            _ => authority.host(),
+        };
+        let host = HeaderValue::from_str(host).expect("an authority is a valid header value");
         Ok(Upstream {
-            client,
-            scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: config.url.authority().cloned().expect("validated upstream URL has a host"),
+            pool: Arc::new(Pool::new(connector, target, IDLE_TIMEOUT)),
+            authority,
+            host,
             response_timeout: config.response_timeout,
         })
     }
 
-    /// Point a request prepared by [`prepare`] at the backend and send it. The response head must
+    /// Send a request prepared by [`Hop::prepare`] to the backend, on `affinity`'s connection
+    /// when it is ready (the client connection's, see [`Affinity`]). The response head must
     /// arrive within `response_timeout`; the body then streams without a total deadline (a
     /// download may legitimately take long). Dropping the returned future cancels the exchange.
-    pub async fn forward(&self, mut req: Request<Body>) -> Result<Forwarded, UpstreamError> {
-        let path_and_query = req.uri().path_and_query().cloned();
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = path_and_query.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+    pub async fn forward(
+        &self,
+        mut req: Request<Body>,
+        affinity: Option<&Affinity>,
+    ) -> Result<Forwarded, UpstreamError> {
+        // Origin form (RFC 9112 3.2.1): the backend is no proxy.
+        let target = match req.uri().path_and_query() {
+            Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
+            _ => Uri::default(),
+        };
+        *req.uri_mut() = target;
         *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.host.clone());
+        }
 
         // The exchange to its response head, a child of the request's span; with traces on, the
         // backend gets its trace context (the request was prepared, and keyed, before).
@@ -156,8 +178,9 @@ impl Upstream {
             _ => None,
         };
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.response_timeout, self.client.request(req)).instrument(span.clone()).await;
+        let result = tokio::time::timeout(self.response_timeout, self.pool.send(req, affinity, started))
+            .instrument(span.clone())
+            .await;
         let elapsed = started.elapsed();
         let forwarded = match result {
             Err(_) if body_ended.is_some_and(|ended| !ended.load(Ordering::Relaxed)) => {
