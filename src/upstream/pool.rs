@@ -193,7 +193,9 @@ impl Pool {
     /// timeout is the connector's.
     async fn connect(&self) -> Result<SendRequest<Body>, Failure> {
         let io = self.connector.clone().call(self.target.clone()).await.map_err(Failure::Connect)?;
-        let (sender, connection) = http1::handshake(io).await.map_err(Failure::Exchange)?;
+        // One flat buffer per write, as on the server side (see `server::http_builder`).
+        let handshake = http1::Builder::new().writev(false).handshake(io);
+        let (sender, connection) = handshake.await.map_err(Failure::Exchange)?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
