@@ -6,6 +6,9 @@
 #   breaker open  sidecache pass-through route | sidecache cached route with Redis paused (SIGSTOP)
 #   rate limit    sidecache pass-through | sidecache rate-limited route (Redis, every request
 #                 allowed) | nginx limit_req allowing every request
+#   Redis hang    16 connections on a cached and rate-limited route over 500 keys: healthy, then
+#                 the first 6 s after its Redis is stopped (SIGSTOP), then the next 6 s (p50, p99,
+#                 slowest request; medians of rounds)
 #   coherence     a purge through one sidecache until another sharing its Redis answers a MISS
 #                 (benches/coherence.py: p50, p99, max over many trials)
 #   sealed        sidecache cache hits with entries sealed in Redis ([cache] encryption_key_env) or
@@ -15,7 +18,7 @@
 # run in interleaved rounds and each figure is the median, so a noisy neighbour cannot favour one.
 #
 # Usage: benches/bench.sh [seconds per measurement, default 5] [connections, default 64] [rounds, default 3]
-#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit sealed coherence).
+#   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit sealed hang coherence).
 #   BENCH_BASELINE=path/to/an/older/sidecache also runs that binary, same configuration, in the
 #   pass-through and cache-hit rounds (before/after a change in one run).
 # Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
@@ -26,7 +29,7 @@ DURATION=${1:-5}
 CONNECTIONS=${2:-64}
 ROUNDS=${3:-3}
 THREADS=2
-ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit sealed coherence}
+ONLY=${BENCH_ONLY:-passthrough cache slow breaker ratelimit sealed hang coherence}
 BASELINE=${BENCH_BASELINE:-}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
@@ -237,6 +240,51 @@ if want coherence; then
   fi
 fi
 
+if want hang; then
+  # A sidecache of its own on a Redis of its own, which this stops and resumes.
+  HRP=$(free_port); HSC=$(free_port); HSCA=$(free_port)
+  redis-server --port "$HRP" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --logfile "$WORK/hang-redis.log" &
+  HANG_REDIS=$!
+  PIDS+=($HANG_REDIS)
+  cat >"$WORK/hang.toml" <<TOML
+[server]
+listen = "127.0.0.1:$HSC"
+[admin]
+listen = "127.0.0.1:$HSCA"
+[upstream]
+url = "http://127.0.0.1:$UP"
+[redis]
+url = "redis://127.0.0.1:$HRP/0"
+[log]
+level = "warn"
+[[route]]
+name = "both"
+path = "/both/*"
+cache = { ttl = "60s" }
+rate_limit = { burst = 1000000000, rate = "1000000000/1s" }
+TOML
+  "$BIN" --config "$WORK/hang.toml" >"$WORK/hang.log" 2>&1 &
+  PIDS+=($!)
+  hang_up() { for _ in $(seq 1 200); do curl -fsS "http://127.0.0.1:$HSCA/status" 2>/dev/null | grep -q '"state":"up"' && ! curl -fsS "http://127.0.0.1:$HSCA/status" | grep -q '"state":"down\|"state":"probing' && break; sleep 0.05; done; }
+  # hang_run NAME -> appends "NAME p50 p99 max" to hang-results
+  hang_run() {
+    local out
+    out=$(wrk -t2 -c16 -d6s --latency -s benches/cycle-paths.lua "http://127.0.0.1:$HSC/both/" -- /both/ 500)
+    printf '%s %s %s %s\n' "$1" "$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")" \
+      "$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")" "$(to_ms "$(awk '$1=="Latency" {print $4}' <<<"$out")")" >>"$WORK/hang-results"
+    awk '/Non-2xx|Socket errors/' <<<"$out"
+  }
+  for _ in $(seq 1 "$ROUNDS"); do
+    hang_up
+    wrk -t2 -c16 -d2s -s benches/cycle-paths.lua "http://127.0.0.1:$HSC/both/" -- /both/ 500 >/dev/null
+    hang_run healthy
+    kill -STOP "$HANG_REDIS"
+    hang_run paused-first-6s
+    hang_run paused-next-6s
+    kill -CONT "$HANG_REDIS"
+  done
+fi
+
 if want breaker; then
   kill -STOP "$REDIS_PID"
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$SCA/status" | grep -q '"state":"up"' || break; curl -fsS -o /dev/null "http://127.0.0.1:$SC/cached/b"; done
@@ -278,5 +326,11 @@ if want coherence; then
 fi
 want slow && echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
 want sealed && echo "sealed        with the hot tier sealed/plain: throughput $(ratio sealed-hot plain-hot 2), p99 $(ratio sealed-hot plain-hot 4); every hit from Redis sealed/plain: throughput $(ratio sealed-redis plain-redis 2), p99 $(ratio sealed-redis plain-redis 4)"
+if want hang; then
+  hang_median() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/hang-results" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  for phase in healthy paused-first-6s paused-next-6s; do
+    printf 'Redis hang    %-16s p50 %7.3f ms  p99 %7.3f ms  slowest %8.3f ms\n' "$phase" "$(hang_median $phase 2)" "$(hang_median $phase 3)" "$(hang_median $phase 4)"
+  done
+fi
 want breaker && echo "breaker open  cached route - pass-through: p50 $(diff_ms redis-paused-cached-route redis-paused-passthrough 3) ms, p99 $(diff_ms redis-paused-cached-route redis-paused-passthrough 4) ms"
 printf 'sidecache RSS: idle %.1f MiB, peak under load %.1f MiB\n' "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$LOAD_RSS/1024" | bc -l)"

@@ -212,7 +212,7 @@ struct OpMetrics {
     errors: [Counter; StoreError::KINDS.len()],
 }
 
-struct Inner {
+pub(super) struct Inner {
     pool: Pool,
     target: RedisTarget,
     role: Role,
@@ -335,6 +335,10 @@ impl RedisStore {
         tasks.push(tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone())));
         tasks.push(tokio::spawn(refresh_topology(Arc::downgrade(&inner))));
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        let mut stores = target.stores.lock().unwrap_or_else(|p| p.into_inner());
+        stores.retain(|store| store.strong_count() > 0);
+        stores.push(Arc::downgrade(&inner));
+        drop(stores);
         Ok(RedisStore { inner })
     }
 
@@ -584,10 +588,30 @@ impl Inner {
     fn failure(&self) {
         if self.breaker.failure() {
             // The one transition to down: log once, tell the prober.
-            self.up.set(0.0);
+            self.opened_down();
             tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
-            self.opened.notify_one();
+            // The other client of the same Redis bypasses it now too, rather than after its own
+            // requests have each waited a budget to learn the same (a cached route's hits come
+            // from process memory until the invalidation link notices, and then every request in
+            // flight would meet the budget a second time). Its own prober closes its breaker.
+            let stores = self.target.stores.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for other in stores.iter().filter_map(std::sync::Weak::upgrade) {
+                if !std::ptr::eq(Arc::as_ptr(&other), self) && other.breaker.trip() {
+                    other.opened_down();
+                    tracing::warn!(
+                        client = other.role.as_str(),
+                        by = self.role.as_str(),
+                        cooldown = ?other.cooldown,
+                        "redis lost (found by the other client): bypassing it until a probe succeeds"
+                    );
+                }
+            }
         }
+    }
+
+    fn opened_down(&self) {
+        self.up.set(0.0);
+        self.opened.notify_one();
     }
 }
 
