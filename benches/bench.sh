@@ -5,7 +5,9 @@
 #   slow upstream (20 ms)  direct | through sidecache's cache
 #   breaker open  sidecache pass-through route | sidecache cached route with Redis paused (SIGSTOP)
 #   rate limit    sidecache pass-through | sidecache rate-limited route (Redis, every request
-#                 allowed) | nginx limit_req allowing every request
+#                 allowed) | nginx limit_req allowing every request; then Redis scripts per
+#                 allowed request on one bucket at a paced 1k and 10k req/s and flat out, and
+#                 on many buckets (benches/paced.lua)
 #   Redis hang    16 connections on a cached and rate-limited route over 500 keys: healthy, then
 #                 the first 6 s after its Redis is stopped (SIGSTOP), then the next 6 s (p50, p99,
 #                 slowest request; medians of rounds)
@@ -36,8 +38,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=benches/common.sh
 . benches/common.sh
 
-for tool in wrk nginx redis-server bc; do
-  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install wrk nginx-light redis-server bc)" >&2; exit 1; }
+for tool in wrk nginx redis-server redis-cli bc; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install wrk nginx-light redis-server redis-tools bc)" >&2; exit 1; }
 done
 cargo build --release --quiet --bin sidecache --example bench-upstream
 BIN=target/release/sidecache
@@ -102,6 +104,10 @@ cache = { ttl = "60s" }
 name = "limited"
 path = "/limited/*"
 rate_limit = { burst = 1000000000, rate = "1000000000/1s" }
+[[route]]
+name = "perclient"
+path = "/perclient/*"
+rate_limit = { burst = 1000000000, rate = "1000000000/1s", key = "header:x-client" }
 TOML
 "$BIN" --config "$WORK/proxy.toml" >"$WORK/sidecache.log" 2>&1 &
 SC_PID=$!
@@ -240,6 +246,27 @@ if want coherence; then
   fi
 fi
 
+# Redis commands per allowed request on a rate-limited route: one bucket at a paced 1k and 10k
+# req/s and as fast as wrk goes, then many buckets (a header value per request out of 100,000).
+if want ratelimit; then
+  # rl_cost NAME PATH CONNECTIONS DELAY_MS [HEADER COUNT] -> "NAME req/s scripts-per-allowed-request"
+  rl_cost() {
+    local route=${2#/} before after allowed0 allowed1 out
+    route=${route%%/*}
+    evalsha() { redis-cli -p "$RP" info commandstats | awk -F'[:=,]' '/^cmdstat_(evalsha|eval):/ {n += $3} END {print n + 0}'; }
+    allowed() { curl -fsS "http://127.0.0.1:$SCA/metrics" | awk -v r="route=\"$route\"" 'index($0, "sidecache_ratelimit_checks_total{") == 1 && index($0, r) && /result="allowed"/ {n += $2} END {print n + 0}'; }
+    before=$(evalsha); allowed0=$(allowed)
+    out=$(wrk -t2 -c"$3" -d"${DURATION}s" -s benches/paced.lua "http://127.0.0.1:$SC$2" -- "$4" ${5:-} ${6:-})
+    after=$(evalsha); allowed1=$(allowed)
+    printf '%s %s %s\n' "$1" "$(awk '/^Requests\/sec/ {printf "%.0f", $2}' <<<"$out")" \
+      "$(awk -v c=$((after - before)) -v a=$((allowed1 - allowed0)) 'BEGIN { printf "%.4f", a ? c / a : 0 }')" >>"$WORK/rl-cost"
+  }
+  rl_cost one-bucket-1k /limited/a 10 10
+  rl_cost one-bucket-10k /limited/a 24 1
+  rl_cost one-bucket-max /limited/a 32 0
+  rl_cost per-client-max /perclient/a 32 0 X-Client 100000
+fi
+
 if want hang; then
   # A sidecache of its own on a Redis of its own, which this stops and resumes.
   HRP=$(free_port); HSC=$(free_port); HSCA=$(free_port)
@@ -326,6 +353,11 @@ if want coherence; then
 fi
 want slow && echo "20 ms upstream  through the cache/direct: throughput $(ratio slow-sidecache-hits slow-direct 2), p50 $(ratio slow-sidecache-hits slow-direct 3)"
 want sealed && echo "sealed        with the hot tier sealed/plain: throughput $(ratio sealed-hot plain-hot 2), p99 $(ratio sealed-hot plain-hot 4); every hit from Redis sealed/plain: throughput $(ratio sealed-redis plain-redis 2), p99 $(ratio sealed-redis plain-redis 4)"
+if want ratelimit; then
+  while read -r name rps per; do
+    printf 'rate limit    %-16s %7s req/s  Redis scripts per allowed request %s\n' "$name" "$rps" "$per"
+  done <"$WORK/rl-cost"
+fi
 if want hang; then
   hang_median() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/hang-results" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   for phase in healthy paused-first-6s paused-next-6s; do
