@@ -216,7 +216,7 @@ async fn hung_redis_opens_the_breaker_then_costs_nothing_and_recovers_on_resume(
 }
 
 #[tokio::test]
-async fn a_client_that_finds_redis_hung_opens_the_breaker_of_the_other_client_of_that_redis() {
+async fn a_limiter_that_finds_redis_hung_opens_the_cache_breaker_of_that_redis_but_not_the_reverse() {
     let mut redis = TestRedis::start();
     let metrics = Metrics::new();
     let target = RedisTarget::new(&redis_config(&redis.url())).unwrap();
@@ -253,6 +253,15 @@ async fn a_client_that_finds_redis_hung_opens_the_breaker_of_the_other_client_of
     until_usable(&cache, Duration::from_secs(5)).await;
     until_usable(&limiter, Duration::from_secs(5)).await;
     assert_eq!((cache.state(), limiter.state()), (BreakerState::Up, BreakerState::Up));
+
+    // The cache finding it hung leaves the limiter to decide for itself (off Redis it fails
+    // open or closed; only its own failures may cause that).
+    redis.pause();
+    for _ in 0..3 {
+        assert!(matches!(cache.get("k").await, Err(StoreError::Timeout)));
+    }
+    assert_eq!((cache.state(), limiter.state()), (BreakerState::Down, BreakerState::Up));
+    redis.resume();
 }
 
 #[tokio::test]

@@ -590,20 +590,23 @@ impl Inner {
             // The one transition to down: log once, tell the prober.
             self.opened_down();
             tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
-            // The other client of the same Redis bypasses it now too, rather than after its own
-            // requests have each waited a budget to learn the same (a cached route's hits come
-            // from process memory until the invalidation link notices, and then every request in
-            // flight would meet the budget a second time). Its own prober closes its breaker.
-            let stores = self.target.stores.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            for other in stores.iter().filter_map(std::sync::Weak::upgrade) {
-                if !std::ptr::eq(Arc::as_ptr(&other), self) && other.breaker.trip() {
-                    other.opened_down();
-                    tracing::warn!(
-                        client = other.role.as_str(),
-                        by = self.role.as_str(),
-                        cooldown = ?other.cooldown,
-                        "redis lost (found by the other client): bypassing it until a probe succeeds"
-                    );
+            // The cache bypasses Redis now too when the limiter found it unreachable, rather than
+            // after its own requests have each waited a budget to learn the same (a cached
+            // route's hits come from process memory until the invalidation link notices, and
+            // then every request in flight would meet the budget a second time). Not the
+            // reverse: a limiter off Redis fails open (or closed), which its own failures must
+            // decide; a cache off Redis only forwards. Its own prober closes its breaker.
+            if self.role == Role::RateLimit {
+                let stores = self.target.stores.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for cache in stores.iter().filter_map(std::sync::Weak::upgrade).filter(|s| s.role == Role::Cache) {
+                    if cache.breaker.trip() {
+                        cache.opened_down();
+                        tracing::warn!(
+                            client = cache.role.as_str(),
+                            cooldown = ?cache.cooldown,
+                            "redis lost (found by the rate limiter): bypassing it until a probe succeeds"
+                        );
+                    }
                 }
             }
         }
