@@ -439,3 +439,19 @@ async fn connect_is_refused_not_forwarded() {
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
     assert_eq!(upstream.requests(), 0);
 }
+
+#[tokio::test]
+async fn an_http10_request_without_host_reaches_the_backend_in_origin_form_with_the_backends_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestUpstream::spawn().await;
+    let proxy = TestProxy::start(&config_text(upstream.addr, "")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /gen/old?q=1 HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = upstream.seen("/gen/old?q=1");
+    assert_eq!(seen.len(), 1, "the backend saw the target in origin form");
+    assert_eq!(seen[0].get_all("host").iter().collect::<Vec<_>>(), [&upstream.addr.to_string()]);
+}

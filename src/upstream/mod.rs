@@ -123,10 +123,10 @@ impl Upstream {
         // The port only when it is not the scheme's (RFC 9110 7.2), as clients write it.
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
         let host = match authority.port_u16() {
-            Some(port) if port != default_port => authority.as_str(),
-            _ => authority.host(),
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_string(),
         };
-        let host = HeaderValue::from_str(host).expect("an authority is a valid header value");
+        let host = HeaderValue::try_from(host).expect("a URI's host is a valid header value");
         Ok(Upstream {
             pool: Arc::new(Pool::new(connector, target, IDLE_TIMEOUT)),
             authority,
