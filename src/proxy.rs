@@ -25,7 +25,7 @@ use crate::respond;
 use crate::route::{self, Route, Routes};
 use crate::telemetry;
 use crate::tls::TlsError;
-use crate::upstream::{self, headers, Affinity, Hop, Upstream};
+use crate::upstream::{self, headers, Hop, Upstream};
 
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -38,21 +38,13 @@ pub struct Conn {
     pub tls: bool,
     /// Whether requests are in progress on the connection (its deadlines wait while they are).
     pub activity: Arc<Activity>,
-    /// The upstream connection this connection's requests used last.
-    pub upstream: Arc<Affinity>,
 }
 
 impl Conn {
     /// Describe a newly accepted connection, which holds `permit` (its place in the listener's
     /// connection budget) for as long as it or its upgraded tunnel lives.
     pub fn new(peer: SocketAddr, tls: bool, permit: OwnedSemaphorePermit) -> Conn {
-        Conn {
-            peer,
-            peer_value: headers::peer_value(peer.ip()),
-            tls,
-            activity: Arc::new(Activity::new(permit)),
-            upstream: Arc::default(),
-        }
+        Conn { peer, peer_value: headers::peer_value(peer.ip()), tls, activity: Arc::new(Activity::new(permit)) }
     }
 }
 
@@ -256,12 +248,9 @@ impl Proxy {
         let req = req.map(Streamed::body);
         match exchange {
             Some(exchange) if exchange.leads() => {
-                let (upstream, metrics, affinity) =
-                    (self.upstream.clone(), self.metrics.clone(), conn.upstream.clone());
-                let fetch = async move {
-                    let forwarded = forward(&upstream, &metrics, req, Some(&affinity)).await;
-                    conclude(Some(exchange), forwarded, false).await
-                };
+                let (upstream, metrics) = (self.upstream.clone(), self.metrics.clone());
+                let fetch =
+                    async move { conclude(Some(exchange), forward(&upstream, &metrics, req).await, false).await };
                 match tokio::spawn(fetch.in_current_span()).await {
                     Ok(response) => response,
                     Err(e) => {
@@ -271,7 +260,7 @@ impl Proxy {
                 }
             }
             exchange => {
-                let mut forwarded = forward(&self.upstream, &self.metrics, req, Some(&conn.upstream)).await;
+                let mut forwarded = forward(&self.upstream, &self.metrics, req).await;
                 let tunnelled = match (client_upgrade, &mut forwarded) {
                     (Some(client_upgrade), Ok(response)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                         let upstream_upgrade = hyper::upgrade::on(response);
@@ -365,9 +354,8 @@ async fn forward(
     upstream: &Upstream,
     metrics: &Metrics,
     req: Request<Body>,
-    affinity: Option<&Affinity>,
 ) -> Result<Response<Incoming>, Response<Body>> {
-    match upstream.forward(req, affinity).await {
+    match upstream.forward(req).await {
         Ok(forwarded) => {
             metrics.upstream(forwarded.elapsed);
             Ok(forwarded.response)

@@ -216,55 +216,6 @@ async fn hung_redis_opens_the_breaker_then_costs_nothing_and_recovers_on_resume(
 }
 
 #[tokio::test]
-async fn a_limiter_that_finds_redis_hung_opens_the_cache_breaker_of_that_redis_but_not_the_reverse() {
-    let mut redis = TestRedis::start();
-    let metrics = Metrics::new();
-    let target = RedisTarget::new(&redis_config(&redis.url())).unwrap();
-    let limiter = RedisStore::start(&target, Role::RateLimit, &metrics.registrar()).unwrap();
-    let cache = RedisStore::start(&target, Role::Cache, &metrics.registrar()).unwrap();
-    // Another target naming the same server is another deployment's business: left alone.
-    let elsewhere = RedisStore::start(
-        &RedisTarget::new(&redis_config(&redis.url())).unwrap(),
-        Role::Cache,
-        &Metrics::new().registrar(),
-    )
-    .unwrap();
-    for store in [&limiter, &cache, &elsewhere] {
-        until_usable(store, Duration::from_secs(5)).await;
-    }
-
-    redis.pause();
-    for _ in 0..3 {
-        assert!(matches!(limiter.get("k").await, Err(StoreError::Timeout)));
-    }
-    assert_eq!(limiter.state(), BreakerState::Down);
-    // The cache never waited a budget of its own to learn it.
-    assert_eq!(cache.state(), BreakerState::Down);
-    let started = Instant::now();
-    assert!(matches!(cache.get("k").await, Err(StoreError::BreakerOpen)));
-    assert!(started.elapsed() < BUDGET, "{:?}", started.elapsed());
-    assert_eq!(elsewhere.state(), BreakerState::Up);
-    let text = metrics.render();
-    assert_eq!(metric(&text, r#"sidecache_redis_up{client="cache"}"#), Some(0.0), "{text}");
-    assert_eq!(metric(&text, r#"sidecache_redis_errors_total{client="cache",op="get",kind="timeout"}"#), Some(0.0));
-
-    // Each prober closes its own breaker once Redis answers again.
-    redis.resume();
-    until_usable(&cache, Duration::from_secs(5)).await;
-    until_usable(&limiter, Duration::from_secs(5)).await;
-    assert_eq!((cache.state(), limiter.state()), (BreakerState::Up, BreakerState::Up));
-
-    // The cache finding it hung leaves the limiter to decide for itself (off Redis it fails
-    // open or closed; only its own failures may cause that).
-    redis.pause();
-    for _ in 0..3 {
-        assert!(matches!(cache.get("k").await, Err(StoreError::Timeout)));
-    }
-    assert_eq!((cache.state(), limiter.state()), (BreakerState::Down, BreakerState::Up));
-    redis.resume();
-}
-
-#[tokio::test]
 async fn full_redis_fails_writes_but_keeps_serving_reads() {
     let redis = TestRedis::start();
     let (store, _metrics) = start_store(&redis.url());

@@ -233,7 +233,7 @@ impl Cache {
         exchange.prepare(refresh.headers_mut());
         let upstream = upstream.clone();
         let task = async move {
-            match upstream.forward(refresh, None).await {
+            match upstream.forward(refresh).await {
                 // Read to its end (a stored body is read whole before the answer): then dropped.
                 Ok(forwarded) => drop(exchange.respond(forwarded.response).await),
                 Err(e) => tracing::debug!(error = %e, "background refresh failed; the stale entry stays"),

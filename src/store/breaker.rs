@@ -82,14 +82,6 @@ impl Breaker {
                 .is_ok()
     }
 
-    /// Open it without a failure of its own (another client of the same Redis found it
-    /// unreachable). Returns `true` when that opened it.
-    pub fn trip(&self) -> bool {
-        self.state
-            .compare_exchange(BreakerState::Up as u8, BreakerState::Down as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
     /// The prober starts a probe; `false` when the breaker is not `Down`.
     pub fn begin_probe(&self) -> bool {
         self.state
@@ -149,18 +141,5 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Up);
         assert!(b.allows());
         assert!(b.failure(), "the failure run was cleared by the probe, threshold 1 opens again");
-    }
-
-    #[test]
-    fn a_trip_opens_it_once_and_only_the_prober_closes_it() {
-        let b = Breaker::new(3);
-        assert!(b.trip());
-        assert!(!b.allows());
-        assert!(!b.trip(), "already open");
-        assert!(!b.failure(), "a failure does not report a second opening");
-        assert!(b.begin_probe());
-        assert!(!b.trip(), "a probe in progress is left to finish");
-        b.end_probe(true);
-        assert!(b.allows());
     }
 }

@@ -212,7 +212,7 @@ struct OpMetrics {
     errors: [Counter; StoreError::KINDS.len()],
 }
 
-pub(super) struct Inner {
+struct Inner {
     pool: Pool,
     target: RedisTarget,
     role: Role,
@@ -335,10 +335,6 @@ impl RedisStore {
         tasks.push(tokio::spawn(probe(Arc::downgrade(&inner), inner.opened.clone())));
         tasks.push(tokio::spawn(refresh_topology(Arc::downgrade(&inner))));
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
-        let mut stores = target.stores.lock().unwrap_or_else(|p| p.into_inner());
-        stores.retain(|store| store.strong_count() > 0);
-        stores.push(Arc::downgrade(&inner));
-        drop(stores);
         Ok(RedisStore { inner })
     }
 
@@ -588,33 +584,10 @@ impl Inner {
     fn failure(&self) {
         if self.breaker.failure() {
             // The one transition to down: log once, tell the prober.
-            self.opened_down();
+            self.up.set(0.0);
             tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
-            // The cache bypasses Redis now too when the limiter found it unreachable, rather than
-            // after its own requests have each waited a budget to learn the same (a cached
-            // route's hits come from process memory until the invalidation link notices, and
-            // then every request in flight would meet the budget a second time). Not the
-            // reverse: a limiter off Redis fails open (or closed), which its own failures must
-            // decide; a cache off Redis only forwards. Its own prober closes its breaker.
-            if self.role == Role::RateLimit {
-                let stores = self.target.stores.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                for cache in stores.iter().filter_map(std::sync::Weak::upgrade).filter(|s| s.role == Role::Cache) {
-                    if cache.breaker.trip() {
-                        cache.opened_down();
-                        tracing::warn!(
-                            client = cache.role.as_str(),
-                            cooldown = ?cache.cooldown,
-                            "redis lost (found by the rate limiter): bypassing it until a probe succeeds"
-                        );
-                    }
-                }
-            }
+            self.opened.notify_one();
         }
-    }
-
-    fn opened_down(&self) {
-        self.up.set(0.0);
-        self.opened.notify_one();
     }
 }
 

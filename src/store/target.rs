@@ -36,9 +36,6 @@ pub struct RedisTarget {
     pub(super) config: RedisConfig,
     /// The TLS client settings fred uses, for the invalidation links.
     pub(super) tls: Option<Arc<rustls::ClientConfig>>,
-    /// The stores built on this target (the cache's, the limiter's): one that finds Redis
-    /// unreachable opens the others' breakers too.
-    pub(super) stores: Arc<std::sync::Mutex<Vec<std::sync::Weak<super::redis::Inner>>>>,
 }
 
 impl RedisTarget {
@@ -84,7 +81,7 @@ impl RedisTarget {
             fail_fast: false,
             ..FredConfig::default()
         };
-        Ok(RedisTarget { fred, config: config.clone(), tls: client.map(Arc::new), stores: Arc::default() })
+        Ok(RedisTarget { fred, config: config.clone(), tls: client.map(Arc::new) })
     }
 
     /// The primaries the clients of `pool` send commands to now: the configured server, Sentinel's

@@ -23,7 +23,6 @@ use crate::config::UpstreamConfig;
 use crate::metrics::UpstreamErrorKind;
 use crate::telemetry;
 use crate::tls::{self, TlsError};
-pub use pool::Affinity;
 use pool::{BoxError, Failure, Pool};
 
 /// An idle upstream connection is closed after this (backends commonly close theirs after a
@@ -135,15 +134,11 @@ impl Upstream {
         })
     }
 
-    /// Send a request prepared by [`Hop::prepare`] to the backend, on `affinity`'s connection
-    /// when it is ready (the client connection's, see [`Affinity`]). The response head must
+    /// Send a request prepared by [`Hop::prepare`] to the backend, on the worker's most recently
+    /// used ready connection (see [`pool`]). The response head must
     /// arrive within `response_timeout`; the body then streams without a total deadline (a
     /// download may legitimately take long). Dropping the returned future cancels the exchange.
-    pub async fn forward(
-        &self,
-        mut req: Request<Body>,
-        affinity: Option<&Affinity>,
-    ) -> Result<Forwarded, UpstreamError> {
+    pub async fn forward(&self, mut req: Request<Body>) -> Result<Forwarded, UpstreamError> {
         // Origin form (RFC 9112 3.2.1): the backend is no proxy.
         let target = match req.uri().path_and_query() {
             Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
@@ -178,9 +173,8 @@ impl Upstream {
             _ => None,
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.pool.send(req, affinity, started))
-            .instrument(span.clone())
-            .await;
+        let result =
+            tokio::time::timeout(self.response_timeout, self.pool.send(req, started)).instrument(span.clone()).await;
         let elapsed = started.elapsed();
         let forwarded = match result {
             Err(_) if body_ended.is_some_and(|ended| !ended.load(Ordering::Relaxed)) => {

@@ -1,17 +1,19 @@
 //! One worker's connections to the backend: hyper's own HTTP/1.1 client connections, each driven
-//! by a task on the worker's runtime; the idle ones on a stack, newest on top; and, for each
-//! client connection, the upstream connection it used last, which its next request takes back
-//! without looking at the stack.
+//! by a task on the worker's runtime, the idle ones on a stack, newest on top (a keep-alive
+//! client's next request mostly takes the connection its last one used).
 //!
 //! Why not hyper-util's pooled client: measured with callgrind on one keep-alive client, it
 //! hashed its pool key (SipHash) three times per request, allocated for each checkout, and spawned
-//! a task per request to wait for the connection to be ready again. Here a request takes a
-//! connection from its client connection's slot (a lock nobody else holds) and gives it back as
-//! soon as the response head is in: a connection still streaming its response is simply not ready,
-//! and is passed over until it is.
+//! a task per request to wait for the connection to be ready again. Here a request gives its
+//! connection back as soon as the response head is in: a connection still streaming its response
+//! is simply not ready, and is passed over until it is.
+//!
+//! No connection is kept for a client connection: idle clients would each hold one, and a client
+//! opening many keep-alive connections would pin as many backend connections.
 
 use std::error::Error as StdError;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use http::{Response, StatusCode, Uri};
@@ -24,9 +26,10 @@ use tower_service::Service;
 
 use crate::body::Body;
 
-/// Idle connections a worker keeps besides those its client connections keep: the oldest beyond
-/// this are closed.
+/// Idle connections a worker keeps: the oldest beyond this are closed.
 pub const MAX_IDLE: usize = 256;
+/// How often idle connections past the idle timeout are closed.
+const REAP_EVERY: Duration = Duration::from_secs(10);
 /// How many connections not yet ready (still streaming a response) a checkout passes over before
 /// it opens a new one.
 const SCAN: usize = 4;
@@ -57,52 +60,23 @@ pub struct Pool {
     target: Uri,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
-}
-
-/// The upstream connection a client connection used last, kept for its next request: an HTTP/1.1
-/// client sends that only once the previous response is written, so the upstream connection is
-/// ready again by then. When the client connection closes, its connection goes to the stack.
-#[derive(Default)]
-pub struct Affinity(Mutex<Option<(Idle, Arc<Pool>)>>);
-
-impl Drop for Affinity {
-    fn drop(&mut self) {
-        if let Some((idle, pool)) = self.0.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
-            pool.put(idle);
-        }
-    }
-}
-
-impl std::fmt::Debug for Affinity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Affinity").finish_non_exhaustive()
-    }
-}
-
-impl Affinity {
-    fn slot(&self) -> MutexGuard<'_, Option<(Idle, Arc<Pool>)>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+    /// Set once the reaper runs (started on the worker's runtime by the first connection).
+    reaping: AtomicBool,
 }
 
 impl Pool {
     /// A pool of connections to `target` (`scheme://authority/`) made by `connector`, each
     /// closed once idle for `idle_timeout`.
     pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri, idle_timeout: Duration) -> Pool {
-        Pool { connector, target, idle_timeout, idle: Mutex::new(Vec::new()) }
+        Pool { connector, target, idle_timeout, idle: Mutex::new(Vec::new()), reaping: AtomicBool::new(false) }
     }
 
-    /// Send `req` (in origin form) on a ready connection: the client connection's own, else an idle
-    /// one, else a new one. A reused connection that closed before the request went out (the
+    /// Send `req` (in origin form) on a ready connection: the most recently used idle one, else a
+    /// new one. A reused connection that closed before the request went out (the
     /// backend closed it while idle) is replaced once by a new one. The connection is given back
     /// when the response head is in, except after a `101` (it belongs to the tunnel then).
-    pub async fn send(
-        self: &Arc<Self>,
-        req: http::Request<Body>,
-        affinity: Option<&Affinity>,
-        now: Instant,
-    ) -> Result<Response<Incoming>, Failure> {
-        let (mut sender, mut reused) = match self.checkout(affinity, now) {
+    pub async fn send(self: &Arc<Self>, req: http::Request<Body>, now: Instant) -> Result<Response<Incoming>, Failure> {
+        let (mut sender, mut reused) = match self.checkout(now) {
             Some(sender) => (sender, true),
             // Boxed: the rare path would otherwise make every request's future (which hyper moves
             // into place for each request) larger by the whole connect and handshake.
@@ -113,7 +87,7 @@ impl Pool {
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        self.give_back(Idle { sender, since: now }, affinity);
+                        self.put(Idle { sender, since: Instant::now() });
                     }
                     return Ok(response);
                 }
@@ -131,19 +105,7 @@ impl Pool {
     }
 
     /// A ready connection, if one is at hand: closed and expired ones met on the way are dropped.
-    fn checkout(&self, affinity: Option<&Affinity>, now: Instant) -> Option<SendRequest<Body>> {
-        if let Some(affinity) = affinity {
-            let mut slot = affinity.slot();
-            if let Some((idle, _)) = slot.as_ref() {
-                if idle.sender.is_ready() && !self.expired(idle, now) {
-                    return slot.take().map(|(idle, _)| idle.sender);
-                }
-                if idle.sender.is_closed() || self.expired(idle, now) {
-                    *slot = None;
-                }
-                // Otherwise it is still busy (another stream of an h2 client): left where it is.
-            }
-        }
+    fn checkout(&self, now: Instant) -> Option<SendRequest<Body>> {
         let mut stack = self.stack();
         let (mut i, mut passed) = (stack.len(), 0);
         while i > 0 && passed < SCAN {
@@ -164,18 +126,6 @@ impl Pool {
         now.saturating_duration_since(idle.since) > self.idle_timeout
     }
 
-    /// Back into the client connection's slot when it is free, else onto the stack.
-    fn give_back(self: &Arc<Self>, idle: Idle, affinity: Option<&Affinity>) {
-        if let Some(affinity) = affinity {
-            let mut slot = affinity.slot();
-            if slot.is_none() {
-                *slot = Some((idle, self.clone()));
-                return;
-            }
-        }
-        self.put(idle);
-    }
-
     /// Onto the stack; the oldest connection goes when the stack is full or it has expired.
     fn put(&self, idle: Idle) {
         let mut stack = self.stack();
@@ -191,11 +141,12 @@ impl Pool {
 
     /// A new connection, its task spawned on the current (the worker's) runtime. The connect
     /// timeout is the connector's.
-    async fn connect(&self) -> Result<SendRequest<Body>, Failure> {
+    async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, Failure> {
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
         let io = self.connector.clone().call(self.target.clone()).await.map_err(Failure::Connect)?;
-        // One flat buffer per write, as on the server side (see `server::http_builder`).
-        let handshake = http1::Builder::new().writev(false).handshake(io);
-        let (sender, connection) = handshake.await.map_err(Failure::Exchange)?;
+        let (sender, connection) = http1::handshake(io).await.map_err(Failure::Exchange)?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -208,6 +159,18 @@ impl Pool {
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         self.stack().len()
+    }
+}
+
+/// Closes the idle connections past the idle timeout (or closed by the backend) every
+/// [`REAP_EVERY`], also when no request comes to do it; ends with the pool.
+async fn reap(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        pool.stack().retain(|idle| !idle.sender.is_closed() && !pool.expired(idle, now));
     }
 }
 
@@ -278,37 +241,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_keep_alive_client_keeps_using_its_connection_and_leaves_it_to_the_pool() {
+    async fn a_keep_alive_client_keeps_using_one_connection_and_idle_ones_are_reaped() {
         let backend = backend().await;
         let pool = pool(&backend);
-        let affinity = Affinity::default();
         for _ in 0..3 {
-            let response = pool.send(get("/"), Some(&affinity), Instant::now()).await.unwrap();
+            let response = pool.send(get("/"), Instant::now()).await.unwrap();
             assert_eq!(text(response).await, "ok");
         }
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(pool.idle_count(), 0, "the client connection holds it");
-        drop(affinity);
-        assert_eq!(pool.idle_count(), 1, "a closed client connection's goes to the stack");
-        let response = pool.send(get("/"), None, Instant::now()).await.unwrap();
-        assert_eq!(text(response).await, "ok");
-        assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(), 1);
+        // Past the idle timeout with no request to notice: the reaper closes it.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]
     async fn a_connection_still_streaming_is_passed_over_and_taken_again_once_done() {
         let backend = backend().await;
         let pool = pool(&backend);
-        let slow = pool.send(get("/slow"), None, Instant::now()).await.unwrap();
+        let slow = pool.send(get("/slow"), Instant::now()).await.unwrap();
         assert_eq!(pool.idle_count(), 1, "given back with its head");
-        let response = pool.send(get("/"), None, Instant::now()).await.unwrap();
+        let response = pool.send(get("/"), Instant::now()).await.unwrap();
         assert_eq!(text(response).await, "ok");
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "the busy one was not used");
         backend.release.notify_one();
         assert_eq!(text(slow).await, "late");
         tokio::task::yield_now().await;
         for _ in 0..2 {
-            let response = pool.send(get("/"), None, Instant::now()).await.unwrap();
+            let response = pool.send(get("/"), Instant::now()).await.unwrap();
             assert_eq!(text(response).await, "ok");
         }
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
@@ -318,25 +282,21 @@ mod tests {
     async fn connections_idle_past_the_timeout_or_closed_are_not_used() {
         let backend = backend().await;
         let pool = pool(&backend);
-        let affinity = Affinity::default();
-        let response = pool.send(get("/"), Some(&affinity), Instant::now()).await.unwrap();
+        let response = pool.send(get("/"), Instant::now()).await.unwrap();
         assert_eq!(text(response).await, "ok");
         let later = Instant::now() + Duration::from_secs(51);
-        let response = pool.send(get("/"), Some(&affinity), later).await.unwrap();
+        let response = pool.send(get("/"), later).await.unwrap();
         assert_eq!(text(response).await, "ok");
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "the expired one was dropped");
 
         // A connection the backend closed is noticed and replaced.
-        let affinity = Affinity::default();
         let closing = http::Request::get("/").header("host", "backend").header("connection", "close");
-        let response = pool
-            .send(closing.body(crate::body::full(bytes::Bytes::new())).unwrap(), Some(&affinity), Instant::now())
-            .await
-            .unwrap();
+        let response =
+            pool.send(closing.body(crate::body::full(bytes::Bytes::new())).unwrap(), Instant::now()).await.unwrap();
         assert_eq!(text(response).await, "ok");
         tokio::task::yield_now().await;
-        let response = pool.send(get("/"), Some(&affinity), Instant::now()).await.unwrap();
+        let response = pool.send(get("/"), Instant::now()).await.unwrap();
         assert_eq!(text(response).await, "ok");
-        assert_eq!(backend.accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 3);
     }
 }
