@@ -27,7 +27,7 @@ use tower_service::Service;
 use crate::body::Body;
 
 /// Idle connections a worker keeps: the oldest beyond this are closed.
-pub const MAX_IDLE: usize = 256;
+const MAX_IDLE: usize = 256;
 /// How often idle connections past the idle timeout are closed.
 const REAP_EVERY: Duration = Duration::from_secs(10);
 /// How many connections not yet ready (still streaming a response) a checkout passes over before
@@ -75,14 +75,17 @@ impl Pool {
     /// new one. A reused connection that closed before the request went out (the
     /// backend closed it while idle) is replaced once by a new one. The connection is given back
     /// when the response head is in, except after a `101` (it belongs to the tunnel then).
-    pub async fn send(self: &Arc<Self>, req: http::Request<Body>, now: Instant) -> Result<Response<Incoming>, Failure> {
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: http::Request<Body>,
+        now: Instant,
+    ) -> Result<Response<Incoming>, Failure> {
         let (mut sender, mut reused) = match self.checkout(now) {
             Some(sender) => (sender, true),
             // Boxed: the rare path would otherwise make every request's future (which hyper moves
             // into place for each request) larger by the whole connect and handshake.
             None => (Box::pin(self.connect()).await?, false),
         };
-        let mut req = req;
         loop {
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -126,10 +129,11 @@ impl Pool {
         now.saturating_duration_since(idle.since) > self.idle_timeout
     }
 
-    /// Onto the stack; the oldest connection goes when the stack is full or it has expired.
+    /// Onto the stack; the oldest connection goes when the stack is full (expired ones are the
+    /// reaper's and the checkout's).
     fn put(&self, idle: Idle) {
         let mut stack = self.stack();
-        if stack.len() >= MAX_IDLE || stack.first().is_some_and(|oldest| self.expired(oldest, idle.since)) {
+        if stack.len() >= MAX_IDLE {
             stack.remove(0);
         }
         stack.push(idle);
