@@ -7,7 +7,8 @@
 #   rate limit    sidecache pass-through | sidecache rate-limited route (Redis, every request
 #                 allowed) | nginx limit_req allowing every request; then Redis scripts per
 #                 allowed request on one bucket at a paced 1k and 10k req/s and flat out, and
-#                 on many buckets (benches/paced.lua)
+#                 on many buckets (benches/paced.lua); and three replicas on one Redis asked past
+#                 one bucket's limit for 10 s: admitted against burst + rate x t
 #   Redis hang    16 connections on a cached and rate-limited route over 500 keys: healthy, then
 #                 the first 6 s after its Redis is stopped (SIGSTOP), then the next 6 s (p50, p99,
 #                 slowest request; medians of rounds)
@@ -23,7 +24,7 @@
 #   BENCH_ONLY="ratelimit passthrough" runs only those comparisons (passthrough cache slow breaker ratelimit sealed hang coherence).
 #   BENCH_BASELINE=path/to/an/older/sidecache also runs that binary, same configuration, in the
 #   pass-through and cache-hit rounds (before/after a change in one run).
-# Needs: wrk, nginx, redis-server, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
+# Needs: wrk, nginx, redis-server, redis-cli, bc (Debian packages), cargo. Everything stays on 127.0.0.1;
 # every process started here is stopped by pid on exit.
 set -euo pipefail
 
@@ -108,6 +109,10 @@ rate_limit = { burst = 1000000000, rate = "1000000000/1s" }
 name = "perclient"
 path = "/perclient/*"
 rate_limit = { burst = 1000000000, rate = "1000000000/1s", key = "header:x-client" }
+[[route]]
+name = "exact"
+path = "/exact/*"
+rate_limit = { burst = 500, rate = "3000/1s", key = "route" }
 TOML
 "$BIN" --config "$WORK/proxy.toml" >"$WORK/sidecache.log" 2>&1 &
 SC_PID=$!
@@ -247,7 +252,8 @@ if want coherence; then
 fi
 
 # Redis commands per allowed request on a rate-limited route: one bucket at a paced 1k and 10k
-# req/s and as fast as wrk goes, then many buckets (a header value per request out of 100,000).
+# req/s and as fast as wrk goes, then many buckets (a header value per request out of 100,000);
+# then three replicas sharing one bucket.
 if want ratelimit; then
   # rl_cost NAME PATH CONNECTIONS DELAY_MS [HEADER COUNT] -> "NAME req/s scripts-per-allowed-request"
   rl_cost() {
@@ -265,6 +271,28 @@ if want ratelimit; then
   rl_cost one-bucket-10k /limited/a 24 1
   rl_cost one-bucket-max /limited/a 32 0
   rl_cost per-client-max /perclient/a 32 0 X-Client 100000
+
+  # Three replicas on one Redis, each asked past the limit for 10 s (route "exact", one bucket of
+  # burst 500 and 3000/s): admitted against burst + rate x t, t from before the first request was
+  # sent to after the last answer (so the bound is if anything generous by a few ms of rate).
+  R2=$(free_port); R2A=$(free_port); R3=$(free_port); R3A=$(free_port)
+  second rl-replica-2 "$SC" "$SCA" proxy.toml "$R2" "$R2A" "$BIN"
+  second rl-replica-3 "$SC" "$SCA" proxy.toml "$R3" "$R3A" "$BIN"
+  # admitted ADMIN_PORT -> allowed checks of route "exact" (from Redis, from a lease, failed open)
+  admitted() { curl -fsS "http://127.0.0.1:$1/metrics" | awk 'index($0, "sidecache_ratelimit_checks_total{") == 1 && /route="exact"/ && (/result="allowed"/ || /backend="allow_all"/) {n += $2} END {print n + 0}'; }
+  failed_open() { curl -fsS "http://127.0.0.1:$1/metrics" | awk 'index($0, "sidecache_ratelimit_checks_total{") == 1 && /route="exact"/ && /backend="allow_all"/ {n += $2} END {print n + 0}'; }
+  started=$(date +%s.%N)
+  wrk_pids=()
+  for port in "$SC" "$R2" "$R3"; do
+    wrk -t1 -c8 -d10s "http://127.0.0.1:$port/exact/a" >"$WORK/exact-$port" &
+    wrk_pids+=($!)
+  done
+  wait "${wrk_pids[@]}"
+  ended=$(date +%s.%N)
+  EXACT_ADMITTED=$(( $(admitted "$SCA") + $(admitted "$R2A") + $(admitted "$R3A") ))
+  EXACT_FAILED_OPEN=$(( $(failed_open "$SCA") + $(failed_open "$R2A") + $(failed_open "$R3A") ))
+  EXACT_SECONDS=$(awk -v a="$started" -v b="$ended" 'BEGIN { printf "%.3f", b - a }')
+  EXACT_ASKED=$(awk '/requests in/ {n += $1} END {print n + 0}' "$WORK"/exact-*)
 fi
 
 if want hang; then
@@ -357,6 +385,11 @@ if want ratelimit; then
   while read -r name rps per; do
     printf 'rate limit    %-16s %7s req/s  Redis scripts per allowed request %s\n' "$name" "$rps" "$per"
   done <"$WORK/rl-cost"
+  awk -v a="$EXACT_ADMITTED" -v f="$EXACT_FAILED_OPEN" -v t="$EXACT_SECONDS" -v asked="$EXACT_ASKED" 'BEGIN {
+    bound = 500 + 3000 * t
+    printf "rate limit    3 replicas, one bucket (burst 500, 3000/s), %.2f s, %d asked: admitted %d of burst + rate x t = %.0f (%.1f%%; %d failed open)%s\n",
+      t, asked, a, bound, 100 * a / bound, f, (a > bound ? "  OVER THE LIMIT" : "")
+  }'
 fi
 if want hang; then
   hang_median() { awk -v n="$1" -v c="$2" '$1==n {print $c}' "$WORK/hang-results" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -125,6 +125,11 @@ impl Sidecache {
         }
         let cache = build_cache(&config, redis.as_ref(), clock, &metrics)?;
         let limiter = build_limiter(&config, redis.as_ref(), &metrics)?;
+        if let (Some(CacheStore::Redis(cache)), Some(limiter)) =
+            (cache.as_ref().map(|c| c.store()), limiter.as_ref().and_then(|l| l.redis()))
+        {
+            limiter.alarms(cache);
+        }
         let parts = Parts { cache: cache.clone(), limiter: limiter.clone(), metrics: metrics.clone() };
         let active = Arc::new(ArcSwap::from_pointee(Active::build(Config::clone(&config), &parts, None, Vec::new())));
         let proxies = (0..config.server.workers)

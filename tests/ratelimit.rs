@@ -518,6 +518,39 @@ async fn redis_hung_fails_open_within_the_budget_then_resumes() {
 }
 
 #[tokio::test]
+async fn a_hung_redis_found_by_the_limiter_costs_the_cache_no_budget() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::spawn().await;
+    // One failure opens a breaker, so the first request shows who waited for Redis.
+    let route = "[[route]]\nname = \"both\"\npath = \"/gen/*\"\ncache = { ttl = \"60s\" }\n\
+                 rate_limit = { burst = 1000, rate = \"1000/1s\" }\n";
+    let rest = format!(
+        "{route}[redis]\nurl = \"{}\"\nop_timeout = \"{BRISK}\"\nbreaker_failures = 1\nbreaker_cooldown = \"300ms\"\n",
+        redis.url()
+    );
+    let proxy = TestProxy::start(&config_full(upstream.addr, "", "", &rest)).await;
+    until_redis_ready(&proxy.admin_url("")).await;
+
+    redis.pause();
+    // The limiter's check waits out the budget and opens its breaker; the cache then skips the
+    // hung server at once (its lookup of this very request included) while it checks it.
+    assert_eq!(get(&proxy.url("/gen/a")).await.status, StatusCode::OK);
+    let text = metrics(&proxy).await;
+    let errors = |client: &str, op: &str, kind: &str| {
+        metric(&text, &format!(r#"sidecache_redis_errors_total{{client="{client}",op="{op}",kind="{kind}"}}"#))
+            .unwrap_or(0.0)
+    };
+    assert_eq!(errors("ratelimit", "token_bucket", "timeout"), 1.0, "{text}");
+    assert_eq!(errors("cache", "hget", "timeout") + errors("cache", "hmget", "timeout"), 0.0, "{text}");
+    assert!(errors("cache", "hget", "breaker_open") + errors("cache", "hmget", "breaker_open") >= 1.0, "{text}");
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_ne!(status["redis"]["state"], "up", "{status}");
+
+    redis.resume();
+    until_redis_ready(&proxy.admin_url("")).await;
+}
+
+#[tokio::test]
 async fn local_fallback_limits_in_process_while_redis_is_down() {
     let mut redis = TestRedis::start();
     let upstream = TestUpstream::spawn().await;

@@ -232,3 +232,98 @@ async fn full_redis_fails_writes_but_keeps_serving_reads() {
     assert_eq!(store.state(), BreakerState::Up, "an OOM reply is not an outage");
     assert_eq!(store.get("kept").await.unwrap(), Some(Bytes::from_static(b"v")));
 }
+
+/// A cache store and a rate-limit store on `url`s, the limiter alarming the cache as the proxy
+/// wires them, sharing one metrics registry.
+fn start_pair(cache_url: &str, limiter_url: &str) -> (RedisStore, RedisStore, Metrics) {
+    let metrics = Metrics::new();
+    let start = |url: &str, role| {
+        let target = RedisTarget::new(&redis_config(url)).expect("no TLS files to load");
+        RedisStore::start(&target, role, &metrics.registrar()).expect("store starts")
+    };
+    let cache = start(cache_url, Role::Cache);
+    let limiter = start(limiter_url, Role::RateLimit);
+    limiter.alarms(&cache);
+    (cache, limiter, metrics)
+}
+
+/// Fail `store`'s calls against a hung Redis until its breaker opens.
+async fn open_breaker(store: &RedisStore) {
+    for _ in 0..3 {
+        assert!(matches!(store.get("k").await, Err(StoreError::Timeout)));
+    }
+    assert_eq!(store.state(), BreakerState::Down);
+}
+
+#[tokio::test]
+async fn the_limiter_losing_a_hung_redis_makes_the_cache_skip_it_at_once() {
+    let mut redis = TestRedis::start();
+    let (cache, limiter, metrics) = start_pair(&redis.url(), &redis.url());
+    until_usable(&cache, Duration::from_secs(5)).await;
+    until_usable(&limiter, Duration::from_secs(5)).await;
+
+    redis.pause();
+    open_breaker(&limiter).await;
+    // The cache has sent nothing to the hung server, yet already skips it: no call waits.
+    assert_ne!(cache.state(), BreakerState::Up);
+    let started = Instant::now();
+    for _ in 0..100 {
+        assert!(matches!(cache.get("k").await, Err(StoreError::BreakerOpen)));
+    }
+    assert!(started.elapsed() < BUDGET, "100 cache calls took {:?}", started.elapsed());
+    // Its own check went unanswered: open, as if its calls had failed.
+    let started = Instant::now();
+    while cache.state() != BreakerState::Down {
+        assert!(started.elapsed() < FAST, "cache still {:?}", cache.state());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let text = metrics.render();
+    assert_eq!(metric(&text, r#"sidecache_redis_errors_total{client="cache",op="get",kind="timeout"}"#), Some(0.0));
+    assert_eq!(metric(&text, r#"sidecache_redis_up{client="cache"}"#), Some(0.0));
+
+    redis.resume();
+    until_usable(&cache, Duration::from_secs(5)).await;
+    until_usable(&limiter, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn trouble_of_the_limiter_alone_costs_the_cache_one_budget_at_most() {
+    // The limiter's server hangs, the cache's answers: what the cache sees of a limiter-only
+    // fault (its connection stuck, its command queue full).
+    let mut limiter_redis = TestRedis::start();
+    let cache_redis = TestRedis::start();
+    let (cache, limiter, metrics) = start_pair(&cache_redis.url(), &limiter_redis.url());
+    until_usable(&cache, Duration::from_secs(5)).await;
+    until_usable(&limiter, Duration::from_secs(5)).await;
+    cache.set("kept", Bytes::from_static(b"v"), Duration::from_secs(60)).await.unwrap();
+    let continuity = cache.continuity();
+
+    limiter_redis.pause();
+    open_breaker(&limiter).await;
+    let started = Instant::now();
+    while cache.state() != BreakerState::Up {
+        assert!(started.elapsed() < FAST, "cache still {:?} after {:?}", cache.state(), started.elapsed());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eprintln!("cache back in use {:?} after the limiter's breaker opened", started.elapsed());
+    assert_eq!(cache.continuity(), continuity, "the cache's connection was not reconnected");
+    assert_eq!(cache.get("kept").await.unwrap(), Some(Bytes::from_static(b"v")));
+    assert_eq!(limiter.state(), BreakerState::Down, "the limiter's own trouble is not cleared");
+    assert_eq!(metric(&metrics.render(), r#"sidecache_redis_up{client="cache"}"#), Some(1.0));
+    limiter_redis.resume();
+}
+
+#[tokio::test]
+async fn the_cache_losing_redis_never_trips_the_limiter() {
+    let mut redis = TestRedis::start();
+    let (cache, limiter, _metrics) = start_pair(&redis.url(), &redis.url());
+    until_usable(&cache, Duration::from_secs(5)).await;
+    until_usable(&limiter, Duration::from_secs(5)).await;
+
+    redis.pause();
+    open_breaker(&cache).await;
+    tokio::time::sleep(BUDGET * 2).await;
+    assert_eq!(limiter.state(), BreakerState::Up);
+    assert!(matches!(limiter.get("k").await, Err(StoreError::Timeout)), "the limiter still asks Redis itself");
+    redis.resume();
+}

@@ -3,7 +3,9 @@
 //!
 //! `Up` → (`threshold` consecutive failures) → `Down` → (the prober, after the cool-down) →
 //! `Probing` → `Up` on a successful probe, `Down` again on a failed one. Request traffic never
-//! probes: only the background prober moves the breaker out of `Down`.
+//! probes: only the background prober moves the breaker out of `Down`. A breaker can also be
+//! [suspected](Breaker::suspect) straight from `Up` into `Probing` when another client of the
+//! same Redis just lost it.
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
@@ -94,6 +96,14 @@ impl Breaker {
             .is_ok()
     }
 
+    /// Another client of the same Redis lost it: skip Redis while one probe checks it at once.
+    /// `false` when the breaker was not `Up` (already skipping Redis).
+    pub fn suspect(&self) -> bool {
+        self.state
+            .compare_exchange(BreakerState::Up as u8, BreakerState::Probing as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// The probe's verdict: `Up` again (failure run cleared) or back to `Down`.
     pub fn end_probe(&self, healthy: bool) {
         if healthy {
@@ -141,5 +151,21 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Up);
         assert!(b.allows());
         assert!(b.failure(), "the failure run was cleared by the probe, threshold 1 opens again");
+    }
+
+    #[test]
+    fn a_suspected_breaker_skips_redis_until_its_probe_answers() {
+        let b = Breaker::new(2);
+        assert!(b.suspect());
+        assert_eq!(b.state(), BreakerState::Probing);
+        assert!(!b.allows());
+        assert!(!b.suspect(), "one probe at a time");
+        assert!(!b.failure() && !b.failure(), "failures while probing do not report an opening");
+        assert!(!b.begin_probe(), "the prober does not probe a breaker already probing");
+        b.end_probe(true);
+        assert!(b.allows());
+        assert!(!b.failure(), "a successful probe cleared the failure run");
+        assert!(b.failure());
+        assert!(!b.suspect(), "an open breaker is not suspected again");
     }
 }

@@ -236,6 +236,8 @@ struct Inner {
     /// Our watchers and prober, and fred's connection tasks, ended when the store is dropped.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
+    /// The store of the same Redis that checks it at once when this one's breaker opens.
+    alarms: std::sync::OnceLock<Weak<Inner>>,
 }
 
 /// Redis behind the gate: one connection, or one per proxy worker, sharing one breaker. Cheap to
@@ -323,6 +325,7 @@ impl RedisStore {
             error_logged: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
             connections: std::sync::Mutex::new(Vec::new()),
+            alarms: std::sync::OnceLock::new(),
             pool,
             target: target.clone(),
             role,
@@ -336,6 +339,17 @@ impl RedisStore {
         tasks.push(tokio::spawn(refresh_topology(Arc::downgrade(&inner))));
         *inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(RedisStore { inner })
+    }
+
+    /// When this store's breaker opens, `other` (a store of the same Redis) stops using Redis
+    /// at once and PINGs it with one budget: back in use when it answers (nothing reconnected,
+    /// nothing it read is distrusted), open with the usual cool-down and reconnection when not.
+    /// So when Redis hangs, the requests that reach `other` after this store has found out pay
+    /// no budget, and trouble of this store's own costs `other` one budget of bypass at most.
+    /// The rate limiter alarms the cache: every rate-limited request checks Redis, so it is the
+    /// first to find out. Set once; later calls change nothing.
+    pub fn alarms(&self, other: &RedisStore) {
+        let _ = self.inner.alarms.set(Arc::downgrade(&other.inner));
     }
 
     /// The breaker state.
@@ -587,7 +601,39 @@ impl Inner {
             self.up.set(0.0);
             tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
             self.opened.notify_one();
+            if let Some(other) = self.alarms.get().and_then(Weak::upgrade) {
+                other.suspect(self.role);
+            }
         }
+    }
+
+    /// Another store of this Redis lost it ([`RedisStore::alarms`]): bypass Redis while one PING
+    /// checks it. An answer puts Redis back in use; none opens the breaker as failures would.
+    fn suspect(self: Arc<Self>, by: Role) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if !self.breaker.suspect() {
+            return;
+        }
+        self.up.set(0.0);
+        tracing::info!(
+            client = self.role.as_str(),
+            by = by.as_str(),
+            "redis lost by another client: checking it now, bypassing it meanwhile"
+        );
+        runtime.spawn(async move {
+            let started = Instant::now();
+            let ping = tokio::time::timeout(self.budget, self.pool.next_connected().ping::<String>(None)).await;
+            self.ops[Op::Ping as usize].duration.record(started.elapsed().as_secs_f64());
+            if matches!(ping, Ok(Ok(_))) {
+                self.breaker.end_probe(true);
+                self.up.set(1.0);
+                tracing::info!(client = self.role.as_str(), "redis answered the check: using it again");
+            } else {
+                self.breaker.end_probe(false);
+                tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
+                self.opened.notify_one();
+            }
+        });
     }
 }
 
@@ -658,7 +704,8 @@ async fn refresh_topology(weak: Weak<Inner>) {
 async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        if inner.breaker.state() == BreakerState::Up {
+        // Up, or Probing on another client's alarm (its own check decides).
+        if inner.breaker.state() != BreakerState::Down {
             drop(inner);
             opened.notified().await;
             continue;
