@@ -4,7 +4,10 @@
 # allowed) and cache hits. Each server runs alone under callgrind with one worker; one keep-alive
 # curl sends MANY requests, then a second run sends FEW, and the difference divided by MANY - FEW
 # is the cost of one request (start-up and shutdown cancel out). The share of each crate (from the
-# source file of each function) comes from the same difference.
+# source file of each function) comes from the same difference. Counting starts after the
+# warm-up requests (callgrind_control --zero): quanta, the metrics exporter's clock, calibrates
+# against the wall clock when first used, a few million instructions that vary with how fast
+# valgrind runs, and would not cancel out.
 #
 # Usage: benches/callgrind.sh [many, default 4000] [few, default 1000]
 #   CALLGRIND_ONLY="passthrough limited hit" runs only those scenarios.
@@ -20,7 +23,7 @@ OTHER=${CALLGRIND_BIN:-}
 cd "$(dirname "$0")/.."
 # shellcheck source=benches/common.sh
 . benches/common.sh
-for tool in valgrind callgrind_annotate nginx redis-server curl; do
+for tool in valgrind callgrind_annotate callgrind_control nginx redis-server curl; do
   command -v "$tool" >/dev/null || { echo "callgrind: $tool is missing (apt-get install valgrind nginx-light redis-server curl)" >&2; exit 1; }
 done
 cargo build --release --quiet --bin sidecache --example bench-upstream
@@ -71,7 +74,8 @@ path = "/limited/*"
 rate_limit = { burst = 1000000000, rate = "1000000000/1s" }
 TOML
 
-# count SERVER PATH N -> callgrind output file of a run serving N requests to PATH
+# count SERVER PATH N -> callgrind output file of a run serving N requests to PATH, counted from
+# after the warm-up
 count() {
   local server=$1 path=$2 n=$3 out="$WORK/cg.$1.${2//\//_}.$3" pid
   case $server in
@@ -86,6 +90,7 @@ count() {
     for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ADMIN/metrics" | grep -q '^sidecache_redis_tracking_up{.*} 1' && break; sleep 0.1; done
   fi
   curl -fsS -o /dev/null "http://127.0.0.1:$PORT$path" # a warm cache entry, a warm upstream connection
+  callgrind_control --zero "$pid" >/dev/null
   # One connection; the fragment is not sent, so every request is the same.
   curl -fsS -o /dev/null "http://127.0.0.1:$PORT$path#[1-$n]"
   kill -TERM "$pid"
@@ -93,11 +98,15 @@ count() {
   echo "$out"
 }
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
-# Instructions by crate: the registry crate, std, sidecache, or the shared object.
+# Instructions by crate: the registry crate, std, sidecache, or the shared object. The threads'
+# entry frames, on the stack when counting was zeroed, are listed by callgrind_annotate with all
+# their callees' cost as their own: a line with more than half of the total is one of those.
 by_crate() {
   callgrind_annotate --auto=no --inclusive=no --threshold=100 "$1" 2>/dev/null | awk '
+    /PROGRAM TOTALS/ { all = $1; gsub(",", "", all) }
     /^ *[0-9,]+ .*[^ ]:/ {
-      n = $1; gsub(",", "", n); f = $0; sub(/^ *[0-9,]+ +(\([^)]*\) +)?/, "", f)
+      n = $1; gsub(",", "", n); if (n > all / 2) next
+      f = $0; sub(/^ *[0-9,]+ +(\([^)]*\) +)?/, "", f)
       c = "other"
       if (match(f, /registry\/src\/[^\/]+\/[^\/]+\//)) { c = substr(f, RSTART, RLENGTH - 1); sub(/.*\//, "", c); sub(/-[0-9]+\.[0-9]+\.[0-9]+.*$/, "", c) }
       else if (f ~ /\/rustc\/|library\/(core|std|alloc)/) c = "std"
