@@ -105,7 +105,7 @@ by_crate() {
   callgrind_annotate --auto=no --inclusive=no --threshold=100 "$1" 2>/dev/null | awk '
     /PROGRAM TOTALS/ { all = $1; gsub(",", "", all) }
     /^ *[0-9,]+ .*[^ ]:/ {
-      n = $1; gsub(",", "", n); if (n > all / 2) next
+      n = $1; gsub(",", "", n); n += 0; if (n > all / 2) next
       f = $0; sub(/^ *[0-9,]+ +(\([^)]*\) +)?/, "", f)
       c = "other"
       if (match(f, /registry\/src\/[^\/]+\/[^\/]+\//)) { c = substr(f, RSTART, RLENGTH - 1); sub(/.*\//, "", c); sub(/-[0-9]+\.[0-9]+\.[0-9]+.*$/, "", c) }

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -55,6 +55,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// The index of a field in [`HOP_BY_HOP`]: one match on the (lower-case) name, where comparing
+/// with each of the eight cost more than the rest of the pass.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "proxy-connection" => Some(1),
+        "keep-alive" => Some(2),
+        "te" => Some(3),
+        "trailer" => Some(4),
+        "transfer-encoding" => Some(5),
+        "upgrade" => Some(6),
+        "proxy-authorization" => Some(7),
+        _ => None,
+    }
+}
+
 /// Remove hop-by-hop fields, including every field the `Connection` header names.
 ///
 /// On the hot path for every request and response: one pass over the names finds which
@@ -62,7 +78,7 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u32;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
         }
     }
@@ -179,30 +195,44 @@ pub fn remove_forwarding_claims(headers: &mut HeaderMap, trusted: bool) {
 /// appended to what came before; `-Proto` and `-Host` describe this hop unless a trusted proxy
 /// already described the original one.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, tls: bool, trusted_peer: bool) {
-    // All earlier hops go into one field line: many backends read only the first line.
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let xff = if prior.is_empty() {
-        peer.clone()
-    } else {
-        let joined = format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or_default());
-        HeaderValue::from_str(&joined).unwrap_or_else(|_| peer.clone())
-    };
-    headers.insert(&X_FORWARDED_FOR, xff);
-    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
-        let proto = if tls { "https" } else { "http" };
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // One lookup per field (an entry), as this runs for every forwarded request.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(e) => {
+            e.insert(peer.clone());
+        }
+        Entry::Occupied(mut e) => {
+            // All earlier hops go into one field line: many backends read only the first line.
+            let prior: Vec<&str> =
+                e.iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).collect();
+            let xff = match prior.is_empty() {
+                true => peer.clone(),
+                false => {
+                    let joined = format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or_default());
+                    HeaderValue::from_str(&joined).unwrap_or_else(|_| peer.clone())
+                }
+            };
+            e.insert(xff);
+        }
     }
-    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
-        match headers.get(header::HOST).cloned() {
-            Some(host) => headers.insert(&X_FORWARDED_HOST, host),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
+    let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
+    if trusted_peer {
+        headers.entry(&X_FORWARDED_PROTO).or_insert(proto);
+    } else {
+        headers.insert(&X_FORWARDED_PROTO, proto);
+    }
+    let host = headers.get(header::HOST).cloned();
+    match (headers.entry(&X_FORWARDED_HOST), host) {
+        (Entry::Occupied(_), _) if trusted_peer => {}
+        (Entry::Occupied(mut e), Some(host)) => {
+            e.insert(host);
+        }
+        (Entry::Occupied(e), None) => {
+            e.remove_entry_mult();
+        }
+        (Entry::Vacant(e), Some(host)) => {
+            e.insert(host);
+        }
+        (Entry::Vacant(_), None) => {}
     }
 }
 
@@ -316,6 +346,22 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2, 10.0.0.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn without_a_host_no_forwarded_host_is_claimed() {
+        let peer = peer_value("192.0.2.7".parse().unwrap());
+        let mut h = map(&[("x-forwarded-host", "evil.example")]);
+        set_forwarded(&mut h, &peer, true, false);
+        assert!(!h.contains_key("x-forwarded-host"), "an untrusted peer's claim is not kept");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        let mut h = map(&[]);
+        set_forwarded(&mut h, &peer, false, true);
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        let mut h = map(&[("x-forwarded-host", "shop.example"), ("host", "internal")]);
+        set_forwarded(&mut h, &peer, false, true);
+        assert_eq!(h["x-forwarded-host"], "shop.example", "a trusted proxy's description is kept");
     }
 
     #[test]

@@ -90,7 +90,9 @@ impl Pool {
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        self.put(Idle { sender, since: Instant::now() });
+                        // Idle since the request was sent, as far as the idle timeout goes:
+                        // earlier than the backend's own timer starts, so never later than it.
+                        self.put(Idle { sender, since: now });
                     }
                     return Ok(response);
                 }
