@@ -265,7 +265,7 @@ async fn the_limiter_losing_a_hung_redis_makes_the_cache_skip_it_at_once() {
     redis.pause();
     open_breaker(&limiter).await;
     // The cache has sent nothing to the hung server, yet already skips it: no call waits.
-    assert_ne!(cache.state(), BreakerState::Up);
+    assert_eq!(cache.state(), BreakerState::Probing);
     let started = Instant::now();
     for _ in 0..100 {
         assert!(matches!(cache.get("k").await, Err(StoreError::BreakerOpen)));
@@ -326,4 +326,27 @@ async fn the_cache_losing_redis_never_trips_the_limiter() {
     assert_eq!(limiter.state(), BreakerState::Up);
     assert!(matches!(limiter.get("k").await, Err(StoreError::Timeout)), "the limiter still asks Redis itself");
     redis.resume();
+}
+
+#[tokio::test]
+async fn the_cache_checks_redis_on_its_own_runtime_whatever_becomes_of_the_alarming_one() {
+    let mut redis = TestRedis::start();
+    let (cache, limiter, _metrics) = start_pair(&redis.url(), &redis.url());
+    until_usable(&cache, Duration::from_secs(5)).await;
+    until_usable(&limiter, Duration::from_secs(5)).await;
+
+    redis.pause();
+    // The limiter finds out on a worker's runtime, which then ends (a worker restarted).
+    let worker_limiter = limiter.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(open_breaker(&worker_limiter));
+    })
+    .join()
+    .unwrap();
+    assert_eq!(cache.state(), BreakerState::Probing);
+    redis.resume();
+    // The check ran on the cache's own runtime: the cache is not left bypassing Redis.
+    until_usable(&cache, Duration::from_secs(5)).await;
+    assert_eq!(cache.state(), BreakerState::Up);
 }

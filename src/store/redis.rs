@@ -602,38 +602,25 @@ impl Inner {
             tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
             self.opened.notify_one();
             if let Some(other) = self.alarms.get().and_then(Weak::upgrade) {
-                other.suspect(self.role);
+                other.suspect();
             }
         }
     }
 
-    /// Another store of this Redis lost it ([`RedisStore::alarms`]): bypass Redis while one PING
-    /// checks it. An answer puts Redis back in use; none opens the breaker as failures would.
-    fn suspect(self: Arc<Self>, by: Role) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if !self.breaker.suspect() {
-            return;
+    /// Another store of this Redis lost it ([`RedisStore::alarms`]): bypass Redis at once; the
+    /// prober (this store's own task, on its own runtime) checks it.
+    fn suspect(&self) {
+        if self.breaker.suspect() {
+            self.opened.notify_one();
         }
-        self.up.set(0.0);
-        tracing::info!(
-            client = self.role.as_str(),
-            by = by.as_str(),
-            "redis lost by another client: checking it now, bypassing it meanwhile"
-        );
-        runtime.spawn(async move {
-            let started = Instant::now();
-            let ping = tokio::time::timeout(self.budget, self.pool.next_connected().ping::<String>(None)).await;
-            self.ops[Op::Ping as usize].duration.record(started.elapsed().as_secs_f64());
-            if matches!(ping, Ok(Ok(_))) {
-                self.breaker.end_probe(true);
-                self.up.set(1.0);
-                tracing::info!(client = self.role.as_str(), "redis answered the check: using it again");
-            } else {
-                self.breaker.end_probe(false);
-                tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
-                self.opened.notify_one();
-            }
-        });
+    }
+
+    /// One PING within the budget: whether Redis answered.
+    async fn ping(&self) -> bool {
+        let started = Instant::now();
+        let ping = tokio::time::timeout(self.budget, self.pool.next_connected().ping::<String>(None)).await;
+        self.ops[Op::Ping as usize].duration.record(started.elapsed().as_secs_f64());
+        matches!(ping, Ok(Ok(_)))
     }
 }
 
@@ -699,16 +686,35 @@ async fn refresh_topology(weak: Weak<Inner>) {
 }
 
 /// The prober: after the breaker opens, waits the cool-down, then PINGs with the budget; success
-/// closes the breaker. When the breaker opened although fred still reports a connection, the
+/// closes the breaker (after another client's alarm it PINGs at once, see [`RedisStore::alarms`]). When the breaker opened although fred still reports a connection, the
 /// server is hung (SIGSTOP, network black hole): force a reconnection so later calls fail fast.
 async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        // Up, or Probing on another client's alarm (its own check decides).
-        if inner.breaker.state() != BreakerState::Down {
-            drop(inner);
-            opened.notified().await;
-            continue;
+        match inner.breaker.state() {
+            BreakerState::Up => {
+                drop(inner);
+                opened.notified().await;
+                continue;
+            }
+            // Suspected on another client's alarm (this loop probes only from Down, and not at
+            // this point): one check at once, no reconnection, nothing distrusted if Redis
+            // answers; the usual path when it does not.
+            BreakerState::Probing => {
+                inner.up.set(0.0);
+                let client = inner.role.as_str();
+                tracing::info!(client, "redis lost by another client: checking it now, bypassing it meanwhile");
+                let healthy = inner.ping().await;
+                inner.breaker.end_probe(healthy);
+                if healthy {
+                    inner.up.set(1.0);
+                    tracing::info!(client, "redis answered the check: using it again");
+                } else {
+                    tracing::warn!(client, cooldown = ?inner.cooldown, "redis lost: bypassing it until a probe succeeds");
+                }
+                continue;
+            }
+            BreakerState::Down => {}
         }
         for client in inner.pool.clients().iter().filter(|c| c.is_connected()) {
             let client = client.clone();
@@ -725,10 +731,7 @@ async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
         if !inner.breaker.begin_probe() {
             continue;
         }
-        let started = Instant::now();
-        let ping = tokio::time::timeout(inner.budget, inner.pool.next_connected().ping::<String>(None)).await;
-        inner.ops[Op::Ping as usize].duration.record(started.elapsed().as_secs_f64());
-        let healthy = matches!(ping, Ok(Ok(_)));
+        let healthy = inner.ping().await;
         inner.breaker.end_probe(healthy);
         if healthy {
             inner.up.set(1.0);
