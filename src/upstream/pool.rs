@@ -10,7 +10,14 @@
 //!
 //! No connection is kept for a client connection: idle clients would each hold one, and a client
 //! opening many keep-alive connections would pin as many backend connections.
+//!
+//! A request that finds no ready connection connects, and meanwhile waits for one given back
+//! ready by another request, whichever comes first. Under many concurrent requests the backend's
+//! accept queue overflows now and then; a connect whose SYN was dropped is retried by the kernel
+//! only after a second, past the connect timeout, and must not fail a request that a connection
+//! freed a moment later can serve (hyper-util's client races the two the same way).
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -21,6 +28,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -52,6 +60,15 @@ struct Idle {
     since: Instant,
 }
 
+/// The connections not in use and the requests waiting for one.
+#[derive(Default)]
+struct Shelf {
+    /// Newest on top.
+    stack: Vec<Idle>,
+    /// Requests connecting, which take a connection given back ready if it comes first.
+    waiters: VecDeque<oneshot::Sender<SendRequest<Body>>>,
+}
+
 /// One worker's upstream connections. Shared by the worker's tasks only, so its locks are never
 /// contended; none is held across an await.
 pub struct Pool {
@@ -59,7 +76,7 @@ pub struct Pool {
     /// `scheme://authority/`, what the connector connects to.
     target: Uri,
     idle_timeout: Duration,
-    idle: Mutex<Vec<Idle>>,
+    shelf: Mutex<Shelf>,
     /// Set once the reaper runs (started on the worker's runtime by the first connection).
     reaping: AtomicBool,
 }
@@ -68,7 +85,7 @@ impl Pool {
     /// A pool of connections to `target` (`scheme://authority/`) made by `connector`, each
     /// closed once idle for `idle_timeout`.
     pub fn new(connector: HttpsConnector<HttpConnector>, target: Uri, idle_timeout: Duration) -> Pool {
-        Pool { connector, target, idle_timeout, idle: Mutex::new(Vec::new()), reaping: AtomicBool::new(false) }
+        Pool { connector, target, idle_timeout, shelf: Mutex::default(), reaping: AtomicBool::new(false) }
     }
 
     /// Send `req` (in origin form) on a ready connection: the most recently used idle one, else a
@@ -84,7 +101,7 @@ impl Pool {
             Some(sender) => (sender, true),
             // Boxed: the rare path would otherwise make every request's future (which hyper moves
             // into place for each request) larger by the whole connect and handshake.
-            None => (Box::pin(self.connect()).await?, false),
+            None => Box::pin(self.connect_or_take()).await?,
         };
         loop {
             match sender.try_send_request(req).await {
@@ -92,7 +109,7 @@ impl Pool {
                     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                         // Idle since the request was sent, as far as the idle timeout goes:
                         // earlier than the backend's own timer starts, so never later than it.
-                        self.put(Idle { sender, since: now });
+                        self.put(sender, now);
                     }
                     return Ok(response);
                 }
@@ -109,9 +126,42 @@ impl Pool {
         }
     }
 
+    /// No ready connection at hand: a new one, or one given back ready by another request before
+    /// it is made (`true`: reused; the connect then goes on, its connection for the shelf). A
+    /// failed connect fails the request, as no connection came.
+    async fn connect_or_take(self: &Arc<Self>) -> Result<(SendRequest<Body>, bool), Failure> {
+        let (waiter, mut given) = oneshot::channel();
+        self.shelf().waiters.push_back(waiter);
+        let pool = self.clone();
+        let mut connecting = Box::pin(async move { pool.connect().await });
+        tokio::select! {
+            biased;
+            Ok(sender) = &mut given => {
+                // Not cancelled: a connect dropped after its SYN leaves a connection the backend
+                // accepts for nothing; finished, it serves the next request.
+                let pool = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    if let (Ok(sender), Some(pool)) = (connecting.await, pool.upgrade()) {
+                        pool.put(sender, Instant::now());
+                    }
+                });
+                Ok((sender, true))
+            }
+            connected = &mut connecting => {
+                // Given one meanwhile (another task of this worker may run between the polls):
+                // back on the shelf rather than dropped.
+                if let Ok(sender) = given.try_recv() {
+                    self.put(sender, Instant::now());
+                }
+                connected.map(|sender| (sender, false))
+            }
+        }
+    }
+
     /// A ready connection, if one is at hand: closed and expired ones met on the way are dropped.
     fn checkout(&self, now: Instant) -> Option<SendRequest<Body>> {
-        let mut stack = self.stack();
+        let mut shelf = self.shelf();
+        let stack = &mut shelf.stack;
         let (mut i, mut passed) = (stack.len(), 0);
         while i > 0 && passed < SCAN {
             i -= 1;
@@ -131,18 +181,40 @@ impl Pool {
         now.saturating_duration_since(idle.since) > self.idle_timeout
     }
 
-    /// Onto the stack; the oldest connection goes when the stack is full (expired ones are the
-    /// reaper's and the checkout's).
-    fn put(&self, idle: Idle) {
-        let mut stack = self.stack();
-        if stack.len() >= MAX_IDLE {
-            stack.remove(0);
+    /// A connection whose response head is in, idle `since`: to the first request waiting, once
+    /// ready (it may still be receiving its response body), else onto the stack, where the
+    /// oldest goes when the stack is full (expired ones are the reaper's and the checkout's).
+    fn put(self: &Arc<Self>, mut sender: SendRequest<Body>, since: Instant) {
+        let mut shelf = self.shelf();
+        shelf.waiters.retain(|waiter| !waiter.is_closed());
+        if !shelf.waiters.is_empty() {
+            if !sender.is_ready() {
+                drop(shelf);
+                let pool = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        if let Some(pool) = pool.upgrade() {
+                            pool.put(sender, Instant::now());
+                        }
+                    }
+                });
+                return;
+            }
+            while let Some(waiter) = shelf.waiters.pop_front() {
+                match waiter.send(sender) {
+                    Ok(()) => return,
+                    Err(back) => sender = back,
+                }
+            }
         }
-        stack.push(idle);
+        if shelf.stack.len() >= MAX_IDLE {
+            shelf.stack.remove(0);
+        }
+        shelf.stack.push(Idle { sender, since });
     }
 
-    fn stack(&self) -> MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    fn shelf(&self) -> MutexGuard<'_, Shelf> {
+        self.shelf.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A new connection, its task spawned on the current (the worker's) runtime. The connect
@@ -164,7 +236,7 @@ impl Pool {
     /// Idle connections on the stack (for tests).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.stack().len()
+        self.shelf().stack.len()
     }
 }
 
@@ -176,7 +248,7 @@ async fn reap(pool: Weak<Pool>) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
-        pool.stack().retain(|idle| !idle.sender.is_closed() && !pool.expired(idle, now));
+        pool.shelf().stack.retain(|idle| !idle.sender.is_closed() && !pool.expired(idle, now));
     }
 }
 
@@ -282,6 +354,59 @@ mod tests {
             assert_eq!(text(response).await, "ok");
         }
         assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_connect_hangs_takes_a_connection_given_back_meanwhile() {
+        // A backend that accepts one connection and leaves the rest in an accept queue of one:
+        // once that is full, the kernel drops SYNs and a connect hangs (as under a burst).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let head = Arc::new(tokio::sync::Notify::new());
+        let wait = head.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(move |req: http::Request<Incoming>| {
+                let wait = wait.clone();
+                async move {
+                    if req.uri().path() == "/late-head" {
+                        wait.notified().await;
+                    }
+                    Ok::<_, Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            std::future::pending::<()>().await; // the listener stays open, accepting no more
+        });
+        let backend = Backend {
+            uri: format!("http://{addr}/").parse().unwrap(),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            release: head.clone(),
+        };
+        let pool = pool(&backend);
+        let first = tokio::spawn({
+            let pool = pool.clone();
+            async move { text(pool.send(get("/late-head"), Instant::now()).await.unwrap()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await; // its connection accepted
+        let mut queued = Vec::new();
+        while let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        {
+            queued.push(stream);
+        }
+        let started = Instant::now();
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.send(get("/"), Instant::now()).await.map(|r| r.status()) }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        head.notify_one();
+        assert_eq!(first.await.unwrap(), "ok");
+        assert_eq!(second.await.unwrap().unwrap(), StatusCode::OK, "served on the connection given back");
+        assert!(started.elapsed() < Duration::from_secs(1), "not after a connect timeout: {:?}", started.elapsed());
     }
 
     #[tokio::test]
