@@ -234,8 +234,8 @@ async fn full_redis_fails_writes_but_keeps_serving_reads() {
 }
 
 /// A cache store and a rate-limit store on `url`s, the limiter alarming the cache as the proxy
-/// wires them, sharing one metrics registry.
-fn start_pair(cache_url: &str, limiter_url: &str) -> (RedisStore, RedisStore, Metrics) {
+/// wires them, sharing one metrics registry; both usable.
+async fn start_pair(cache_url: &str, limiter_url: &str) -> (RedisStore, RedisStore, Metrics) {
     let metrics = Metrics::new();
     let start = |url: &str, role| {
         let target = RedisTarget::new(&redis_config(url)).expect("no TLS files to load");
@@ -244,6 +244,8 @@ fn start_pair(cache_url: &str, limiter_url: &str) -> (RedisStore, RedisStore, Me
     let cache = start(cache_url, Role::Cache);
     let limiter = start(limiter_url, Role::RateLimit);
     limiter.alarms(&cache);
+    until_usable(&cache, Duration::from_secs(5)).await;
+    until_usable(&limiter, Duration::from_secs(5)).await;
     (cache, limiter, metrics)
 }
 
@@ -258,9 +260,7 @@ async fn open_breaker(store: &RedisStore) {
 #[tokio::test]
 async fn the_limiter_losing_a_hung_redis_makes_the_cache_skip_it_at_once() {
     let mut redis = TestRedis::start();
-    let (cache, limiter, metrics) = start_pair(&redis.url(), &redis.url());
-    until_usable(&cache, Duration::from_secs(5)).await;
-    until_usable(&limiter, Duration::from_secs(5)).await;
+    let (cache, limiter, metrics) = start_pair(&redis.url(), &redis.url()).await;
 
     redis.pause();
     open_breaker(&limiter).await;
@@ -292,9 +292,7 @@ async fn trouble_of_the_limiter_alone_costs_the_cache_one_budget_at_most() {
     // fault (its connection stuck, its command queue full).
     let mut limiter_redis = TestRedis::start();
     let cache_redis = TestRedis::start();
-    let (cache, limiter, metrics) = start_pair(&cache_redis.url(), &limiter_redis.url());
-    until_usable(&cache, Duration::from_secs(5)).await;
-    until_usable(&limiter, Duration::from_secs(5)).await;
+    let (cache, limiter, metrics) = start_pair(&cache_redis.url(), &limiter_redis.url()).await;
     cache.set("kept", Bytes::from_static(b"v"), Duration::from_secs(60)).await.unwrap();
     let continuity = cache.continuity();
 
@@ -316,9 +314,7 @@ async fn trouble_of_the_limiter_alone_costs_the_cache_one_budget_at_most() {
 #[tokio::test]
 async fn the_cache_losing_redis_never_trips_the_limiter() {
     let mut redis = TestRedis::start();
-    let (cache, limiter, _metrics) = start_pair(&redis.url(), &redis.url());
-    until_usable(&cache, Duration::from_secs(5)).await;
-    until_usable(&limiter, Duration::from_secs(5)).await;
+    let (cache, limiter, _metrics) = start_pair(&redis.url(), &redis.url()).await;
 
     redis.pause();
     open_breaker(&cache).await;
@@ -331,9 +327,7 @@ async fn the_cache_losing_redis_never_trips_the_limiter() {
 #[tokio::test]
 async fn the_cache_checks_redis_on_its_own_runtime_whatever_becomes_of_the_alarming_one() {
     let mut redis = TestRedis::start();
-    let (cache, limiter, _metrics) = start_pair(&redis.url(), &redis.url());
-    until_usable(&cache, Duration::from_secs(5)).await;
-    until_usable(&limiter, Duration::from_secs(5)).await;
+    let (cache, limiter, _metrics) = start_pair(&redis.url(), &redis.url()).await;
 
     redis.pause();
     // The limiter finds out on a worker's runtime, which then ends (a worker restarted).
