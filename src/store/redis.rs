@@ -686,8 +686,10 @@ async fn refresh_topology(weak: Weak<Inner>) {
 }
 
 /// The prober: after the breaker opens, waits the cool-down, then PINGs with the budget; success
-/// closes the breaker (after another client's alarm it PINGs at once, see [`RedisStore::alarms`]). When the breaker opened although fred still reports a connection, the
-/// server is hung (SIGSTOP, network black hole): force a reconnection so later calls fail fast.
+/// closes the breaker (after another client's alarm it PINGs at once, see
+/// [`RedisStore::alarms`]). When the breaker opened although fred still reports a connection,
+/// the server is hung (SIGSTOP, network black hole): force a reconnection so later calls fail
+/// fast.
 async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
