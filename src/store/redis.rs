@@ -599,7 +599,7 @@ impl Inner {
         if self.breaker.failure() {
             // The one transition to down: log once, tell the prober.
             self.up.set(0.0);
-            tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
+            self.log_lost();
             self.opened.notify_one();
             if let Some(other) = self.alarms.get().and_then(Weak::upgrade) {
                 other.suspect();
@@ -613,6 +613,11 @@ impl Inner {
         if self.breaker.suspect() {
             self.opened.notify_one();
         }
+    }
+
+    /// The one line of a transition to down.
+    fn log_lost(&self) {
+        tracing::warn!(client = self.role.as_str(), cooldown = ?self.cooldown, "redis lost: bypassing it until a probe succeeds");
     }
 
     /// One PING within the budget: whether Redis answered.
@@ -712,7 +717,7 @@ async fn probe(weak: Weak<Inner>, opened: Arc<Notify>) {
                     inner.up.set(1.0);
                     tracing::info!(client, "redis answered the check: using it again");
                 } else {
-                    tracing::warn!(client, cooldown = ?inner.cooldown, "redis lost: bypassing it until a probe succeeds");
+                    inner.log_lost();
                 }
                 continue;
             }

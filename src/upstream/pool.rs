@@ -203,7 +203,10 @@ impl Pool {
     /// oldest goes when the stack is full (expired ones are the reaper's and the checkout's).
     fn put(self: &Arc<Self>, mut sender: SendRequest<Body>, since: Instant) {
         let mut shelf = self.shelf();
-        shelf.waiters.retain(|waiter| !waiter.is_closed());
+        // Gone waiters further back are met by the handing below, or swept when one is added.
+        while shelf.waiters.front().is_some_and(|waiter| waiter.is_closed()) {
+            shelf.waiters.pop_front();
+        }
         if !shelf.waiters.is_empty() {
             if !sender.is_ready() {
                 drop(shelf);
