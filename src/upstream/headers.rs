@@ -365,6 +365,22 @@ mod tests {
     }
 
     #[test]
+    fn an_untrusted_peers_forwarding_lines_are_joined_and_its_claims_replaced() {
+        let mut h = map(&[
+            ("host", "shop.example"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut h, &peer_value("192.0.2.7".parse().unwrap()), false, false);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 1.1.1.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
     fn trust_matches_networks_and_mapped_addresses() {
         let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         assert!(is_trusted("10.1.2.3".parse().unwrap(), &nets));
